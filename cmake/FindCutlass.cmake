@@ -1,0 +1,25 @@
+# Finds CUTLASS headers: CUTLASS_DIR (a CUTLASS checkout), or the nvidia-cutlass Python wheel.
+# Sets Cutlass_FOUND and CUTLASS_INCLUDE_DIRS.
+set(_cutlass_hints)
+if(DEFINED ENV{CUTLASS_DIR})
+  list(APPEND _cutlass_hints "$ENV{CUTLASS_DIR}")
+endif()
+if(NOT Python_EXECUTABLE)
+  find_package(Python COMPONENTS Interpreter QUIET)
+endif()
+if(Python_EXECUTABLE)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source'))"
+    OUTPUT_VARIABLE _cutlass_wheel OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  if(_cutlass_wheel)
+    list(APPEND _cutlass_hints "${_cutlass_wheel}")
+  endif()
+endif()
+find_path(CUTLASS_INCLUDE_DIR cutlass/cutlass.h HINTS ${_cutlass_hints} PATH_SUFFIXES include)
+find_path(CUTLASS_UTIL_INCLUDE_DIR cutlass/util/packed_stride.hpp HINTS ${_cutlass_hints} PATH_SUFFIXES tools/util/include)
+include(FindPackageHandleStandardArgs)
+find_package_handle_standard_args(Cutlass REQUIRED_VARS CUTLASS_INCLUDE_DIR)
+set(CUTLASS_INCLUDE_DIRS ${CUTLASS_INCLUDE_DIR})
+if(CUTLASS_UTIL_INCLUDE_DIR)
+  list(APPEND CUTLASS_INCLUDE_DIRS ${CUTLASS_UTIL_INCLUDE_DIR})
+endif()

@@ -1,0 +1,41 @@
+// CUDA entry points of a build without nvcc: each reports that CUDA is not available, so the
+// public API links the same way on every machine.
+#include "dsfp4/fp4_gemm.h"
+#include "dsfp4/nvfp4.h"
+
+#include <string>
+
+namespace dsfp4 {
+
+namespace {
+Status no_cuda(const char* fn) { return Unsupported(std::string(fn) + ": this build has no CUDA kernels"); }
+}  // namespace
+
+size_t nvfp4_quantize_workspace_bytes() { return 0; }
+Status nvfp4_quantize_cuda(const MatrixSource&, int64_t, int64_t, const float*, uint8_t*, uint8_t*, float*, void*,
+                           Stream) {
+  return no_cuda("nvfp4_quantize_cuda");
+}
+Status nvfp4_dequantize_cuda(const uint8_t*, const uint8_t*, const float*, int64_t, int64_t, void*, DType, Stream) {
+  return no_cuda("nvfp4_dequantize_cuda");
+}
+Status nvfp4_repack_cuda(const uint8_t*, const uint8_t*, int64_t, int64_t, uint32_t*, uint8_t*, Stream) {
+  return no_cuda("nvfp4_repack_cuda");
+}
+
+Fp4GemmTactic fp4_gemm_default_tactic(int64_t, int64_t, int64_t) { return Fp4GemmTactic{}; }
+std::vector<Fp4GemmTactic> fp4_gemm_candidate_tactics(int64_t, int64_t, int64_t) { return {}; }
+size_t fp4_gemm_workspace_bytes(int64_t, int64_t, int64_t, const Fp4GemmTactic&) { return 0; }
+Status fp4_gemm_cuda(const Fp4Weight&, const void*, int64_t, void*, int64_t, int64_t, const Fp4GemmTactic&, void*,
+                     size_t, Stream) {
+  return no_cuda("fp4_gemm_cuda");
+}
+Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight&, int, const int32_t*, const int32_t*, int64_t, const void*,
+                             int64_t, void*, int64_t, int, Stream) {
+  return no_cuda("fp4_grouped_gemm_cuda");
+}
+Status fp4_dequantize_tiled_cuda(const Fp4Weight&, void*, int64_t, Stream) {
+  return no_cuda("fp4_dequantize_tiled_cuda");
+}
+
+}  // namespace dsfp4

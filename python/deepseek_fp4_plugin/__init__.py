@@ -1,0 +1,7 @@
+"""deepseek-fp4: DeepSeek-V3/R1 inference with NVFP4 weights on GPUs far smaller than the model."""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (registers torch.ops.dsfp4.*)
+from ._ext import has_cuda_kernels  # noqa: F401
+from .ops import Fp4Weight  # noqa: F401
