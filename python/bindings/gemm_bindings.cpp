@@ -11,9 +11,10 @@ namespace dsfp4 {
 namespace py_bind {
 
 namespace {
-Fp4Weight make_weight(std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, int64_t n,
-                      int64_t k) {
+Fp4Weight make_weight(std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, bool per_tile,
+                      int64_t n, int64_t k) {
   Fp4Weight w;
+  w.global_scale_per_tile = per_tile;
   w.qweight = ptr<const uint32_t>(qweight);
   w.qscale = ptr<const uint8_t>(qscale);
   w.global_scale = ptr<const float>(global_scale);
@@ -59,20 +60,21 @@ void bind_gemm(py::module_& m) {
 
   m.def(
       "fp4_gemm",
-      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, int64_t n, int64_t k,
-         std::uintptr_t x, int64_t ldx, std::uintptr_t y, int64_t ldy, int64_t rows, const Fp4GemmTactic& tactic,
+      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, bool gs_per_tile, int64_t n,
+         int64_t k, std::uintptr_t x, int64_t ldx, std::uintptr_t y, int64_t ldy, int64_t rows, const Fp4GemmTactic& tactic,
          std::uintptr_t workspace, size_t workspace_bytes, std::uintptr_t s) {
-        throw_if_error(fp4_gemm_cuda(make_weight(qweight, qscale, global_scale, n, k), ptr<const void>(x), ldx,
+        throw_if_error(fp4_gemm_cuda(make_weight(qweight, qscale, global_scale, gs_per_tile, n, k), ptr<const void>(x), ldx,
                                      ptr<void>(y), ldy, rows, tactic, ptr<void>(workspace), workspace_bytes,
                                      stream(s)));
       },
-      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("n"), py::arg("k"), py::arg("x"),
-      py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("m"), py::arg("tactic"), py::arg("workspace"),
+      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("gs_per_tile"), py::arg("n"),
+      py::arg("k"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("m"), py::arg("tactic"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("stream"));
 
   m.def(
       "fp4_grouped_gemm",
-      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, int64_t qweight_slot_stride,
+      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, bool gs_per_tile,
+         int64_t qweight_slot_stride,
          int64_t qscale_slot_stride, int64_t n, int64_t k, int num_groups, std::uintptr_t slot_of_group,
          std::uintptr_t row_offsets, int64_t max_rows_per_group, std::uintptr_t x, int64_t ldx, std::uintptr_t y,
          int64_t ldy, int tile_tokens, std::uintptr_t s) {
@@ -80,6 +82,7 @@ void bind_gemm(py::module_& m) {
         w.qweight = ptr<const uint32_t>(qweight);
         w.qscale = ptr<const uint8_t>(qscale);
         w.global_scale = ptr<const float>(global_scale);
+        w.global_scale_per_tile = gs_per_tile;
         w.qweight_slot_stride = qweight_slot_stride;
         w.qscale_slot_stride = qscale_slot_stride;
         w.n = n;
@@ -88,16 +91,17 @@ void bind_gemm(py::module_& m) {
                                              ptr<const int32_t>(row_offsets), max_rows_per_group,
                                              ptr<const void>(x), ldx, ptr<void>(y), ldy, tile_tokens, stream(s)));
       },
-      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("qweight_slot_stride"),
+      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("gs_per_tile"),
+      py::arg("qweight_slot_stride"),
       py::arg("qscale_slot_stride"), py::arg("n"), py::arg("k"), py::arg("num_groups"), py::arg("slot_of_group"),
       py::arg("row_offsets"), py::arg("max_rows_per_group"), py::arg("x"), py::arg("ldx"), py::arg("y"),
       py::arg("ldy"), py::arg("tile_tokens"), py::arg("stream"));
 
   m.def(
       "fp4_dequantize_tiled",
-      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, int64_t n, int64_t k,
-         std::uintptr_t dst, int64_t ldw, bool on_cuda, std::uintptr_t s) {
-        const Fp4Weight w = make_weight(qweight, qscale, global_scale, n, k);
+      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, bool gs_per_tile, int64_t n,
+         int64_t k, std::uintptr_t dst, int64_t ldw, bool on_cuda, std::uintptr_t s) {
+        const Fp4Weight w = make_weight(qweight, qscale, global_scale, gs_per_tile, n, k);
         if (on_cuda) {
           throw_if_error(fp4_dequantize_tiled_cuda(w, ptr<void>(dst), ldw, stream(s)));
         } else {
@@ -110,7 +114,8 @@ void bind_gemm(py::module_& m) {
           throw_if_error(st);
         }
       },
-      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("n"), py::arg("k"), py::arg("dst"),
+      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("gs_per_tile"), py::arg("n"),
+      py::arg("k"), py::arg("dst"),
       py::arg("ldw"), py::arg("on_cuda"), py::arg("stream"));
 }
 

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: F401  (registers torch.ops.dsfp4.*)
+from . import moe_ops, ops  # noqa: F401  (register torch.ops.dsfp4.*)
 from ._ext import has_cuda_kernels  # noqa: F401
 from .ops import Fp4Weight  # noqa: F401

@@ -54,6 +54,18 @@ def _global_scale_ptr(gs: Tensor, name: str, device) -> int:
     return gs.data_ptr()
 
 
+def _weight_scale_arg(gs: Tensor, n: int, name: str, device) -> Tuple[int, bool]:
+    """Global scale of a tiled weight: one value, or one per 16-row tile (fused weights whose
+    parts had different scales). Returns (pointer, per_tile)."""
+    _check_tensor(gs, name, dtype=torch.float32, device=device)
+    tiles = -(-n // 16)
+    if gs.numel() == 1:
+        return gs.data_ptr(), False
+    _check(gs.dim() == 1 and gs.numel() == tiles,
+           f"{name} must hold one value or one per 16-row tile ({tiles}), got shape {tuple(gs.shape)}")
+    return gs.data_ptr(), True
+
+
 def tiled_sizes(n: int, k: int) -> Tuple[int, int]:
     """(qweight int32 elements, qscale bytes) of the tiled layout for a [n, k] weight."""
     return _C.tiled_weight_bytes(n, k) // 4, _C.tiled_scale_bytes(n, k)
@@ -231,14 +243,14 @@ def fp4_dequantize_tiled(qweight: Tensor, qscale: Tensor, global_scale: Tensor, 
                          dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Tiled NVFP4 weight → dense [n, k] (what fp4_gemm multiplies by)."""
     _check_tiled(qweight, qscale, n, k)
-    gs = _global_scale_ptr(global_scale, "global_scale", qweight.device)
+    gs, per_tile = _weight_scale_arg(global_scale, n, "global_scale", qweight.device)
     _check(dtype in _FLOAT_DTYPES, f"dtype must be float32, float16 or bfloat16, got {dtype}")
     if qweight.device.type == "cpu":
         out = torch.empty(n, k, dtype=torch.float32)
-        _C.fp4_dequantize_tiled(qweight.data_ptr(), qscale.data_ptr(), gs, n, k, out.data_ptr(), k, False, 0)
+        _C.fp4_dequantize_tiled(qweight.data_ptr(), qscale.data_ptr(), gs, per_tile, n, k, out.data_ptr(), k, False, 0)
         return out.to(dtype)
     out = torch.empty(n, k, dtype=torch.bfloat16, device=qweight.device)
-    _C.fp4_dequantize_tiled(qweight.data_ptr(), qscale.data_ptr(), gs, n, k, out.data_ptr(), k, True,
+    _C.fp4_dequantize_tiled(qweight.data_ptr(), qscale.data_ptr(), gs, per_tile, n, k, out.data_ptr(), k, True,
                             stream_of(qweight))
     return out if dtype == torch.bfloat16 else out.to(dtype)
 
@@ -280,13 +292,13 @@ def fp4_gemm(x: Tensor, qweight: Tensor, qscale: Tensor, global_scale: Tensor, n
     _check(isinstance(x, Tensor), "x must be a torch.Tensor")
     _check(x.dtype == torch.bfloat16, f"x must have dtype torch.bfloat16, got {x.dtype}")
     _check(x.device == qweight.device, f"x is on {x.device}, weight is on {qweight.device}")
-    gs = _global_scale_ptr(global_scale, "global_scale", qweight.device)
+    gs, per_tile = _weight_scale_arg(global_scale, n, "global_scale", qweight.device)
     x2, ldx = _as_rows(x, k)
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
     if x.device.type == "cpu":
         w = torch.empty(n, k, dtype=torch.float32)
-        _C.fp4_dequantize_tiled(qweight.data_ptr(), qscale.data_ptr(), gs, n, k, w.data_ptr(), k, False, 0)
+        _C.fp4_dequantize_tiled(qweight.data_ptr(), qscale.data_ptr(), gs, per_tile, n, k, w.data_ptr(), k, False, 0)
         return (x2.float() @ w.t()).to(torch.bfloat16).reshape(out_shape)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     if m == 0:
@@ -294,7 +306,7 @@ def fp4_gemm(x: Tensor, qweight: Tensor, qscale: Tensor, global_scale: Tensor, n
     tac = _tactic(tactic)
     ws_bytes = _C.fp4_gemm_workspace_bytes(m, n, k, tac)
     ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=x.device)
-    _C.fp4_gemm(qweight.data_ptr(), qscale.data_ptr(), gs, n, k, x2.data_ptr(), ldx, y.data_ptr(), n, m, tac,
+    _C.fp4_gemm(qweight.data_ptr(), qscale.data_ptr(), gs, per_tile, n, k, x2.data_ptr(), ldx, y.data_ptr(), n, m, tac,
                 ws.data_ptr(), ws_bytes, stream_of(x))
     return y.reshape(out_shape)
 
@@ -312,7 +324,8 @@ def fp4_grouped_gemm(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, qwei
 
     x [R, K] bf16; row_offsets int32 [G+1] (rows of group g: row_offsets[g]:row_offsets[g+1]);
     slot_of_group int32 [G] (negative: skip); qweight int32 [S, words], qscale uint8 [S, bytes],
-    global_scale float32 [S] hold S stacked tiled weights of shape [n, k]. Returns y [R, n] with
+    global_scale float32 [S] (or [S, ceil(n/16)], one per row tile) hold S stacked tiled
+    weights of shape [n, k]. Returns y [R, n] with
     the rows of skipped groups, and rows outside every group, set to zero.
     """
     _check(isinstance(x, Tensor) and x.dtype == torch.bfloat16, "x must be a bfloat16 tensor")
@@ -327,13 +340,17 @@ def fp4_grouped_gemm(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, qwei
     _check(row_offsets.numel() == g + 1, f"row_offsets has {row_offsets.numel()} entries, expected {g + 1}")
     _check_tensor(qweight, "qweight", dtype=torch.int32, dim=2, device=dev)
     _check_tensor(qscale, "qscale", dtype=torch.uint8, dim=2, device=dev)
-    _check_tensor(global_scale, "global_scale", dtype=torch.float32, dim=1, device=dev)
+    _check_tensor(global_scale, "global_scale", dtype=torch.float32, device=dev)
     nw, ns = tiled_sizes(n, k)
     slots = qweight.shape[0]
+    tiles = -(-n // 16)
+    per_tile = global_scale.dim() == 2
+    _check(global_scale.dim() == 1 or (per_tile and global_scale.shape[1] == tiles),
+           f"global_scale must be [{slots}] or [{slots}, {tiles}], got {tuple(global_scale.shape)}")
     _check(qweight.shape[1] >= nw, f"qweight rows hold {qweight.shape[1]} words, a [{n}, {k}] weight needs {nw}")
     _check(qscale.shape[0] == slots and qscale.shape[1] >= ns,
            f"qscale has shape {tuple(qscale.shape)}, expected [{slots}, >= {ns}]")
-    _check(global_scale.numel() == slots, f"global_scale has {global_scale.numel()} entries, expected {slots}")
+    _check(global_scale.shape[0] == slots, f"global_scale has {global_scale.shape[0]} slots, expected {slots}")
     _check(max_rows_per_group >= 0, "max_rows_per_group must be non-negative")
     y = torch.zeros(x.shape[0], n, dtype=torch.bfloat16, device=dev)
     if x.shape[0] == 0:
@@ -346,10 +363,10 @@ def fp4_grouped_gemm(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, qwei
                 continue
             _check(slot < slots, f"slot_of_group[{gi}] = {slot} is out of range [0, {slots})")
             _check(0 <= lo and hi <= x.shape[0], f"row_offsets[{gi}:{gi + 2}] = {lo}, {hi} out of range")
-            y[lo:hi] = fp4_gemm(x[lo:hi], qweight[slot, :nw], qscale[slot, :ns], global_scale[slot:slot + 1].reshape(()),
-                                n, k)
+            gs = global_scale[slot] if per_tile else global_scale[slot].reshape(())
+            y[lo:hi] = fp4_gemm(x[lo:hi], qweight[slot, :nw], qscale[slot, :ns], gs, n, k)
         return y
-    _C.fp4_grouped_gemm(qweight.data_ptr(), qscale.data_ptr(), global_scale.data_ptr(), qweight.shape[1],
+    _C.fp4_grouped_gemm(qweight.data_ptr(), qscale.data_ptr(), global_scale.data_ptr(), per_tile, qweight.shape[1],
                         qscale.shape[1], n, k, g, slot_of_group.data_ptr(), row_offsets.data_ptr(),
                         max_rows_per_group, x.data_ptr(), k, y.data_ptr(), n, tile_tokens, stream_of(x))
     return y
@@ -370,13 +387,13 @@ class Fp4Weight:
 
     qweight: Tensor       # int32 [words]
     qscale: Tensor        # uint8 [bytes]
-    global_scale: Tensor  # float32 []
+    global_scale: Tensor  # float32 [] (or [ceil(n/16)]: one per 16-row tile)
     n: int
     k: int
 
     @classmethod
     def from_modelopt(cls, packed: Tensor, scale: Tensor, global_scale: Tensor) -> "Fp4Weight":
-        n, k = _check_modelopt(packed, scale, global_scale.reshape(()) if global_scale.numel() == 1 else global_scale)
+        n, k = _check_modelopt(packed, scale, global_scale)
         qw, qs = torch.ops.dsfp4.nvfp4_repack(packed, scale)
         return cls(qw, qs, global_scale.reshape(()).to(torch.float32), n, k)
 
@@ -384,6 +401,26 @@ class Fp4Weight:
     def from_float(cls, w: Tensor, global_scale: Optional[Tensor] = None) -> "Fp4Weight":
         packed, scale, gs = torch.ops.dsfp4.nvfp4_quantize(w.contiguous(), global_scale)
         return cls.from_modelopt(packed, scale, gs)
+
+    @classmethod
+    def concat_rows(cls, parts: List["Fp4Weight"]) -> "Fp4Weight":
+        """Stacks weights along N (e.g. gate and up into one gate_up GEMM), exactly: the tiled
+        layout concatenates tile by tile, and each part keeps its own global scale per tile."""
+        _check(len(parts) >= 1, "concat_rows needs at least one weight")
+        k, dev = parts[0].k, parts[0].device
+        scales = []
+        for i, p in enumerate(parts):
+            _check(p.k == k, f"part {i} has K = {p.k}, part 0 has {k}")
+            _check(p.device == dev, f"part {i} is on {p.device}, part 0 on {dev}")
+            _check(i == len(parts) - 1 or p.n % 16 == 0, f"part {i} has N = {p.n}, not a multiple of 16")
+            tiles = -(-p.n // 16)
+            gs = p.global_scale.reshape(-1)
+            scales.append(gs.expand(tiles) if gs.numel() == 1 else gs)
+        gs = torch.cat(scales)
+        if bool((gs == gs[0]).all()):
+            gs = gs[:1].reshape(())
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.qscale for p in parts]), gs.contiguous(),
+                   sum(p.n for p in parts), k)
 
     def to(self, device) -> "Fp4Weight":
         return Fp4Weight(self.qweight.to(device), self.qscale.to(device), self.global_scale.to(device), self.n, self.k)

@@ -25,7 +25,8 @@ namespace dsfp4 {
 struct Fp4Weight {
   const uint32_t* qweight = nullptr;     // tiled_weight_bytes(n, k) bytes
   const uint8_t* qscale = nullptr;       // tiled_scale_bytes(n, k) bytes
-  const float* global_scale = nullptr;   // one float
+  const float* global_scale = nullptr;   // one float, or ceil(n/16) if global_scale_per_tile
+  bool global_scale_per_tile = false;    // one global scale per 16-row tile (fused gate+up)
   int64_t n = 0;                         // output features (rows of W)
   int64_t k = 0;                         // input features, multiple of 16
 };
@@ -36,7 +37,8 @@ struct Fp4Weight {
 struct Fp4GroupedWeight {
   const uint32_t* qweight = nullptr;
   const uint8_t* qscale = nullptr;
-  const float* global_scale = nullptr;   // [num_slots]
+  const float* global_scale = nullptr;   // [num_slots] or [num_slots][ceil(n/16)] if per tile
+  bool global_scale_per_tile = false;
   int64_t qweight_slot_stride = 0;       // uint32 elements; ≥ tiled_weight_bytes(n,k)/4
   int64_t qscale_slot_stride = 0;        // bytes; ≥ tiled_scale_bytes(n,k)
   int64_t n = 0;

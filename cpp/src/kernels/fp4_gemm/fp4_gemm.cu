@@ -265,9 +265,9 @@ Status fp4_gemm_cuda(const Fp4Weight& w, const void* x, int64_t ldx, void* y, in
       const int64_t words = (rows + 15) / 16 * d.kb * 128;
       const int threads = 256;
       kernels::dequant_tiled_kernel<<<static_cast<unsigned>((words + threads - 1) / threads), threads, 0, s>>>(
-          w.qweight, w.qscale, w.global_scale, static_cast<int>(w.n), static_cast<int>(w.k), static_cast<int>(d.nt),
-          static_cast<int>(d.kb), static_cast<int>(d.kc), static_cast<int>(r0), static_cast<int>(rows), wdq, w.k,
-          alpha, false);
+          w.qweight, w.qscale, w.global_scale, w.global_scale_per_tile, static_cast<int>(w.n), static_cast<int>(w.k),
+          static_cast<int>(d.nt), static_cast<int>(d.kb), static_cast<int>(d.kc), static_cast<int>(r0),
+          static_cast<int>(rows), wdq, w.k, alpha, w.global_scale_per_tile);
       DSFP4_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "fp4_gemm: dequantize kernel launch"));
       DSFP4_RETURN_IF_ERROR(kernels::sm90_bf16_gemm(x, ldx, wdq, w.k, static_cast<__nv_bfloat16*>(y) + r0, ldy, m,
                                                     rows, w.k, alpha, gemm_ws, gemm_ws_bytes, s));
@@ -279,6 +279,7 @@ Status fp4_gemm_cuda(const Fp4Weight& w, const void* x, int64_t ldx, void* y, in
   a.qweight = reinterpret_cast<const uint4*>(w.qweight);
   a.qscale = w.qscale;
   a.global_scale = w.global_scale;
+  a.gs_per_tile = w.global_scale_per_tile ? 1 : 0;
   a.x = static_cast<const __nv_bfloat16*>(x);
   a.ldx = ldx;
   a.y = static_cast<__nv_bfloat16*>(y);
@@ -335,6 +336,7 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight& w, int num_groups, const in
   a.qweight = reinterpret_cast<const uint4*>(w.qweight);
   a.qscale = w.qscale;
   a.global_scale = w.global_scale;
+  a.gs_per_tile = w.global_scale_per_tile ? 1 : 0;
   a.qweight_slot_stride = w.qweight_slot_stride / 4;
   a.qscale_slot_stride = w.qscale_slot_stride;
   a.slot_of_group = slot_of_group;
@@ -364,20 +366,20 @@ Status fp4_dequantize_tiled_cuda(const Fp4Weight& w, void* dst, int64_t ldw, Str
   const int threads = 256;
   kernels::dequant_tiled_kernel<<<static_cast<unsigned>((words + threads - 1) / threads), threads, 0,
                                   static_cast<cudaStream_t>(stream)>>>(
-      w.qweight, w.qscale, w.global_scale, static_cast<int>(w.n), static_cast<int>(w.k), static_cast<int>(d.nt),
-      static_cast<int>(d.kb), static_cast<int>(d.kc), 0, static_cast<int>(w.n), static_cast<__nv_bfloat16*>(dst), ldw,
-      nullptr, true);
+      w.qweight, w.qscale, w.global_scale, w.global_scale_per_tile, static_cast<int>(w.n), static_cast<int>(w.k),
+      static_cast<int>(d.nt), static_cast<int>(d.kb), static_cast<int>(d.kc), 0, static_cast<int>(w.n),
+      static_cast<__nv_bfloat16*>(dst), ldw, nullptr, true);
   return cuda_status(cudaGetLastError(), "fp4_dequantize_tiled: kernel launch");
 }
 
 namespace kernels {
 
 __global__ void dequant_tiled_kernel(const uint32_t* __restrict__ qweight, const uint8_t* __restrict__ qscale,
-                                     const float* __restrict__ global_scale, int n, int k, int nt, int kb, int kc,
-                                     int row_begin, int row_count, __nv_bfloat16* __restrict__ dst, int64_t ldw,
-                                     float* alpha, bool apply_global) {
-  const float gs = global_scale[0];
-  if (alpha != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *alpha = gs * 512.0f;
+                                     const float* __restrict__ global_scale, bool gs_per_tile, int n, int k, int nt,
+                                     int kb, int kc, int row_begin, int row_count, __nv_bfloat16* __restrict__ dst,
+                                     int64_t ldw, float* alpha, bool apply_global) {
+  // Per-tile global scales are applied here, so the GEMM epilogue then multiplies by 1.
+  if (alpha != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *alpha = apply_global ? 1.0f : global_scale[0] * 512.0f;
   // Word index within the chunk's row tiles: [tile][kb][lane][j].
   const int64_t tile_begin = row_begin / 16;
   const int64_t tiles = (row_count + 15) / 16;
@@ -389,6 +391,7 @@ __global__ void dequant_tiled_kernel(const uint32_t* __restrict__ qweight, const
   const int kbi = static_cast<int>(tkb % kb);
   const int64_t t = tile_begin + tkb / kb;
   if (t >= nt) return;
+  const float gs = global_scale[gs_per_tile ? t : 0];
   const uint32_t w = qweight[idx + tile_begin * kb * 128];
   const int g = lane >> 2, c = lane & 3;
   const uint32_t sv =

@@ -16,7 +16,14 @@ Status fp4_dequantize_tiled_cpu(const Fp4Weight& w, float* dst) {
   std::vector<uint8_t> packed(static_cast<size_t>(w.n * w.k / 2));
   std::vector<uint8_t> scale(static_cast<size_t>(w.n * w.k / 16));
   DSFP4_RETURN_IF_ERROR(nvfp4_unpack_cpu(w.qweight, w.qscale, w.n, w.k, packed.data(), scale.data()));
-  return nvfp4_dequantize_cpu(packed.data(), scale.data(), *w.global_scale, w.n, w.k, dst, DType::kFloat32);
+  if (!w.global_scale_per_tile)
+    return nvfp4_dequantize_cpu(packed.data(), scale.data(), *w.global_scale, w.n, w.k, dst, DType::kFloat32);
+  DSFP4_RETURN_IF_ERROR(nvfp4_dequantize_cpu(packed.data(), scale.data(), 1.0f, w.n, w.k, dst, DType::kFloat32));
+  for (int64_t r = 0; r < w.n; ++r) {
+    const float gs = w.global_scale[r / 16];
+    for (int64_t c = 0; c < w.k; ++c) dst[r * w.k + c] *= gs;
+  }
+  return Status::Ok();
 }
 
 Status fp4_gemm_cpu(const Fp4Weight& w, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t m) {

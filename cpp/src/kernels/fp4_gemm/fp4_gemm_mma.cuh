@@ -26,7 +26,8 @@ namespace kernels {
 struct FusedGemmArgs {
   const uint4* qweight;         // slot 0; a slot is nt·kb·32 uint4
   const uint8_t* qscale;        // slot 0; a slot is nt·kc·512 bytes
-  const float* global_scale;    // [slots]
+  const float* global_scale;    // [slots], or [slots][nt] when gs_per_tile
+  int gs_per_tile;
   int64_t qweight_slot_stride;  // uint4 units
   int64_t qscale_slot_stride;   // bytes
   const int32_t* slot_of_group; // null: slot = group
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
 
   const uint4* wbase = a.qweight + static_cast<int64_t>(slot) * a.qweight_slot_stride;
   const uint8_t* sbase = a.qscale + static_cast<int64_t>(slot) * a.qscale_slot_stride;
-  const float out_scale = a.global_scale[slot] * 512.0f;  // undo the 2^-9 of the A operand
+  const float* gscale = a.gs_per_tile ? a.global_scale + static_cast<int64_t>(slot) * a.nt : a.global_scale + slot;
 
   const int ks = blockIdx.y % a.split_k;
   const int tt_first = blockIdx.y / a.split_k;
@@ -288,6 +289,8 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
 #pragma unroll
       for (int i = 0; i < WR; ++i) {
         const int t = tile0 + i;
+        if (t >= a.nt) continue;
+        const float out_scale = gscale[a.gs_per_tile ? t : 0] * 512.0f;  // undo the A operand's 2^-9
 #pragma unroll
         for (int q = 0; q < NT8; ++q) {
 #pragma unroll
@@ -303,12 +306,13 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
   }
 }
 
-// Tiled weight → bf16 W[n, k] (row stride ldw) holding E2M1 × scale × 2^-9 exactly; the
-// global scale × 2^9 is written to *alpha for the GEMM epilogue. One thread per word.
+// Tiled weight → bf16 W[n, k] (row stride ldw). With apply_global the values are fully scaled;
+// otherwise they hold E2M1 × scale × 2^-9 exactly and the global scale × 2^9 is written to
+// *alpha for the GEMM epilogue (per-tile global scales need apply_global). One thread per word.
 __global__ void dequant_tiled_kernel(const uint32_t* __restrict__ qweight, const uint8_t* __restrict__ qscale,
-                                     const float* __restrict__ global_scale, int n, int k, int nt, int kb, int kc,
-                                     int row_begin, int row_count, __nv_bfloat16* __restrict__ dst, int64_t ldw,
-                                     float* alpha, bool apply_global);
+                                     const float* __restrict__ global_scale, bool gs_per_tile, int n, int k, int nt,
+                                     int kb, int kc, int row_begin, int row_count, __nv_bfloat16* __restrict__ dst,
+                                     int64_t ldw, float* alpha, bool apply_global);
 
 }  // namespace kernels
 }  // namespace dsfp4

@@ -1,0 +1,183 @@
+"""torch.ops.dsfp4 MoE ops: noaux_tc routing, token permutation, SiLU·mul, weighted combine.
+
+CPU implementations here are the references the CUDA kernels are tested against.
+
+Routing (DeepSeek-V3 ``noaux_tc``), per token t over E experts in ``n_group`` groups:
+  s        = sigmoid(logits)                      (float32)
+  c        = s + correction_bias                  (bias only steers the choice)
+  group g  : score = sum of the 2 largest c in g; keep the ``topk_group`` best groups
+  experts  : the ``top_k`` largest c among kept groups (others are -inf, as in DeepSeek's
+             reference code; ties go to the lower index)
+  weights  = s[experts], divided by their sum (+1e-20) if ``norm_topk_prob``,
+             times ``routed_scaling_factor``
+Outputs are ordered by descending c.
+
+Permutation: the T·k (token, slot) pairs are sorted by expert (stable in pair order);
+``row_offsets[e]:row_offsets[e+1]`` are the permuted rows of expert e and ``perm[r]`` is the
+pair index t·k + j that row r holds.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ext
+from ._ext import _C, stream_of
+from .ops import _check, _check_device, _check_tensor
+
+
+def _check_route_args(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int) -> None:
+    _check_tensor(logits, "router_logits", dtype=(torch.float32, torch.bfloat16), dim=2)
+    _check_device(logits, "router_logits")
+    e = logits.shape[1]
+    _check_tensor(bias, "e_score_correction_bias", dtype=torch.float32, dim=1, device=logits.device)
+    _check(bias.numel() == e, f"e_score_correction_bias has {bias.numel()} entries, expected {e}")
+    _check(n_group >= 1 and e % n_group == 0, f"n_group = {n_group} must divide the {e} experts")
+    _check(e // n_group >= 2, "each group needs at least 2 experts")
+    _check(1 <= topk_group <= n_group, f"topk_group = {topk_group} must be in [1, n_group = {n_group}]")
+    _check(1 <= top_k <= topk_group * (e // n_group),
+           f"top_k = {top_k} must be in [1, {topk_group * (e // n_group)}] (experts in the kept groups)")
+    _check(top_k <= 32, "top_k must be at most 32")
+    _check(e <= 1024, "at most 1024 experts are supported")
+
+
+def route_reference(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int,
+                    routed_scaling_factor: float, norm_topk_prob: bool) -> Tuple[Tensor, Tensor]:
+    t, e = logits.shape
+    s = torch.sigmoid(logits.float())
+    c = s + bias.float()
+    grouped = c.view(t, n_group, e // n_group)
+    group_score = grouped.topk(2, dim=-1).values.sum(-1)                       # [T, G]
+    # stable=True sorts ties by index, matching the kernel's lower-index rule
+    keep = torch.sort(group_score, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    mask = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+    c = c.masked_fill(~mask.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = torch.sort(c, dim=-1, descending=True, stable=True).indices[:, :top_k]  # [T, k]
+    w = s.gather(1, ids)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return (w * routed_scaling_factor).contiguous(), ids.to(torch.int32).contiguous()
+
+
+@torch.library.custom_op("dsfp4::moe_route", mutates_args=())
+def moe_route(router_logits: Tensor, correction_bias: Tensor, top_k: int, n_group: int, topk_group: int,
+              routed_scaling_factor: float, norm_topk_prob: bool) -> Tuple[Tensor, Tensor]:
+    """DeepSeek noaux_tc routing. Returns (weights float32 [T, top_k], expert ids int32 [T, top_k])."""
+    _check_route_args(router_logits, correction_bias, top_k, n_group, topk_group)
+    if router_logits.device.type == "cpu":
+        return route_reference(router_logits, correction_bias, top_k, n_group, topk_group,
+                               routed_scaling_factor, norm_topk_prob)
+    t, e = router_logits.shape
+    w = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
+    if t > 0:
+        _C.moe_route(router_logits.data_ptr(), _ext.DTYPE_TO_C[router_logits.dtype], correction_bias.data_ptr(),
+                     t, e, top_k, n_group, topk_group, float(routed_scaling_factor), bool(norm_topk_prob),
+                     w.data_ptr(), ids.data_ptr(), stream_of(router_logits))
+    return w, ids
+
+
+@moe_route.register_fake
+def _(router_logits, correction_bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob):
+    t = router_logits.shape[0]
+    return (router_logits.new_empty(t, top_k, dtype=torch.float32),
+            router_logits.new_empty(t, top_k, dtype=torch.int32))
+
+
+def _check_ids(topk_ids: Tensor, num_experts: int) -> None:
+    _check_tensor(topk_ids, "topk_ids", dtype=torch.int32, dim=2)
+    _check_device(topk_ids, "topk_ids")
+    _check(num_experts >= 1, "num_experts must be positive")
+
+
+@torch.library.custom_op("dsfp4::moe_permute", mutates_args=())
+def moe_permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Groups the rows of x [T, H] by expert: returns (x_perm [T·k, H], row_offsets int32 [E+1],
+    perm int32 [T·k]) with x_perm[r] = x[perm[r] // k]. Ids outside [0, E) are dropped (their
+    pairs land in no group and the combine ignores them)."""
+    _check_tensor(x, "x", dim=2)
+    _check_ids(topk_ids, num_experts)
+    _check(topk_ids.shape[0] == x.shape[0], f"topk_ids has {topk_ids.shape[0]} rows, x has {x.shape[0]}")
+    _check(topk_ids.device == x.device, "x and topk_ids must be on the same device")
+    t, k = topk_ids.shape
+    if x.device.type == "cpu":
+        flat = topk_ids.reshape(-1).long()
+        valid = (flat >= 0) & (flat < num_experts)
+        key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+        perm = torch.sort(key, stable=True).indices
+        counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+        offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return x[perm // k].contiguous(), offsets.to(torch.int32), perm.to(torch.int32)
+    x_perm = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=x.device)
+    perm = torch.empty(t * k, dtype=torch.int32, device=x.device)
+    ws = torch.empty(_C.moe_permute_workspace_bytes(num_experts), dtype=torch.uint8, device=x.device)
+    _C.moe_permute(x.data_ptr(), x.element_size() * x.shape[1], topk_ids.data_ptr(), t, k, num_experts,
+                   x_perm.data_ptr(), offsets.data_ptr(), perm.data_ptr(), ws.data_ptr(), stream_of(x))
+    return x_perm, offsets, perm
+
+
+@moe_permute.register_fake
+def _(x, topk_ids, num_experts):
+    t, k = topk_ids.shape
+    return (x.new_empty(t * k, x.shape[1]), x.new_empty(num_experts + 1, dtype=torch.int32),
+            x.new_empty(t * k, dtype=torch.int32))
+
+
+@torch.library.custom_op("dsfp4::moe_combine", mutates_args=())
+def moe_combine(y_perm: Tensor, perm: Tensor, topk_weights: Tensor, row_offsets: Tensor) -> Tensor:
+    """out[t] = Σ_j topk_weights[t, j] · y_perm[row of pair (t, j)], accumulated in float32,
+    returned in y_perm's dtype. Pairs outside every group (dropped ids) contribute nothing."""
+    _check_tensor(y_perm, "y_perm", dtype=(torch.bfloat16, torch.float32), dim=2)
+    _check_device(y_perm, "y_perm")
+    _check_tensor(perm, "perm", dtype=torch.int32, dim=1, device=y_perm.device)
+    _check_tensor(topk_weights, "topk_weights", dtype=torch.float32, dim=2, device=y_perm.device)
+    _check_tensor(row_offsets, "row_offsets", dtype=torch.int32, dim=1, device=y_perm.device)
+    t, k = topk_weights.shape
+    _check(perm.numel() == t * k and y_perm.shape[0] == t * k,
+           f"y_perm has {y_perm.shape[0]} rows and perm {perm.numel()}, expected T·k = {t * k}")
+    h = y_perm.shape[1]
+    if y_perm.device.type == "cpu":
+        valid_rows = int(row_offsets[-1])
+        out = torch.zeros(t * k, h, dtype=torch.float32)
+        rows = perm[:valid_rows].long()
+        out[rows] = y_perm[:valid_rows].float()
+        out = (out.view(t, k, h) * topk_weights.unsqueeze(-1)).sum(1)
+        return out.to(y_perm.dtype)
+    out = torch.empty(t, h, dtype=y_perm.dtype, device=y_perm.device)
+    if t > 0:
+        _C.moe_combine(y_perm.data_ptr(), _ext.DTYPE_TO_C[y_perm.dtype], perm.data_ptr(), topk_weights.data_ptr(),
+                       row_offsets.data_ptr(), row_offsets.numel() - 1, t, k, h, out.data_ptr(), stream_of(y_perm))
+    return out
+
+
+@moe_combine.register_fake
+def _(y_perm, perm, topk_weights, row_offsets):
+    return y_perm.new_empty(topk_weights.shape[0], y_perm.shape[1])
+
+
+@torch.library.custom_op("dsfp4::silu_mul", mutates_args=())
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """gate_up [R, 2I] (gate first, then up) → silu(gate) · up [R, I], computed in float32."""
+    _check_tensor(gate_up, "gate_up", dtype=(torch.bfloat16, torch.float32), dim=2)
+    _check_device(gate_up, "gate_up")
+    _check(gate_up.shape[1] % 2 == 0, f"gate_up has odd width {gate_up.shape[1]}")
+    i = gate_up.shape[1] // 2
+    if gate_up.device.type == "cpu":
+        g, u = gate_up.float().split(i, dim=1)
+        return (F.silu(g) * u).to(gate_up.dtype)
+    out = torch.empty(gate_up.shape[0], i, dtype=gate_up.dtype, device=gate_up.device)
+    if gate_up.shape[0] > 0:
+        _C.silu_mul(gate_up.data_ptr(), _ext.DTYPE_TO_C[gate_up.dtype], gate_up.shape[0], i, out.data_ptr(),
+                    stream_of(gate_up))
+    return out
+
+
+@silu_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
