@@ -1,6 +1,7 @@
 // CUDA entry points of a build without nvcc: each reports that CUDA is not available, so the
 // public API links the same way on every machine.
 #include "dsfp4/fp4_gemm.h"
+#include "dsfp4/moe.h"
 #include "dsfp4/nvfp4.h"
 
 #include <string>
@@ -37,5 +38,20 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight&, int, const int32_t*, const
 Status fp4_dequantize_tiled_cuda(const Fp4Weight&, void*, int64_t, Stream) {
   return no_cuda("fp4_dequantize_tiled_cuda");
 }
+
+Status moe_route_cuda(const void*, DType, const float*, const MoeRouteParams&, float*, int32_t*, Stream) {
+  return no_cuda("moe_route_cuda");
+}
+size_t moe_permute_workspace_bytes(int) { return 0; }
+Status moe_permute_cuda(const void*, int64_t, const int32_t*, int64_t, int, int, void*, int32_t*, int32_t*, void*,
+                        Stream) {
+  return no_cuda("moe_permute_cuda");
+}
+size_t moe_combine_workspace_bytes(int64_t, int) { return 0; }
+Status moe_combine_cuda(const void*, DType, const int32_t*, const float*, const int32_t*, int, int64_t, int, int64_t,
+                        void*, void*, Stream) {
+  return no_cuda("moe_combine_cuda");
+}
+Status silu_mul_cuda(const void*, DType, int64_t, int64_t, void*, Stream) { return no_cuda("silu_mul_cuda"); }
 
 }  // namespace dsfp4

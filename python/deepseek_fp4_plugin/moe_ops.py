@@ -43,6 +43,7 @@ def _check_route_args(logits: Tensor, bias: Tensor, top_k: int, n_group: int, to
            f"top_k = {top_k} must be in [1, {topk_group * (e // n_group)}] (experts in the kept groups)")
     _check(top_k <= 32, "top_k must be at most 32")
     _check(e <= 1024, "at most 1024 experts are supported")
+    _check(n_group <= 32, "at most 32 expert groups are supported")
 
 
 def route_reference(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int,
@@ -77,7 +78,7 @@ def moe_route(router_logits: Tensor, correction_bias: Tensor, top_k: int, n_grou
     if t > 0:
         _C.moe_route(router_logits.data_ptr(), _ext.DTYPE_TO_C[router_logits.dtype], correction_bias.data_ptr(),
                      t, e, top_k, n_group, topk_group, float(routed_scaling_factor), bool(norm_topk_prob),
-                     w.data_ptr(), ids.data_ptr(), stream_of(router_logits))
+                     w.data_ptr(), ids.data_ptr(), True, stream_of(router_logits))
     return w, ids
 
 
@@ -103,6 +104,7 @@ def moe_permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> Tuple[Tensor, 
     _check_ids(topk_ids, num_experts)
     _check(topk_ids.shape[0] == x.shape[0], f"topk_ids has {topk_ids.shape[0]} rows, x has {x.shape[0]}")
     _check(topk_ids.device == x.device, "x and topk_ids must be on the same device")
+    _check(num_experts <= 1024, "at most 1024 experts are supported")
     t, k = topk_ids.shape
     if x.device.type == "cpu":
         flat = topk_ids.reshape(-1).long()
@@ -116,9 +118,9 @@ def moe_permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> Tuple[Tensor, 
     x_perm = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=x.device)
     perm = torch.empty(t * k, dtype=torch.int32, device=x.device)
-    ws = torch.empty(_C.moe_permute_workspace_bytes(num_experts), dtype=torch.uint8, device=x.device)
+    _check((x.element_size() * x.shape[1]) % 16 == 0, f"rows of x must be a multiple of 16 bytes, got {tuple(x.shape)}")
     _C.moe_permute(x.data_ptr(), x.element_size() * x.shape[1], topk_ids.data_ptr(), t, k, num_experts,
-                   x_perm.data_ptr(), offsets.data_ptr(), perm.data_ptr(), ws.data_ptr(), stream_of(x))
+                   x_perm.data_ptr(), offsets.data_ptr(), perm.data_ptr(), 0, stream_of(x))
     return x_perm, offsets, perm
 
 
@@ -151,8 +153,10 @@ def moe_combine(y_perm: Tensor, perm: Tensor, topk_weights: Tensor, row_offsets:
         return out.to(y_perm.dtype)
     out = torch.empty(t, h, dtype=y_perm.dtype, device=y_perm.device)
     if t > 0:
+        ws = torch.empty(_C.moe_combine_workspace_bytes(t, k), dtype=torch.uint8, device=y_perm.device)
         _C.moe_combine(y_perm.data_ptr(), _ext.DTYPE_TO_C[y_perm.dtype], perm.data_ptr(), topk_weights.data_ptr(),
-                       row_offsets.data_ptr(), row_offsets.numel() - 1, t, k, h, out.data_ptr(), stream_of(y_perm))
+                       row_offsets.data_ptr(), row_offsets.numel() - 1, t, k, h, out.data_ptr(), ws.data_ptr(),
+                       stream_of(y_perm))
     return out
 
 

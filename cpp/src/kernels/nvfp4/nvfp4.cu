@@ -75,14 +75,13 @@ __global__ void dequantize_kernel(const uint8_t* packed, const uint8_t* block_sc
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * groups) return;
   const int64_t r = i / groups, g = i % groups;
-  const float s = fmt::e4m3_to_float(block_scale[i]);
-  const float gs = *global_scale;
+  const float s = fmt::e4m3_to_float(block_scale[i]) * *global_scale;  // ModelOpt's order
   const uint2 q = *reinterpret_cast<const uint2*>(packed + r * (cols / 2) + g * 8);
 #pragma unroll
   for (int e = 0; e < kNvfp4BlockSize; ++e) {
     const uint32_t word = e < 8 ? q.x : q.y;
     const uint8_t code = static_cast<uint8_t>((word >> (4 * (e & 7))) & 0xF);
-    const float v = fmt::e2m1_to_float(code) * s * gs;
+    const float v = fmt::e2m1_to_float(code) * s;
     const int64_t o = r * cols + g * kNvfp4BlockSize + e;
     if constexpr (sizeof(OutT) == 4) {
       dst[o] = v;

@@ -106,8 +106,9 @@ Status nvfp4_dequantize_cpu(const uint8_t* packed, const uint8_t* block_scale,
       for (int64_t c = 0; c < cols; ++c) {
         const uint8_t byte = packed[r * (cols / 2) + c / 2];
         const uint8_t code = (c & 1) ? (byte >> 4) : (byte & 0xF);
-        const float s = fmt::e4m3_to_float(block_scale[r * groups + c / kNvfp4BlockSize]);
-        const float v = fmt::e2m1_to_float(code) * s * global_scale;
+        // ModelOpt's order: (block scale × global scale), then × the E2M1 value.
+        const float s = fmt::e4m3_to_float(block_scale[r * groups + c / kNvfp4BlockSize]) * global_scale;
+        const float v = fmt::e2m1_to_float(code) * s;
         const int64_t i = r * cols + c;
         if (dst_dtype == DType::kFloat32)
           static_cast<float*>(dst)[i] = v;

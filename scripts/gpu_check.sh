@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
+# benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
+#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [tune]
+# With no arguments: build tests sanitizer bench-gemm.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+steps="${*:-build tests sanitizer bench-gemm}"
+has() { [[ " $steps " == *" $1 "* ]]; }
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to a machine without a registry
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+
+if has build; then
+  arch=$(python3 -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0]==9 else ''))")
+  echo "== build for sm_$arch"
+  start=$(date +%s)
+  DSFP4_CUDA_ARCHS="${arch}-real" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "build ok in $(( $(date +%s) - start )) s"
+  (cd build && ctest --output-on-failure > "$OUT/ctest.log" 2>&1) || { status=1; tail -20 "$OUT/ctest.log"; }
+fi
+
+if has tests; then
+  echo "== tests/gpu"
+  timeout 900 python3 -m pytest tests/gpu -q -rs -x --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if has sanitizer; then
+  echo "== compute-sanitizer memcheck (quick sizes)"
+  DSFP4_QUICK=1 timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
+    "tests/gpu/test_fp4_gemm_gpu.py::test_every_tactic" "tests/gpu/test_fp4_gemm_gpu.py::test_grouped_gemm" \
+    "tests/gpu/test_moe_gpu.py::test_permute_combine_cuda_equal_cpu" \
+    "tests/gpu/test_moe_gpu.py::test_route_cuda_equals_cpu" -k "not 4096 and not 1024" \
+    > "$OUT/sanitizer.log" 2>&1
+  rc=$?; tail -6 "$OUT/sanitizer.log"; echo "sanitizer exit $rc"; [ $rc -eq 0 ] || status=1
+fi
+
+if has bench-gemm; then
+  echo "== bench_fp4_gemm"
+  extra=""; has tune && extra="--tune"
+  timeout 900 python3 benchmarks/bench_fp4_gemm.py $extra --out "$OUT/fp4_gemm.json" > "$OUT/bench_gemm.log" 2>&1
+  [ $? -eq 0 ] || status=1
+  tail -28 "$OUT/bench_gemm.log"
+fi
+
+if has bench-model; then
+  echo "== bench_model"
+  timeout 900 python3 benchmarks/bench_model.py --out "$OUT/model.json" > "$OUT/bench_model.log" 2>&1 || status=1
+  tail -25 "$OUT/bench_model.log"
+fi
+exit $status

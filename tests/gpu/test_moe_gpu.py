@@ -1,0 +1,43 @@
+"""CUDA MoE kernels against their CPU references."""
+
+import pytest
+import torch
+
+import deepseek_fp4_plugin  # noqa: F401
+from deepseek_fp4_plugin import moe_ops
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300, 4096])
+@pytest.mark.parametrize("e,g,tg,k", [(256, 8, 4, 8), (64, 8, 3, 6), (16, 4, 2, 4), (1024, 32, 8, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_cuda_equals_cpu(tokens, e, g, tg, k, dtype):
+    logits = (torch.randn(tokens, e) * 2).to(dtype)
+    bias = torch.randn(e) * 0.05
+    w, ids = torch.ops.dsfp4.moe_route(logits.cuda(), bias.cuda(), k, g, tg, 2.5, True)
+    rw, rids = moe_ops.route_reference(logits, bias, k, g, tg, 2.5, True)
+    assert torch.equal(ids.cpu(), rids)
+    torch.testing.assert_close(w.cpu(), rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,k,e,h", [(1, 8, 256, 7168), (13, 3, 6, 64), (512, 8, 256, 256)])
+def test_permute_combine_cuda_equal_cpu(t, k, e, h):
+    x = torch.randn(t, h).to(torch.bfloat16)
+    ids = torch.randint(0, e, (t, k), dtype=torch.int32)
+    ids[0, 0] = -1
+    xp, offs, perm = torch.ops.dsfp4.moe_permute(x.cuda(), ids.cuda(), e)
+    rxp, roffs, rperm = torch.ops.dsfp4.moe_permute(x, ids, e)
+    valid = int(roffs[-1])
+    assert torch.equal(offs.cpu(), roffs)
+    assert torch.equal(perm.cpu()[:valid], rperm[:valid])
+    assert torch.equal(xp.cpu()[:valid], rxp[:valid])
+    w = torch.rand(t, k)
+    yp = torch.randn(t * k, h).to(torch.bfloat16)
+    out = torch.ops.dsfp4.moe_combine(yp.cuda(), perm, w.cuda(), offs)
+    ref = torch.ops.dsfp4.moe_combine(yp, rperm, w, roffs)
+    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_silu_mul_cuda():
+    gu = torch.randn(33, 2 * 2048).to(torch.bfloat16)
+    torch.testing.assert_close(torch.ops.dsfp4.silu_mul(gu.cuda()).cpu().float(),
+                               torch.ops.dsfp4.silu_mul(gu).float(), rtol=1e-2, atol=1e-2)

@@ -1,0 +1,136 @@
+"""MoE ops on the CPU: routing, permutation, combine, SiLU·mul against plain loops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deepseek_fp4_plugin  # noqa: F401
+from deepseek_fp4_plugin import _C, moe_ops
+
+ROUTE_CASES = [  # experts, n_group, topk_group, top_k
+    (16, 4, 2, 4),
+    (64, 8, 4, 8),
+    (256, 8, 4, 8),
+    (20, 5, 3, 6),
+    (8, 1, 1, 2),
+]
+
+
+def route_loop(logits, bias, top_k, n_group, topk_group, scale, norm):
+    """Token-by-token Python version of the documented noaux_tc rule."""
+    t_count, e = logits.shape
+    gsz = e // n_group
+    weights, ids = [], []
+    for t in range(t_count):
+        s = [1.0 / (1.0 + math.exp(-float(v))) for v in logits[t]]
+        c = [s[i] + float(bias[i]) for i in range(e)]
+        gscore = []
+        for g in range(n_group):
+            vals = sorted(c[g * gsz:(g + 1) * gsz], reverse=True)
+            gscore.append(vals[0] + vals[1])
+        groups = sorted(range(n_group), key=lambda g: (-gscore[g], g))[:topk_group]
+        cand = [i for i in range(e) if i // gsz in groups]
+        chosen = sorted(cand, key=lambda i: (-c[i], i))[:top_k]
+        w = [s[i] for i in chosen]
+        if norm:
+            tot = sum(w) + 1e-20
+            w = [v / tot for v in w]
+        weights.append([v * scale for v in w])
+        ids.append(chosen)
+    return torch.tensor(weights), torch.tensor(ids, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("e,g,tg,k", ROUTE_CASES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_matches_loop_and_cpp(e, g, tg, k, norm):
+    gen = torch.Generator().manual_seed(e * 7 + k)
+    logits = torch.randn(19, e, generator=gen) * 2
+    bias = torch.randn(e, generator=gen) * 0.05
+    w, ids = torch.ops.dsfp4.moe_route(logits, bias, k, g, tg, 2.5, norm)
+    lw, lids = route_loop(logits, bias, k, g, tg, 2.5, norm)
+    assert torch.equal(ids, lids)
+    torch.testing.assert_close(w, lw.float(), rtol=1e-6, atol=1e-7)
+    # the C++ CPU reference (for C++ users) agrees too
+    cw = torch.empty_like(w)
+    cids = torch.empty_like(ids)
+    _C.moe_route(logits.data_ptr(), _C.DType.float32, bias.data_ptr(), 19, e, k, g, tg, 2.5, norm,
+                 cw.data_ptr(), cids.data_ptr(), False, 0)
+    assert torch.equal(cids, ids)
+    torch.testing.assert_close(cw, w, rtol=1e-6, atol=1e-7)
+
+
+def test_route_bias_steers_choice_not_weights():
+    logits = torch.zeros(1, 8)
+    bias = torch.zeros(8)
+    bias[5] = 1.0
+    w, ids = torch.ops.dsfp4.moe_route(logits, bias, 1, 1, 1, 1.0, False)
+    assert ids.item() == 5
+    assert w.item() == pytest.approx(0.5)  # sigmoid(0), the bias is not in the weight
+
+
+def test_route_only_kept_groups():
+    # group 1 holds the single best expert but loses on its top-2 sum
+    logits = torch.full((1, 8), -4.0)
+    logits[0, 4] = 5.0                 # group 1 = experts 4..7
+    logits[0, 0] = logits[0, 1] = 3.0  # group 0 = experts 0..3
+    _, ids = torch.ops.dsfp4.moe_route(logits, torch.zeros(8), 2, 2, 1, 1.0, True)
+    assert sorted(ids[0].tolist()) == [0, 1]
+
+
+def test_route_bad_inputs():
+    with pytest.raises(ValueError, match="n_group"):
+        torch.ops.dsfp4.moe_route(torch.randn(2, 10), torch.zeros(10), 2, 3, 1, 1.0, True)
+    with pytest.raises(ValueError, match="top_k"):
+        torch.ops.dsfp4.moe_route(torch.randn(2, 8), torch.zeros(8), 9, 2, 1, 1.0, True)
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        torch.ops.dsfp4.moe_route(torch.randn(2, 8), torch.zeros(7), 2, 2, 1, 1.0, True)
+    with pytest.raises(ValueError, match="router_logits"):
+        torch.ops.dsfp4.moe_route(torch.randn(2, 8).half(), torch.zeros(8), 2, 2, 1, 1.0, True)
+
+
+def test_permute_combine_against_loops():
+    gen = torch.Generator().manual_seed(11)
+    t, k, e, h = 13, 3, 6, 32
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, e, (t, k), generator=gen, dtype=torch.int32)
+    ids[2, 1] = -1  # dropped pair
+    xp, offsets, perm = torch.ops.dsfp4.moe_permute(x, ids, e)
+    assert offsets[-1].item() == t * k - 1
+    # rows of each expert are its pairs in pair order
+    for ex in range(e):
+        rows = perm[offsets[ex]:offsets[ex + 1]].tolist()
+        want = [p for p in range(t * k) if ids.view(-1)[p].item() == ex]
+        assert rows == want
+        for r in range(offsets[ex].item(), offsets[ex + 1].item()):
+            assert torch.equal(xp[r], x[perm[r] // k])
+    w = torch.rand(t, k, generator=gen)
+    y_perm = torch.randn(t * k, h, generator=gen).to(torch.bfloat16)
+    out = torch.ops.dsfp4.moe_combine(y_perm, perm, w, offsets)
+    ref = torch.zeros(t, h)
+    for r in range(offsets[-1].item()):
+        p = perm[r].item()
+        ref[p // k] += w[p // k, p % k] * y_perm[r].float()
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    assert out.dtype == torch.bfloat16
+
+
+def test_silu_mul():
+    gu = torch.randn(7, 2 * 48).to(torch.bfloat16)
+    out = torch.ops.dsfp4.silu_mul(gu)
+    ref = F.silu(gu[:, :48].float()) * gu[:, 48:].float()
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="odd"):
+        torch.ops.dsfp4.silu_mul(torch.randn(2, 5))
+
+
+def test_opcheck():
+    logits = torch.randn(5, 16)
+    torch.library.opcheck(torch.ops.dsfp4.moe_route.default, (logits, torch.zeros(16), 4, 4, 2, 2.5, True))
+    x = torch.randn(5, 16)
+    ids = torch.randint(0, 4, (5, 2), dtype=torch.int32)
+    torch.library.opcheck(torch.ops.dsfp4.moe_permute.default, (x, ids, 4))
+    _, offs, perm = torch.ops.dsfp4.moe_permute(x, ids, 4)
+    torch.library.opcheck(torch.ops.dsfp4.moe_combine.default, (torch.randn(10, 16), perm, torch.rand(5, 2), offs))
+    torch.library.opcheck(torch.ops.dsfp4.silu_mul.default, (torch.randn(3, 8),))
