@@ -148,32 +148,40 @@ Status check_activation(const void* p, int64_t ld, int64_t min_ld, const char* f
 
 }  // namespace
 
+// Shape heuristic, set from the tactic sweeps of benchmarks/bench_fp4_gemm.py --tune on H100.
 Fp4GemmTactic fp4_gemm_default_tactic(int64_t m, int64_t n, int64_t k) {
   Fp4GemmTactic t;
   const DeviceInfo d = device_info();
-  if (m >= 1024 && dequant_path_available(n, k)) {
+  if (m >= 512 && dequant_path_available(n, k)) {
     t.path = Fp4GemmPath::kDequant;
     return t;
   }
   t.path = Fp4GemmPath::kFused;
+  t.split_k = 1;
   const auto dims = fmt::tiled_dims(n, k);
+  const bool wide = n >= 16384;  // enough row tiles to fill the GPU without splitting K
   if (m <= 16) {
     t.tile_tokens = m <= 8 ? 8 : 16;
-    t.warps_n = 1;
-    t.warps_k = 8;
-  } else {
-    t.tile_tokens = m <= 32 ? 32 : 64;
-    t.warps_n = 2;
+    if (dims.kb <= 24) {  // short K: two row tiles per block, K split in two
+      t.warps_n = 2;
+      t.warps_k = 2;
+    } else {
+      t.warps_n = 1;
+      t.warps_k = 4;
+    }
+  } else if (wide || m > 128) {
+    t.tile_tokens = 32;
+    t.warps_n = m > 128 ? 2 : 4;
     t.warps_k = 1;
+  } else {
+    t.tile_tokens = 16;
+    t.warps_n = 2;
+    t.warps_k = 2;
   }
+  // Few row tiles (q_a, kv_a): split K across blocks until the grid covers the GPU.
   const int64_t row_blocks = (dims.nt * 16 + block_rows(t) - 1) / block_rows(t);
-  const int64_t token_tiles = (m + t.tile_tokens - 1) / t.tile_tokens;
-  const int64_t blocks = row_blocks * token_tiles;
-  const int64_t target = 2ll * d.sm_count;
-  int64_t split = 1;
-  // Split K across blocks while the grid is short of two waves and warps keep ≥ 4 k-blocks.
-  while (blocks * split < target && dims.kb / (split * 2 * t.warps_k) >= 4) split *= 2;
-  t.split_k = static_cast<int>(split);
+  const int64_t blocks = row_blocks * ((m + t.tile_tokens - 1) / t.tile_tokens);
+  while (blocks * t.split_k < d.sm_count && dims.kb / (2 * t.split_k * t.warps_k) >= 4) t.split_k *= 2;
   return t;
 }
 
@@ -189,7 +197,7 @@ std::vector<Fp4GemmTactic> fp4_gemm_candidate_tactics(int64_t m, int64_t n, int6
       for (int wk : wks) {
         if (!is_compiled(tt, wn, wk)) continue;
         for (int split = 1; split <= 16; split *= 2) {
-          if (dims.kb / (split * wk) < 2) break;
+          if (split > 1 && dims.kb / (split * wk) < 2) break;
           Fp4GemmTactic t;
           t.path = Fp4GemmPath::kFused;
           t.tile_tokens = tt;
@@ -288,7 +296,7 @@ Status fp4_gemm_cuda(const Fp4Weight& w, const void* x, int64_t ldx, void* y, in
   const int64_t brows = block_rows(t);
   const int64_t row_blocks = (static_cast<int64_t>(a.nt) * 16 + brows - 1) / brows;
   const int64_t token_tiles = (m + t.tile_tokens - 1) / t.tile_tokens;
-  if (token_tiles * t.split_k > 65535) return InvalidArgument("fp4_gemm: M too large for the fused path");
+  if (token_tiles * t.split_k > (1ll << 30)) return InvalidArgument("fp4_gemm: M too large for the fused path");
   a.token_tiles = static_cast<int>(token_tiles);
   a.split_k = t.split_k;
   if (t.split_k > 1) {
@@ -299,7 +307,8 @@ Status fp4_gemm_cuda(const Fp4Weight& w, const void* x, int64_t ldx, void* y, in
     DSFP4_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(base, 0, row_blocks * token_tiles * 4, s),
                                       "fp4_gemm: clearing split-K counters"));
   }
-  dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(token_tiles * t.split_k), 1);
+  if (row_blocks > 65535) return InvalidArgument("fp4_gemm: N too large for the fused path");
+  dim3 grid(static_cast<unsigned>(token_tiles * t.split_k), static_cast<unsigned>(row_blocks), 1);
   return dispatch_fused(t, a, grid, s);
 }
 
@@ -350,7 +359,8 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight& w, int num_groups, const in
   // Token tiles of a group beyond this many are visited by the same blocks in turn.
   const int64_t token_tiles = std::min<int64_t>((max_rows_per_group + tile_tokens - 1) / tile_tokens, 16);
   a.token_tiles = static_cast<int>(token_tiles);
-  dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(token_tiles), static_cast<unsigned>(num_groups));
+  if (row_blocks > 65535) return InvalidArgument("fp4_grouped_gemm: N too large");
+  dim3 grid(static_cast<unsigned>(token_tiles), static_cast<unsigned>(row_blocks), static_cast<unsigned>(num_groups));
   return dispatch_fused(t, a, grid, static_cast<cudaStream_t>(stream));
 }
 

@@ -38,10 +38,10 @@ struct FusedGemmArgs {
   int64_t ldy;
   int m, n, k;
   int nt, kb, kc;
-  int token_tiles;  // grid.y / split_k: token tiles visited with this stride
+  int token_tiles;  // grid.x / split_k: token tiles visited with this stride
   int split_k;
-  float* partial;   // split_k > 1: [split_k][grid.x · token_tiles][block outputs]
-  int* counters;    // split_k > 1: [grid.x · token_tiles], zeroed before the launch
+  float* partial;   // split_k > 1: [split_k][row blocks · token_tiles][block outputs]
+  int* counters;    // split_k > 1: [row blocks · token_tiles], zeroed before the launch
 };
 
 __device__ __forceinline__ uint4 ld_stream_u4(const uint4* p) {
@@ -103,6 +103,8 @@ __device__ __forceinline__ uint32_t u4_get(const uint4& v, int i) {
 
 // NT8: 8-token tiles per warp; WR: 16-row tiles per warp; WN × KW warps per block (KW of
 // them split K and are reduced through shared memory); U: k-blocks loaded ahead.
+// Grid: x = token tiles × split_k (fastest, so the blocks that share weight rows run
+// together and re-reads hit L2), y = row blocks, z = groups.
 template <int NT8, int WR, int WN, int KW, int U>
 __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const FusedGemmArgs a) {
   constexpr int kTok = 8 * NT8;
@@ -125,15 +127,16 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
   const uint8_t* sbase = a.qscale + static_cast<int64_t>(slot) * a.qscale_slot_stride;
   const float* gscale = a.gs_per_tile ? a.global_scale + static_cast<int64_t>(slot) * a.nt : a.global_scale + slot;
 
-  const int ks = blockIdx.y % a.split_k;
-  const int tt_first = blockIdx.y / a.split_k;
+  const int ks = blockIdx.x % a.split_k;
+  const int tt_first = blockIdx.x / a.split_k;
+  const int row_block = blockIdx.y;
   // This warp's k-block range: split_k·KW contiguous slices.
   const int slices = a.split_k * KW;
   const int slice = ks * KW + wk;
   const int kb_lo = static_cast<int>((static_cast<int64_t>(a.kb) * slice) / slices);
   const int kb_hi = static_cast<int>((static_cast<int64_t>(a.kb) * (slice + 1)) / slices);
 
-  const int tile0 = (blockIdx.x * WN + wn) * WR;  // first 16-row tile of this warp
+  const int tile0 = (row_block * WN + wn) * WR;  // first 16-row tile of this warp
   const int token_tiles_total = (rows + kTok - 1) / kTok;
 
   __shared__ float red[(KW > 1) ? (KW - 1) * WN * 32 * kAcc : 1];
@@ -245,9 +248,10 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
 
     // Split-K across blocks: publish the partial; the last block of a tile sums them in order.
     if (a.split_k > 1) {
-      const int tile_id = blockIdx.x * a.token_tiles + tt_first;  // one token tile per block
+      const int tile_id = row_block * a.token_tiles + tt_first;  // one token tile per block
       const int64_t block_out = static_cast<int64_t>(WN) * 32 * kAcc;
-      float* mine = a.partial + (static_cast<int64_t>(ks) * gridDim.x * a.token_tiles + tile_id) * block_out;
+      const int64_t tiles = static_cast<int64_t>(gridDim.y) * a.token_tiles;
+      float* mine = a.partial + (ks * tiles + tile_id) * block_out;
       if (wk == 0) {
 #pragma unroll
         for (int i = 0; i < WR; ++i)
@@ -273,7 +277,7 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][q][e] = 0.0f;
         for (int s = 0; s < a.split_k; ++s) {
-          const float* src = a.partial + (static_cast<int64_t>(s) * gridDim.x * a.token_tiles + tile_id) * block_out +
+          const float* src = a.partial + (s * tiles + tile_id) * block_out +
                              (wn * 32 + lane) * kAcc;
 #pragma unroll
           for (int i = 0; i < WR; ++i)
