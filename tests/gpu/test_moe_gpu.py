@@ -15,8 +15,17 @@ def test_route_cuda_equals_cpu(tokens, e, g, tg, k, dtype):
     bias = torch.randn(e) * 0.05
     w, ids = torch.ops.dsfp4.moe_route(logits.cuda(), bias.cuda(), k, g, tg, 2.5, True)
     rw, rids = moe_ops.route_reference(logits, bias, k, g, tg, 2.5, True)
-    assert torch.equal(ids.cpu(), rids)
-    torch.testing.assert_close(w.cpu(), rw, rtol=1e-5, atol=1e-6)
+    ids, w = ids.cpu(), w.cpu()
+    # CUDA and CPU sigmoids may differ in the last bit, which can swap experts whose biased
+    # scores tie to within that bit; anything else is a bug.
+    diff = (ids != rids).any(1)
+    assert diff.float().mean().item() <= 2e-3
+    c = torch.sigmoid(logits.double()) + bias.double()
+    for t in diff.nonzero().flatten().tolist():
+        mine = c[t, ids[t].long()].sort().values
+        ref = c[t, rids[t].long()].sort().values
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w[~diff], rw[~diff], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("t,k,e,h", [(1, 8, 256, 7168), (13, 3, 6, 64), (512, 8, 256, 256)])
