@@ -134,3 +134,23 @@ def test_opcheck():
     _, offs, perm = torch.ops.dsfp4.moe_permute(x, ids, 4)
     torch.library.opcheck(torch.ops.dsfp4.moe_combine.default, (torch.randn(10, 16), perm, torch.rand(5, 2), offs))
     torch.library.opcheck(torch.ops.dsfp4.silu_mul.default, (torch.randn(3, 8),))
+
+
+def test_compact_groups_feeds_the_grouped_gemm():
+    from deepseek_fp4_plugin import Fp4Weight
+
+    gen = torch.Generator().manual_seed(5)
+    t, k, e, h, n = 3, 2, 8, 32, 48
+    ids = torch.tensor([[6, 1], [1, 3], [6, 6]], dtype=torch.int32)
+    x = torch.randn(t, h, generator=gen).to(torch.bfloat16)
+    xp, offs, perm = torch.ops.dsfp4.moe_permute(x, ids, e)
+    ge, go = torch.ops.dsfp4.moe_compact_groups(offs, min(e, t * k))
+    assert ge.tolist() == [1, 3, 6, -1, -1, -1]
+    assert go.tolist() == [0, 2, 3, 6, 6, 6, 6]
+    experts = [Fp4Weight.from_float(torch.randn(n, h, generator=gen)) for _ in range(e)]
+    qw = torch.stack([w.qweight for w in experts])
+    qs = torch.stack([w.qscale for w in experts])
+    gs = torch.stack([w.global_scale for w in experts])
+    y_all = torch.ops.dsfp4.fp4_grouped_gemm(xp, offs, torch.arange(e, dtype=torch.int32), qw, qs, gs, n, h, t * k)
+    y_cmp = torch.ops.dsfp4.fp4_grouped_gemm(xp, go, ge, qw, qs, gs, n, h, t * k)
+    assert torch.equal(y_all, y_cmp)

@@ -47,6 +47,9 @@ Status moe_permute_cuda(const void*, int64_t, const int32_t*, int64_t, int, int,
                         Stream) {
   return no_cuda("moe_permute_cuda");
 }
+Status moe_compact_groups_cuda(const int32_t*, int, int, int32_t*, int32_t*, Stream) {
+  return no_cuda("moe_compact_groups_cuda");
+}
 size_t moe_combine_workspace_bytes(int64_t, int) { return 0; }
 Status moe_combine_cuda(const void*, DType, const int32_t*, const float*, const int32_t*, int, int64_t, int, int64_t,
                         void*, void*, Stream) {

@@ -43,6 +43,15 @@ void bind_moe(py::module_& m) {
       py::arg("x"), py::arg("row_bytes"), py::arg("topk_ids"), py::arg("tokens"), py::arg("top_k"),
       py::arg("experts"), py::arg("x_perm"), py::arg("row_offsets"), py::arg("perm"), py::arg("workspace"),
       py::arg("stream"));
+  m.def(
+      "moe_compact_groups",
+      [](std::uintptr_t offsets, int experts, int max_groups, std::uintptr_t group_expert,
+         std::uintptr_t group_offsets, std::uintptr_t s) {
+        throw_if_error(moe_compact_groups_cuda(ptr<const int32_t>(offsets), experts, max_groups,
+                                               ptr<int32_t>(group_expert), ptr<int32_t>(group_offsets), stream(s)));
+      },
+      py::arg("row_offsets"), py::arg("experts"), py::arg("max_groups"), py::arg("group_expert"),
+      py::arg("group_offsets"), py::arg("stream"));
   m.def("moe_combine_workspace_bytes", &moe_combine_workspace_bytes, py::arg("tokens"), py::arg("top_k"));
   m.def(
       "moe_combine",

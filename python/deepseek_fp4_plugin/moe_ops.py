@@ -131,6 +131,42 @@ def _(x, topk_ids, num_experts):
             x.new_empty(t * k, dtype=torch.int32))
 
 
+@torch.library.custom_op("dsfp4::moe_compact_groups", mutates_args=())
+def moe_compact_groups(row_offsets: Tensor, max_groups: int) -> Tuple[Tensor, Tensor]:
+    """The experts that received rows, compacted for the grouped GEMM.
+
+    row_offsets int32 [E+1] (from moe_permute) → (group_expert int32 [max_groups]: the experts
+    with rows in ascending order, then -1; group_offsets int32 [max_groups+1]: their row ranges,
+    empty past the last). max_groups = min(E, T·k) covers every case, so the grouped GEMM can
+    launch that many groups instead of E, with no host sync.
+    """
+    _check_tensor(row_offsets, "row_offsets", dtype=torch.int32, dim=1)
+    _check_device(row_offsets, "row_offsets")
+    e = row_offsets.numel() - 1
+    _check(e >= 1, "row_offsets needs at least 2 entries")
+    _check(max_groups >= 1, "max_groups must be positive")
+    if row_offsets.device.type == "cpu":
+        counts = row_offsets[1:] - row_offsets[:-1]
+        active = torch.nonzero(counts > 0).flatten()[:max_groups].to(torch.int32)
+        g = active.numel()
+        ge = torch.full((max_groups,), -1, dtype=torch.int32)
+        go = torch.full((max_groups + 1,), int(row_offsets[-1]), dtype=torch.int32)
+        ge[:g] = active
+        go[:g] = row_offsets[active.long()]
+        return ge, go
+    ge = torch.empty(max_groups, dtype=torch.int32, device=row_offsets.device)
+    go = torch.empty(max_groups + 1, dtype=torch.int32, device=row_offsets.device)
+    _C.moe_compact_groups(row_offsets.data_ptr(), e, max_groups, ge.data_ptr(), go.data_ptr(),
+                          stream_of(row_offsets))
+    return ge, go
+
+
+@moe_compact_groups.register_fake
+def _(row_offsets, max_groups):
+    return (row_offsets.new_empty(max_groups, dtype=torch.int32),
+            row_offsets.new_empty(max_groups + 1, dtype=torch.int32))
+
+
 @torch.library.custom_op("dsfp4::moe_combine", mutates_args=())
 def moe_combine(y_perm: Tensor, perm: Tensor, topk_weights: Tensor, row_offsets: Tensor) -> Tensor:
     """out[t] = Σ_j topk_weights[t, j] · y_perm[row of pair (t, j)], accumulated in float32,

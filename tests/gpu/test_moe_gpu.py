@@ -50,3 +50,13 @@ def test_silu_mul_cuda():
     gu = torch.randn(33, 2 * 2048).to(torch.bfloat16)
     torch.testing.assert_close(torch.ops.dsfp4.silu_mul(gu.cuda()).cpu().float(),
                                torch.ops.dsfp4.silu_mul(gu).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("t,k,e", [(1, 8, 256), (64, 8, 256), (5, 3, 7)])
+def test_compact_groups_cuda_equals_cpu(t, k, e):
+    ids = torch.randint(0, e, (t, k), dtype=torch.int32)
+    _, offs, _ = torch.ops.dsfp4.moe_permute(torch.randn(t, 8), ids, e)
+    g = min(e, t * k)
+    a = torch.ops.dsfp4.moe_compact_groups(offs.cuda(), g)
+    b = torch.ops.dsfp4.moe_compact_groups(offs, g)
+    assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])

@@ -46,6 +46,12 @@ Status moe_permute_cuda(const void* x, int64_t row_bytes, const int32_t* topk_id
                         int experts, void* x_perm, int32_t* row_offsets, int32_t* perm, void* workspace,
                         Stream stream);
 
+// The experts that received rows, compacted: group_expert[j] is the j-th expert with rows
+// (ascending; -1 past the last) and group_offsets[j]..group_offsets[j+1] its rows of x_perm.
+// With max_groups = min(experts, tokens·top_k) the grouped GEMM launches only that many groups.
+Status moe_compact_groups_cuda(const int32_t* row_offsets, int experts, int max_groups, int32_t* group_expert,
+                               int32_t* group_offsets, Stream stream);
+
 // out[t] = Σ_j topk_weights[t, j] · y_perm[row of pair (t, j)], accumulated in float32.
 // y_perm, out: bfloat16 or float32 [., hidden]. workspace: moe_combine_workspace_bytes().
 size_t moe_combine_workspace_bytes(int64_t tokens, int top_k);

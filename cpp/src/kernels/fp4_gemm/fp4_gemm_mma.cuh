@@ -159,10 +159,29 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
       xrow[q] = tok < rows ? a.x + static_cast<int64_t>(row0 + tok) * a.ldx + 16 * c : nullptr;
     }
 
+    // Narrow token tiles keep their registers for weights in flight and fetch x (an L1/L2
+    // hit) right before use; wide tiles fetch x with the weights.
+    constexpr bool kXAhead = NT8 >= 4;
+    constexpr int kXU = kXAhead ? U : 1;
+    auto load_x = [&](int kb, uint4 (&xs)[NT8][2]) {
+      const bool col_ok = kb < kb_hi && (64 * kb + 16 * c) < a.k;
+#pragma unroll
+      for (int q = 0; q < NT8; ++q) {
+        if (col_ok && xrow[q] != nullptr) {
+          const __nv_bfloat16* p = xrow[q] + 64 * kb;
+          xs[q][0] = ld_nc_u4(p);
+          xs[q][1] = ld_nc_u4(p + 8);
+        } else {
+          xs[q][0] = make_uint4(0, 0, 0, 0);
+          xs[q][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    };
+
     for (int kb0 = kb_lo; kb0 < kb_hi; kb0 += U) {
       uint4 wv[U][WR];
       uint32_t sv[U][WR];
-      uint4 xv[U][NT8][2];
+      uint4 xv[kXU][NT8][2];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int kb = kb0 + u;
@@ -179,21 +198,12 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
             sv[u][i] = 0;
           }
         }
-        const bool col_ok = kb_ok && (64 * kb + 16 * c) < a.k;
-#pragma unroll
-        for (int q = 0; q < NT8; ++q) {
-          if (col_ok && xrow[q] != nullptr) {
-            const __nv_bfloat16* p = xrow[q] + 64 * kb;
-            xv[u][q][0] = ld_nc_u4(p);
-            xv[u][q][1] = ld_nc_u4(p + 8);
-          } else {
-            xv[u][q][0] = make_uint4(0, 0, 0, 0);
-            xv[u][q][1] = make_uint4(0, 0, 0, 0);
-          }
-        }
+        if constexpr (kXAhead) load_x(kb, xv[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
+        if constexpr (!kXAhead) load_x(kb0 + u, xv[0]);
+        const uint4 (&xs)[NT8][2] = xv[kXAhead ? u : 0];
 #pragma unroll
         for (int i = 0; i < WR; ++i) {
           const uint32_t s0 = e4m3_to_bf16_scaled(sv[u][i] & 0xFFu);
@@ -210,7 +220,7 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
             af[3] = bf16x2_mul(r[3], sp1);
 #pragma unroll
             for (int q = 0; q < NT8; ++q) {
-              const uint4& lo = xv[u][q][j >> 1];
+              const uint4& lo = xs[q][j >> 1];
               const uint32_t b0 = (j & 1) ? lo.z : lo.x;
               const uint32_t b1 = (j & 1) ? lo.w : lo.y;
               mma_bf16_16816(acc[i][q], af, b0, b1);

@@ -158,6 +158,26 @@ __global__ void gather_rows_kernel(const uint4* __restrict__ x, int64_t row_chun
   for (int64_t i = threadIdx.x; i < row_chunks; i += blockDim.x) x_perm[r * row_chunks + i] = x[src * row_chunks + i];
 }
 
+// One thread: experts are few (≤ 1024) and this runs once per layer.
+__global__ void compact_groups_kernel(const int32_t* __restrict__ offsets, int experts, int max_groups,
+                                      int32_t* __restrict__ group_expert, int32_t* __restrict__ group_offsets) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int j = 0;
+  for (int e = 0; e < experts && j < max_groups; ++e) {
+    if (offsets[e + 1] > offsets[e]) {
+      group_expert[j] = e;
+      group_offsets[j] = offsets[e];
+      ++j;
+    }
+  }
+  const int end = offsets[experts];
+  for (; j < max_groups; ++j) {
+    group_expert[j] = -1;
+    group_offsets[j] = end;
+  }
+  group_offsets[max_groups] = end;
+}
+
 __global__ void inverse_perm_kernel(const int32_t* __restrict__ perm, const int32_t* __restrict__ row_offsets,
                                     int experts, int32_t* __restrict__ inv) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -238,6 +258,15 @@ Status moe_permute_cuda(const void* x, int64_t row_bytes, const int32_t* topk_id
   gather_rows_kernel<<<static_cast<unsigned>(pairs), 128, 0, s>>>(
       static_cast<const uint4*>(x), row_bytes / 16, perm, row_offsets, experts, top_k, static_cast<uint4*>(x_perm));
   return cuda_status(cudaGetLastError(), "moe_permute: gather kernel");
+}
+
+Status moe_compact_groups_cuda(const int32_t* row_offsets, int experts, int max_groups, int32_t* group_expert,
+                               int32_t* group_offsets, Stream stream) {
+  if (experts <= 0 || max_groups <= 0) return InvalidArgument("moe_compact_groups: experts and max_groups must be positive");
+  if (!row_offsets || !group_expert || !group_offsets) return InvalidArgument("moe_compact_groups: null pointer");
+  compact_groups_kernel<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(row_offsets, experts, max_groups,
+                                                                        group_expert, group_offsets);
+  return cuda_status(cudaGetLastError(), "moe_compact_groups: kernel launch");
 }
 
 size_t moe_combine_workspace_bytes(int64_t tokens, int top_k) { return static_cast<size_t>(tokens * top_k * 4); }
