@@ -18,10 +18,12 @@ Status fp4_dequantize_tiled_cpu(const Fp4Weight& w, float* dst) {
   DSFP4_RETURN_IF_ERROR(nvfp4_unpack_cpu(w.qweight, w.qscale, w.n, w.k, packed.data(), scale.data()));
   if (!w.global_scale_per_tile)
     return nvfp4_dequantize_cpu(packed.data(), scale.data(), *w.global_scale, w.n, w.k, dst, DType::kFloat32);
-  DSFP4_RETURN_IF_ERROR(nvfp4_dequantize_cpu(packed.data(), scale.data(), 1.0f, w.n, w.k, dst, DType::kFloat32));
-  for (int64_t r = 0; r < w.n; ++r) {
-    const float gs = w.global_scale[r / 16];
-    for (int64_t c = 0; c < w.k; ++c) dst[r * w.k + c] *= gs;
+  // Tile by tile, so each element is computed exactly as with a per-tensor scale.
+  for (int64_t r0 = 0; r0 < w.n; r0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, w.n - r0);
+    DSFP4_RETURN_IF_ERROR(nvfp4_dequantize_cpu(packed.data() + r0 * (w.k / 2), scale.data() + r0 * (w.k / 16),
+                                               w.global_scale[r0 / 16], rows, w.k, dst + r0 * w.k,
+                                               DType::kFloat32));
   }
   return Status::Ok();
 }
