@@ -53,7 +53,7 @@ fi
 
 if has bench-model; then
   echo "== bench_model"
-  timeout 900 python3 benchmarks/bench_model.py --out "$OUT/model.json" > "$OUT/bench_model.log" 2>&1 || status=1
+  timeout 900 python3 benchmarks/bench_model.py ${BENCH_MODEL_ARGS:-} --out "$OUT/model.json" > "$OUT/bench_model.log" 2>&1 || status=1
   tail -25 "$OUT/bench_model.log"
 fi
 exit $status

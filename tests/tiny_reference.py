@@ -89,7 +89,8 @@ class TinyModel:
             if name.endswith("e_score_correction_bias"):
                 w[name] = torch.rand(shape, generator=g) * 0.05   # non-negative, see module docstring
             elif name == "model.embed_tokens.weight":
-                w[name] = torch.randn(shape, generator=g)
+                # bf16-representable: the bf16 path keeps the table in bf16, as checkpoints store it
+                w[name] = torch.randn(shape, generator=g).to(torch.bfloat16).float()
             else:   # RMSNorm weights
                 w[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         for module, (n, k) in linear_shapes(cfg).items():
@@ -99,6 +100,8 @@ class TinyModel:
             if module == "lm_head":
                 std *= 4.0   # clear top-1 margins
             w[module + ".weight"] = torch.randn(n, k, generator=g) * std
+            if cfg.attention_bias and module.endswith(("q_a_proj", "kv_a_proj_with_mqa", "o_proj")):
+                w[module + ".bias"] = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16).float()
         return cls(cfg, d, w)
 
     # ---- stored forms ----
@@ -160,7 +163,10 @@ class TinyModel:
         from transformers import DeepseekV3ForCausalLM
 
         model = DeepseekV3ForCausalLM(hf_config(self.config_json)).float().eval()
-        model.load_state_dict(hf_state_dict(weights, self.config), strict=True)
+        sd = hf_state_dict(weights, self.config)
+        if self.config.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        model.load_state_dict(sd, strict=True)
         return model
 
 
@@ -193,10 +199,37 @@ def hf_state_dict(weights: Dict[str, torch.Tensor], cfg: DeepseekV3Config) -> Di
         p = f"model.layers.{layer}.mlp.experts"
         e_range = range(cfg.n_routed_experts)
         out[f"{p}.gate_up_proj"] = torch.stack(
-            [torch.cat([weights[f"{p}.{e}.gate_proj.weight"], weights[f"{p}.{e}.up_proj.weight"]]) for e in e_range]
-        ).float()
+            [torch.cat([weights[f"{p}.{e}.gate_proj.weight"], weights[f"{p}.{e}.up_proj.weight"]])
+             for e in e_range]).float()
         out[f"{p}.down_proj"] = torch.stack([weights[f"{p}.{e}.down_proj.weight"] for e in e_range]).float()
     return out
+
+
+def force_routing(model, trace):
+    """Makes transformers' ``model`` route every MoE layer to the experts in ``trace`` (a list
+    of (layer, ids [N, K]) as ``DeepseekV3.routing_trace`` records them), with weights from its
+    own scores. Compares numerics where bf16 rounding would flip a near-tied expert choice.
+    Returns a function that restores the original routing."""
+    forced = {layer: ids.long().cpu() for layer, ids in trace}
+    restore = []
+    for layer, ids in forced.items():
+        router = model.model.layers[layer].mlp.gate
+        orig = router.forward
+
+        def forward(h, router=router, orig=orig, ids=ids):
+            logits, _, _ = orig(h)
+            w = logits.sigmoid().gather(1, ids)
+            if router.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            return logits, w * router.routed_scaling_factor, ids
+
+        router.forward = forward
+        restore.append((router, orig))
+
+    def undo():
+        for r, o in restore:
+            r.forward = o
+    return undo
 
 
 def all_linear_modules(cfg: DeepseekV3Config, exclude_router: bool = True) -> Set[str]:

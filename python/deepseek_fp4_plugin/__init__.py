@@ -5,3 +5,7 @@ __version__ = "0.1.0"
 from . import moe_ops, ops  # noqa: F401  (register torch.ops.dsfp4.*)
 from ._ext import has_cuda_kernels  # noqa: F401
 from .ops import Fp4Weight  # noqa: F401
+from .engine import Completion, Engine, GenerationStats  # noqa: F401,E402
+from .inference import DeepseekInference  # noqa: F401,E402
+from .sampling import SamplingParams  # noqa: F401,E402
+from .weights import PrecisionPolicy, ResidentWeightStore, WeightStore  # noqa: F401,E402

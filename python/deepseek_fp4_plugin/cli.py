@@ -1,0 +1,97 @@
+"""The ``deepseek-fp4`` command.
+
+    deepseek-fp4 generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
+                          [--top-p P] [--top-k K] [--seed S] [--device D] [--chat] [--use-cuda-graph]
+    deepseek-fp4 make-tiny DIR [--seed S] [--format nvfp4|fp8_block|bf16]
+    deepseek-fp4 convert SRC DST [...]
+
+Without --model, generate runs the built-in tiny random DeepSeek-V3 (written to the cache
+folder on first use), so it works on a fresh machine with no download; its text is gibberish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text, streamed to stdout",
+                       description="Generate a continuation of --prompt, printed as it is produced.")
+    p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--precision", default="default", choices=["default", "fp4", "bf16"],
+                   help="which layers run in NVFP4 (see PrecisionPolicy; default: MLPs and experts)")
+    p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + generated)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--use-cuda-graph", action="store_true", help="replay decode steps from CUDA graphs")
+    p.add_argument("--stats", action="store_true", help="print prefill / decode speed to stderr")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .engine import Engine
+
+    model = args.model
+    if model is None:
+        from .tiny import ensure_tiny
+
+        model = ensure_tiny()
+        print(f"(no --model: using the built-in tiny random model at {model}; its output is gibberish)",
+              file=sys.stderr)
+    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit,
+                                    dtype=args.dtype, precision=args.precision, max_seq_len=args.max_seq_len,
+                                    use_cuda_graph=args.use_cuda_graph)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")   # a terminal that cannot show a character gets '?'
+    pieces = engine.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, chat=args.chat)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        s = engine.last_stats
+        print(f"prompt {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s prefill; "
+              f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_s:.1f} tok/s decode",
+              file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .convert import add_convert_parser
+    from .tiny import add_make_tiny_parser
+
+    parser = argparse.ArgumentParser(prog="deepseek-fp4",
+                                     description="DeepSeek-V3/R1 inference with NVFP4 weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate_parser(sub)
+    add_make_tiny_parser(sub)
+    add_convert_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"deepseek-fp4 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

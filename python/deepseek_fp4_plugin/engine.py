@@ -1,0 +1,628 @@
+"""Engine: load a model, then prefill → decode_one_token → … → generate.
+
+    engine = Engine.from_pretrained("path/to/model")          # device="auto", dtype by device
+    print(engine.generate("The capital of France is", max_tokens=32).text)
+    for piece in engine.stream("Tell me a story", temperature=0.6, seed=0):
+        print(piece, end="", flush=True)
+
+Batches: prompts of different lengths are right-padded; every sequence keeps its tokens at
+their own positions (cache slot = position), so no sequence shifts and padding never enters
+attention (keys are masked by position). Decode feeds one token per sequence per step;
+sequences that finished keep a slot in the batch until all are done.
+
+CUDA graphs (``use_cuda_graph=True``, CUDA only): decode_one_token is captured once per
+(batch size, attended-length bucket) with static token/position buffers and replayed;
+buckets are powers of two from 128 up to ``max_seq_len``, so a step attends over at most
+twice the live length (eager decode uses the same buckets, so both compute the same thing).
+Prefill always runs eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._ext import has_cuda_kernels
+from .checkpoint import CheckpointSource
+from .model import DeepseekV3, KVCache
+from .sampling import SamplingParams, sample
+from .tokenizer import IncrementalDecoder, Tokenizer
+from .weights import PrecisionPolicy, ResidentWeightStore, WeightStore, estimate_bytes, resolve_compute_dtype
+
+GiB = 1 << 30
+DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_MAX_TOKENS = 256
+_GRAPH_MIN_BUCKET = 128
+
+PromptLike = Union[str, Sequence[int], Sequence[Dict[str, Any]]]
+
+
+@dataclass
+class Completion:
+    """One generated sequence.
+
+    text : the generated text (special tokens skipped; cut before a matched stop string)
+    token_ids : generated ids (an EOS / stop token that ended generation is not included)
+    finish_reason : "eos" (EOS or a stop token id), "stop" (a stop string) or "length"
+        (max_tokens, or the context is full)
+    prompt_tokens : number of prompt tokens (BOS and chat template included)
+    """
+
+    text: str
+    token_ids: List[int]
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last generate/stream call (wall clock, synchronised by token reads)."""
+
+    batch_size: int = 0          # largest batch run
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decoded_rows: int = 0        # rows through decode_one_token (finished sequences included)
+    cuda_graph: bool = False
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode throughput: batch rows per second through decode_one_token."""
+        return self.decoded_rows / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
+    """"auto" → cuda when a GPU and the CUDA kernels are present, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and has_cuda_kernels() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: no CUDA device is available (use device='cpu' or 'auto')")
+        if not has_cuda_kernels():
+            raise ValueError(f"device={device!r}: this build of deepseek-fp4 has no CUDA kernels")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+class Engine:
+    """Generation over a ``WeightStore``.
+
+    Parameters
+    ----------
+    store : the model's weights (``ResidentWeightStore`` today)
+    tokenizer : Tokenizer, or None (prompts must then be token ids)
+    max_seq_len : context of one sequence, prompt + generated (default min(model context, 4096))
+    max_batch_size : prompts run together; longer lists run in consecutive batches
+    use_cuda_graph : capture decode_one_token in CUDA graphs (ignored with a warning off CUDA)
+    prefill_chunk : prompt tokens per prefill forward (bounds activation memory)
+    """
+
+    def __init__(self, store: WeightStore, tokenizer: Optional[Tokenizer] = None,
+                 max_seq_len: Optional[int] = None, max_batch_size: int = 8, use_cuda_graph: bool = False,
+                 prefill_chunk: int = 2048):
+        c = store.config
+        if max_seq_len is None:
+            max_seq_len = min(c.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        _check_int("max_seq_len", max_seq_len, 2)
+        if max_seq_len > c.max_position_embeddings:
+            raise ValueError(f"max_seq_len = {max_seq_len} exceeds the model's context "
+                             f"(max_position_embeddings = {c.max_position_embeddings})")
+        _check_int("max_batch_size", max_batch_size, 1)
+        _check_int("prefill_chunk", prefill_chunk, 1)
+        self.store, self.config, self.tokenizer = store, c, tokenizer
+        self.device, self.dtype = store.device, store.compute_dtype
+        self.max_seq_len, self.max_batch_size, self.prefill_chunk = max_seq_len, max_batch_size, prefill_chunk
+        self.model = DeepseekV3(store, max_positions=max_seq_len)
+        self.eos_token_ids = set(c.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.cache: Optional[KVCache] = None
+        self._graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
+        self._graph_pool = None
+        self.use_cuda_graph = False
+        self.set_use_cuda_graph(use_cuda_graph)
+        self.last_stats = GenerationStats()
+        self.last_completion: Optional[Completion] = None   # set by stream()
+
+    # ---- construction -----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path, CheckpointSource],
+                        device: Union[None, str, torch.device] = "auto", memory_limit: Optional[float] = None,
+                        dtype: Union[None, str, torch.dtype] = None,
+                        precision: Union[None, str, PrecisionPolicy] = None,
+                        max_seq_len: Optional[int] = None, max_batch_size: int = 8,
+                        use_cuda_graph: bool = False, progress: bool = False,
+                        prefill_chunk: int = 2048) -> "Engine":
+        """Loads a model folder (or any CheckpointSource) with every weight resident on ``device``.
+
+        Parameters
+        ----------
+        path : model folder (config.json, safetensors, tokenizer.json) or a CheckpointSource
+        device : "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+        memory_limit : device memory budget in GiB for weights + one sequence's KV cache; the
+            model must fit in it (paging beyond it is not implemented yet: a model that does
+            not fit raises ValueError before anything is loaded)
+        dtype : compute dtype, "float32" or "bfloat16" (default: float32 on CPU, bfloat16 on CUDA)
+        precision : PrecisionPolicy or "default" / "fp4" / "bf16" (see weights.PrecisionPolicy)
+        max_seq_len, max_batch_size, use_cuda_graph, prefill_chunk : see Engine
+        progress : show a progress bar while loading
+        """
+        dev = resolve_device(device)
+        cdt = resolve_compute_dtype(dtype, dev)
+        policy = PrecisionPolicy.parse(precision)
+        tokenizer = None
+        if isinstance(path, CheckpointSource):
+            source = path
+        else:
+            from .loader import open_checkpoint
+
+            source = open_checkpoint(path)
+            tokenizer = Tokenizer.from_dir(path)
+        if memory_limit is not None:
+            if isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float)) or \
+                    not memory_limit > 0:
+                raise ValueError(f"memory_limit must be a positive number of GiB, got {memory_limit!r}")
+            c = source.config
+            seq = max_seq_len or min(c.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+            elt = torch.tensor([], dtype=cdt).element_size()
+            need = estimate_bytes(source, policy, cdt) + KVCache.bytes_for(c, 1, seq, elt)
+            if need > memory_limit * GiB:
+                raise ValueError(
+                    f"memory_limit = {memory_limit} GiB: the model needs {need / GiB:.2f} GiB resident "
+                    f"(weights as the precision policy stores them + the KV cache of one {seq}-token "
+                    f"sequence); "
+                    f"paging weights between GPU, host and SSD is not implemented yet, so the model must fit")
+        store = ResidentWeightStore(source, dev, cdt, policy, progress=progress)
+        if not isinstance(path, CheckpointSource) and hasattr(source, "close"):
+            source.close()   # every weight is on the device now: release the memory maps
+        return cls(store, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                   use_cuda_graph=use_cuda_graph, prefill_chunk=prefill_chunk)
+
+    def set_use_cuda_graph(self, enabled: bool) -> None:
+        """Turns CUDA-graph decode on or off (a warning, and off, when it cannot apply)."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"use_cuda_graph must be True or False, got {enabled!r}")
+        self._graphs.clear()
+        if enabled and self.device.type != "cuda":
+            warnings.warn("use_cuda_graph is ignored: the engine runs on the CPU", stacklevel=2)
+            enabled = False
+        if enabled and not self.store.graph_safe:
+            warnings.warn("use_cuda_graph is ignored: some routed experts are dense (not NVFP4), and the "
+                          "dense expert path reads row counts on the host", stacklevel=2)
+            enabled = False
+        self.use_cuda_graph = enabled
+
+    # ---- stages --------------------------------------------------------------------------
+    def _ensure_cache(self, batch: int) -> KVCache:
+        if self.cache is None or self.cache.batch < batch:
+            self.cache = None
+            self._graphs.clear()   # graphs hold pointers into the old cache
+            self.cache = KVCache(self.config, batch, self.max_seq_len, self.device, self.dtype)
+        return self.cache
+
+    @torch.inference_mode()
+    def prefill(self, tokens: Tensor, lengths: Sequence[int]) -> Tensor:
+        """Runs right-padded prompts into the KV cache (slots 0..len-1 of rows 0..B-1).
+
+        Parameters
+        ----------
+        tokens : int64 [B, T] on the engine's device, right-padded
+        lengths : the B prompt lengths (1 ≤ length ≤ T)
+
+        Returns
+        -------
+        float32 [B, V] logits of each prompt's last token
+        """
+        B, T = tokens.shape
+        if T > self.max_seq_len:
+            raise ValueError(f"tokens has {T} positions, more than max_seq_len = {self.max_seq_len}")
+        if len(lengths) != B or not all(_is_int(n) and 1 <= n <= T for n in lengths):
+            raise ValueError(f"lengths must be {B} integers in [1, {T}], got {list(lengths)!r}")
+        cache = self._ensure_cache(B)
+        positions = torch.arange(T, device=self.device).expand(B, T)              # [B, T]
+        last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
+        for start in range(0, T, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, T)
+            h = self.model.forward(tokens[:, start:end], positions[:, start:end], cache, kv_len=end,
+                                   causal=start == 0)                            # [B, t, D]
+            rows = [b for b, n in enumerate(lengths) if start <= n - 1 < end]     # last token in this chunk
+            if rows:
+                cols = [lengths[b] - 1 - start for b in rows]
+                last[rows] = h[rows, cols]
+        return self.model.logits(last)                                            # [B, V]
+
+    @torch.inference_mode()
+    def decode_one_token(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+        """One decode step for every sequence of the cache's first B rows.
+
+        Parameters
+        ----------
+        tokens : int64 [B], the latest token of each sequence
+        positions : int64 [B], its position (cache slot)
+        kv_len : ≥ max(positions) + 1; attention runs over the cache slots up to the next
+            power-of-two bucket (≥ 128) of it, masked by position, in eager and CUDA-graph
+            mode alike, so both compute the same thing
+
+        Returns
+        -------
+        float32 [B, V] logits of the next token
+        """
+        B = tokens.shape[0]
+        if self.cache is None or self.cache.batch < B:
+            raise ValueError(f"decode_one_token: no KV cache for {B} sequences (run prefill first)")
+        if not 1 <= kv_len <= self.max_seq_len:
+            raise ValueError(f"kv_len = {kv_len} must be in [1, max_seq_len = {self.max_seq_len}]")
+        bucket = _bucket(kv_len, self.max_seq_len)
+        if self.use_cuda_graph:
+            graph = self._graphs.get((B, bucket))
+            if graph is None:
+                graph = self._graphs[(B, bucket)] = self._capture(B, bucket, tokens, positions)
+            return graph.replay(tokens, positions)
+        return self._decode_eager(tokens, positions, bucket)
+
+    def _decode_eager(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+        h = self.model.forward(tokens[:, None], positions[:, None], self.cache, kv_len=kv_len,
+                               absorbed=True)                                     # [B, 1, D]
+        return self.model.logits(h[:, 0])                                         # [B, V]
+
+    def _capture(self, batch: int, kv_len: int, tokens: Tensor, positions: Tensor) -> "_DecodeGraph":
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return _DecodeGraph(self, batch, kv_len, tokens, positions, self._graph_pool)
+
+    # ---- public API ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: Union[Sequence[int], Tensor]) -> Tensor:
+        """Float32 logits [T, V] for every position of ``token_ids``, run exactly as given
+        (no BOS added, no cache). For evaluation and tests."""
+        ids = self._check_ids(token_ids, "token_ids")
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"token_ids has {len(ids)} tokens, more than max_seq_len = {self.max_seq_len}")
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)                # [1, T]
+        positions = torch.arange(len(ids), device=self.device)[None]                      # [1, T]
+        return self.model.logits(self.model.forward(tokens, positions, causal=True))[0]   # [T, V]
+
+    def generate(self, prompts: Union[PromptLike, Sequence[PromptLike]], max_tokens: int = DEFAULT_MAX_TOKENS,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                 stop: Union[None, str, Sequence[str]] = None, stop_token_ids: Optional[Sequence[int]] = None,
+                 ignore_eos: bool = False, chat: bool = False, add_bos: Optional[bool] = None
+                 ) -> Union[Completion, List[Completion]]:
+        """Generates a continuation of each prompt.
+
+        Parameters
+        ----------
+        prompts : one prompt or a list. A prompt is a string, a list of token ids (used as
+            given), or with ``chat=True`` a string (one user message) or a list of
+            {"role", "content"} messages rendered with the chat template.
+        max_tokens : most tokens to generate per prompt (≥ 1)
+        temperature, top_p, top_k, seed : see ``SamplingParams``; prompt i of a list samples
+            with seed + i, so a batch gives what its prompts give one by one
+        stop : string(s) that end generation; the text is cut before the first match
+        stop_token_ids : ids that end generation like EOS
+        ignore_eos : keep generating through EOS
+        chat : apply the tokenizer's chat template
+        add_bos : override the tokenizer's BOS rule for string prompts
+
+        Returns
+        -------
+        Completion for one prompt, list of Completion for a list
+        """
+        single, ids = self._prompts(prompts, chat, add_bos)
+        plan = self._plan(ids, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos)
+        results: List[Optional[Completion]] = [None] * len(ids)
+        stats = GenerationStats(cuda_graph=self.use_cuda_graph)
+        for start in range(0, len(ids), self.max_batch_size):
+            for i, _, done in self._run(plan, start, min(start + self.max_batch_size, len(ids)), stats):
+                if done is not None:
+                    results[i] = done
+        self.last_stats = stats
+        return results[0] if single else results  # type: ignore[return-value]
+
+    def stream(self, prompt: PromptLike, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+               stop: Union[None, str, Sequence[str]] = None, stop_token_ids: Optional[Sequence[int]] = None,
+               ignore_eos: bool = False, chat: bool = False, add_bos: Optional[bool] = None) -> Iterator[str]:
+        """Like ``generate`` for one prompt, yielding text pieces as they are decoded. Their
+        concatenation equals ``generate(...).text``; text that may begin a stop string is held
+        back until it is known not to. Needs a tokenizer. After the loop, ``last_completion``
+        holds the Completion."""
+        single, ids = self._prompts(prompt, chat, add_bos)
+        if not single:
+            raise ValueError("stream takes one prompt; use generate for a list")
+        if self.tokenizer is None:
+            raise ValueError("stream needs a tokenizer (the model folder has no tokenizer.json); "
+                             "use generate with token ids")
+        plan = self._plan(ids, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos)
+
+        def pieces() -> Iterator[str]:
+            stats = GenerationStats(cuda_graph=self.use_cuda_graph)
+            for _, delta, done in self._run(plan, 0, 1, stats):
+                if delta:
+                    yield delta
+                if done is not None:
+                    self.last_completion = done
+            self.last_stats = stats
+
+        return pieces()
+
+    # ---- input checking --------------------------------------------------------------------
+    def _check_ids(self, ids: Union[Sequence[int], Tensor], name: str) -> List[int]:
+        if isinstance(ids, Tensor):
+            if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise ValueError(f"{name} must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not all(_is_int(t) for t in ids):
+            raise ValueError(f"{name} must be a sequence of integer token ids")
+        ids = list(ids)
+        if not ids:
+            raise ValueError(f"{name} is empty")
+        v = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < v]
+        if bad:
+            raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {v})")
+        return ids
+
+    def _prompts(self, prompts, chat: bool, add_bos: Optional[bool]) -> Tuple[bool, List[List[int]]]:
+        """(single?, token ids per prompt)."""
+        def is_ids(p) -> bool:
+            return isinstance(p, Tensor) or (isinstance(p, (list, tuple)) and len(p) > 0 and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p))
+
+        def is_messages(p) -> bool:
+            return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
+
+        if isinstance(prompts, str) or is_ids(prompts) or (chat and is_messages(prompts)):
+            single, items = True, [prompts]
+        elif isinstance(prompts, (list, tuple)) and len(prompts) > 0:
+            single, items = False, list(prompts)
+        else:
+            raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+        out = []
+        for i, p in enumerate(items):
+            name = "prompt" if single else f"prompts[{i}]"
+            if isinstance(p, str) or (chat and is_messages(p)):
+                if self.tokenizer is None:
+                    raise ValueError(f"{name}: text prompts need a tokenizer (the model has no "
+                                     f"tokenizer.json); pass token ids")
+                if chat:
+                    ids = self.tokenizer.encode_chat(p)
+                else:
+                    ids = self.tokenizer.encode(p, add_bos=add_bos)
+                if not ids:
+                    raise ValueError(f"{name} is empty")
+            elif is_ids(p):
+                ids = self._check_ids(p, name)
+            else:
+                raise ValueError(f"{name} must be a string or a list of token ids"
+                                 + (" (or chat messages with chat=True)" if not chat else ""))
+            if len(ids) >= self.max_seq_len:
+                raise ValueError(f"{name} has {len(ids)} tokens but the context holds max_seq_len = "
+                                 f"{self.max_seq_len} (prompt + at least one generated token)")
+            out.append(ids)
+        return single, out
+
+    def _plan(self, ids, max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
+              ignore_eos) -> "_Plan":
+        _check_int("max_tokens", max_tokens, 1)
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        if stop is None:
+            stops: List[str] = []
+        elif isinstance(stop, str):
+            stops = [stop]
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+            stops = list(stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the model has no tokenizer.json); "
+                             "use stop_token_ids")
+        if not isinstance(ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {ignore_eos!r}")
+        extra: set = set()
+        if stop_token_ids is not None:
+            if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, (list, tuple, set)):
+                raise ValueError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+            if stop_token_ids:
+                extra = set(self._check_ids(list(stop_token_ids), "stop_token_ids"))
+        eos = set() if ignore_eos else set(self.eos_token_ids)
+        end_ids = eos | extra
+        return _Plan(ids, max_tokens, params, stops, end_ids, eos)
+
+    # ---- the generation loop ---------------------------------------------------------------
+    def _run(self, plan: "_Plan", lo: int, hi: int, stats: GenerationStats
+             ) -> Iterator[Tuple[int, str, Optional[Completion]]]:
+        """Generates prompts lo..hi-1 of the plan as one batch; yields (prompt index, new
+        text, Completion when that sequence finished)."""
+        prompts = plan.ids[lo:hi]
+        B = len(prompts)
+        lengths = [len(p) for p in prompts]
+        T = max(lengths)
+        seqs = [_Sequence(i, len(p), self._decoder(), plan) for i, p in zip(range(lo, hi), prompts)]
+        gens = plan.params.generators(hi, self.device)
+        gens = gens[lo:hi] if gens is not None else None
+
+        padded = torch.zeros(B, T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            padded[b, : len(p)] = torch.tensor(p)
+        t0 = time.perf_counter()
+        logits = self.prefill(padded.to(self.device), lengths)                            # [B, V]
+        stats.batch_size = max(stats.batch_size, B)
+        stats.prompt_tokens += sum(lengths)
+        positions = list(lengths)   # where each sequence's next token goes
+        first = True
+        while True:
+            next_tokens = sample(logits, plan.params, gens).tolist()                      # [B]
+            t1 = time.perf_counter()
+            if first:
+                stats.prefill_s += t1 - t0
+                first = False
+            else:
+                stats.decode_s += t1 - t0
+                stats.decode_steps += 1
+                stats.decoded_rows += B
+            t0 = t1
+            for b, s in enumerate(seqs):
+                if s.done:
+                    continue
+                delta = s.accept(next_tokens[b], room=self.max_seq_len - positions[b])
+                if delta or s.done:
+                    yield s.index, delta, s.completion() if s.done else None
+            if all(s.done for s in seqs):
+                break
+            feed = [s.last_token for s in seqs]
+            pos = [min(p, self.max_seq_len - 1) for p in positions]
+            logits = self.decode_one_token(torch.tensor(feed, dtype=torch.long, device=self.device),
+                                           torch.tensor(pos, dtype=torch.long, device=self.device),
+                                           kv_len=max(pos) + 1)
+            positions = [p + 1 for p in positions]
+        stats.generated_tokens += sum(len(s.tokens) for s in seqs)
+
+    def _decoder(self) -> Optional[IncrementalDecoder]:
+        return None if self.tokenizer is None else self.tokenizer.decoder()
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int(name: str, v: Any, minimum: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def _bucket(kv_len: int, cap: int) -> int:
+    b = _GRAPH_MIN_BUCKET
+    while b < kv_len:
+        b *= 2
+    return min(b, cap)
+
+
+@dataclass
+class _Plan:
+    ids: List[List[int]]
+    max_tokens: int
+    params: SamplingParams
+    stops: List[str]
+    end_ids: set        # token ids that end a sequence (EOS unless ignored, + stop_token_ids)
+    eos_ids: set        # the EOS part, for finish_reason
+
+
+class _Sequence:
+    """Generation state of one sequence: tokens, streamed text, stop-string hold-back."""
+
+    def __init__(self, index: int, prompt_len: int, decoder: Optional[IncrementalDecoder], plan: _Plan):
+        self.index, self.prompt_len, self.decoder, self.plan = index, prompt_len, decoder, plan
+        self.tokens: List[int] = []
+        self.last_token = 0
+        self.text = ""        # decoded text so far (cut at a stop string once matched)
+        self.emitted = 0      # characters of text already handed out
+        self.finish_reason: Optional[str] = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, token: int, room: int) -> str:
+        """Takes the sampled token; ``room`` = context slots left before it is placed.
+        Returns the text now safe to hand out."""
+        self.last_token = token
+        plan = self.plan
+        if token in plan.end_ids:
+            self.finish_reason = "eos" if token in plan.eos_ids else "stop"
+            return self._finish_text()
+        self.tokens.append(token)
+        if self.decoder is not None:
+            self._add_text(self.decoder.push(token))
+        if self.done:   # a stop string matched
+            return self._take(len(self.text))
+        if len(self.tokens) >= plan.max_tokens or room <= 1:
+            self.finish_reason = "length"
+            return self._finish_text()
+        return self._take(len(self.text) - self._held_back())
+
+    def _add_text(self, piece: str) -> None:
+        if not piece:
+            return
+        old = len(self.text)
+        self.text += piece
+        cut = -1
+        for s in self.plan.stops:
+            # only a match that ends in the new piece is new
+            i = self.text.find(s, max(0, old - len(s) + 1))
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of text that could begin a stop string."""
+        best = 0
+        for s in self.plan.stops:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _finish_text(self) -> str:
+        if self.decoder is not None:
+            self._add_text(self.decoder.flush())   # may still complete a stop string
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        piece = self.text[self.emitted:upto]
+        self.emitted = upto
+        return piece
+
+    def completion(self) -> Completion:
+        return Completion(self.text, list(self.tokens), self.finish_reason or "length", self.prompt_len)
+
+
+class _DecodeGraph:
+    """decode_one_token captured for one batch size and attended length, replayed with new
+    tokens and positions copied into its static buffers."""
+
+    def __init__(self, engine: Engine, batch: int, kv_len: int, tokens: Tensor, positions: Tensor, pool):
+        self.tokens = tokens.clone()          # int64 [B] static
+        self.positions = positions.clone()    # int64 [B] static
+        # warm-up runs the real step (same tokens and positions), so its cache writes are the
+        # ones the replay makes again
+        side = torch.cuda.Stream(engine.device)
+        side.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(side):
+            engine._decode_eager(self.tokens, self.positions, kv_len)
+        torch.cuda.current_stream(engine.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = engine._decode_eager(self.tokens, self.positions, kv_len)  # [B, V] static
+
+    def replay(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits

@@ -1,0 +1,188 @@
+"""Tokenizer of a model folder: tokenizer.json (the ``tokenizers`` library) plus
+tokenizer_config.json (BOS/EOS tokens, ``add_bos_token``, chat template rendered with jinja2),
+and incremental detokenization for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+Message = Dict[str, Any]
+
+
+def _token_text(v: Any) -> Optional[str]:
+    """A special token entry of tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    """Text ↔ token ids for one model folder.
+
+    Parameters
+    ----------
+    path : folder holding tokenizer.json (and optionally tokenizer_config.json,
+        chat_template.jinja)
+
+    BOS handling: when tokenizer_config.json sets ``add_bos_token``, that decides and
+    tokenizer.json's own post-processing is not applied (so BOS is never added twice);
+    otherwise tokenizer.json's post-processor decides, as Hugging Face fast tokenizers do.
+    Chat prompts are rendered by the template, which writes its own BOS, and encoded without
+    adding one.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        from tokenizers import Tokenizer as _Tok
+
+        self.path = Path(path)
+        tok_file = self.path / TOKENIZER_FILE
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{tok_file}: no such file (the model folder has no tokenizer)")
+        try:
+            self._tok = _Tok.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise ValueError(f"{tok_file}: not a readable tokenizer ({e})") from e
+        cfg: Dict[str, Any] = {}
+        cfg_file = self.path / TOKENIZER_CONFIG_FILE
+        if cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_file}: expected a JSON object")
+        self.config = cfg
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.add_bos_token: Optional[bool] = cfg.get("add_bos_token")
+        self.chat_template = self._find_chat_template(cfg)
+        self._template = None
+
+    @classmethod
+    def from_dir(cls, path: Union[str, Path]) -> Optional["Tokenizer"]:
+        """The folder's tokenizer, or None when it has no tokenizer.json."""
+        return cls(path) if (Path(path) / TOKENIZER_FILE).is_file() else None
+
+    def _find_chat_template(self, cfg: Dict[str, Any]) -> Optional[str]:
+        t = cfg.get("chat_template")
+        if isinstance(t, list):   # [{"name": ..., "template": ...}, ...]
+            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+            t = named.get("default") or next(iter(named.values()), None)
+        if isinstance(t, str) and t:
+            return t
+        f = self.path / CHAT_TEMPLATE_FILE
+        return f.read_text() if f.is_file() else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    # ---- encode / decode ----
+    def encode(self, text: str, add_bos: Optional[bool] = None) -> List[int]:
+        """Token ids of ``text``. ``add_bos`` None follows the folder's BOS rule (see class)."""
+        if not isinstance(text, str):
+            raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+        if add_bos is None and self.add_bos_token is None:
+            return self._tok.encode(text, add_special_tokens=True).ids
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        want_bos = self.add_bos_token if add_bos is None else add_bos
+        if want_bos:
+            if self.bos_token_id is None:
+                raise ValueError(f"{self.path}: add_bos requested but tokenizer_config.json names no "
+                                 f"bos_token")
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ----
+    def apply_chat_template(self, messages: Union[str, Sequence[Message]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """Renders ``messages`` ([{"role": ..., "content": ...}], or one user string) with the
+        folder's chat template."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.path}: the tokenizer has no chat template "
+                             f"(tokenizer_config.json 'chat_template' or {CHAT_TEMPLATE_FILE})")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, (list, tuple)) or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def encode_chat(self, messages: Union[str, Sequence[Message]], **kwargs: Any) -> List[int]:
+        """Token ids of a rendered chat prompt (the template writes BOS; none is added)."""
+        return self._tok.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False).ids
+
+    def decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens)
+
+
+def _compile_template(source: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ValueError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template does not parse: {e}") from e
+
+
+class IncrementalDecoder:
+    """Turns a growing token list into text pieces whose concatenation is the decode of all.
+
+    Each ``push`` decodes a short window of recent tokens twice — without and with the new
+    ones — and returns the new tail. Text is held back while it ends in an incomplete UTF-8
+    character (a byte-level token may carry part of one); ``flush`` returns what is left.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.ids: List[int] = []
+        self._prefix = 0   # window start: tokens before it are final text
+        self._read = 0     # tokens before it have been returned as text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(ids, self._skip)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]
