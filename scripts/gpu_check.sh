@@ -29,7 +29,7 @@ fi
 
 if has tests; then
   echo "== tests/gpu"
-  timeout 900 python3 -m pytest tests/gpu -q -rs -x --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 300 python3 -m pytest tests/gpu -q -rs -x --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -46,14 +46,14 @@ fi
 if has bench-gemm; then
   echo "== bench_fp4_gemm"
   extra=""; has tune && extra="--tune"
-  timeout 900 python3 benchmarks/bench_fp4_gemm.py $extra --out "$OUT/fp4_gemm.json" > "$OUT/bench_gemm.log" 2>&1
+  timeout 300 python3 benchmarks/bench_fp4_gemm.py $extra --out "$OUT/fp4_gemm.json" > "$OUT/bench_gemm.log" 2>&1
   [ $? -eq 0 ] || status=1
   tail -28 "$OUT/bench_gemm.log"
 fi
 
 if has bench-model; then
   echo "== bench_model"
-  timeout 900 python3 benchmarks/bench_model.py ${BENCH_MODEL_ARGS:-} --out "$OUT/model.json" > "$OUT/bench_model.log" 2>&1 || status=1
+  timeout 300 python3 benchmarks/bench_model.py ${BENCH_MODEL_ARGS:-} --out "$OUT/model.json" > "$OUT/bench_model.log" 2>&1 || status=1
   tail -25 "$OUT/bench_model.log"
 fi
 exit $status
