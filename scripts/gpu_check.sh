@@ -29,7 +29,7 @@ fi
 
 if has tests; then
   echo "== tests/gpu"
-  timeout 300 python3 -m pytest tests/gpu -q -rs -x --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 300 python3 -m pytest tests/gpu -q -rs --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
