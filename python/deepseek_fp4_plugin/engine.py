@@ -199,7 +199,7 @@ class Engine:
         """Turns CUDA-graph decode on or off (a warning, and off, when it cannot apply)."""
         if not isinstance(enabled, bool):
             raise ValueError(f"use_cuda_graph must be True or False, got {enabled!r}")
-        self._graphs.clear()
+        self._drop_graphs()
         if enabled and self.device.type != "cuda":
             warnings.warn("use_cuda_graph is ignored: the engine runs on the CPU", stacklevel=2)
             enabled = False
@@ -209,11 +209,16 @@ class Engine:
             enabled = False
         self.use_cuda_graph = enabled
 
+    def _drop_graphs(self) -> None:
+        # The allocator frees a graph pool with its last graph, so a new capture needs a new pool.
+        self._graphs.clear()
+        self._graph_pool = None
+
     # ---- stages --------------------------------------------------------------------------
     def _ensure_cache(self, batch: int) -> KVCache:
         if self.cache is None or self.cache.batch < batch:
             self.cache = None
-            self._graphs.clear()   # graphs hold pointers into the old cache
+            self._drop_graphs()   # graphs hold pointers into the old cache
             self.cache = KVCache(self.config, batch, self.max_seq_len, self.device, self.dtype)
         return self.cache
 

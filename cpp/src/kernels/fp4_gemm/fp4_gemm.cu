@@ -88,12 +88,12 @@ Status dispatch_fused(const Fp4GemmTactic& t, const FusedGemmArgs& a, dim3 grid,
   bool found = true;
   const int key = t.tile_tokens * 10000 + t.warps_n * 100 + t.warps_k;
   switch (key) {
-    case 8 * 10000 + 1 * 100 + 8: err = launch_fused<1, 1, 1, 8, 8>(a, grid, s); break;
-    case 8 * 10000 + 1 * 100 + 4: err = launch_fused<1, 1, 1, 4, 8>(a, grid, s); break;
-    case 8 * 10000 + 2 * 100 + 2: err = launch_fused<1, 1, 2, 2, 8>(a, grid, s); break;
-    case 16 * 10000 + 1 * 100 + 8: err = launch_fused<2, 1, 1, 8, 8>(a, grid, s); break;
-    case 16 * 10000 + 1 * 100 + 4: err = launch_fused<2, 1, 1, 4, 8>(a, grid, s); break;
-    case 16 * 10000 + 2 * 100 + 2: err = launch_fused<2, 1, 2, 2, 8>(a, grid, s); break;
+    case 8 * 10000 + 1 * 100 + 8: err = launch_fused<1, 1, 1, 8, 4>(a, grid, s); break;
+    case 8 * 10000 + 1 * 100 + 4: err = launch_fused<1, 1, 1, 4, 4>(a, grid, s); break;
+    case 8 * 10000 + 2 * 100 + 2: err = launch_fused<1, 1, 2, 2, 4>(a, grid, s); break;
+    case 16 * 10000 + 1 * 100 + 8: err = launch_fused<2, 1, 1, 8, 4>(a, grid, s); break;
+    case 16 * 10000 + 1 * 100 + 4: err = launch_fused<2, 1, 1, 4, 4>(a, grid, s); break;
+    case 16 * 10000 + 2 * 100 + 2: err = launch_fused<2, 1, 2, 2, 4>(a, grid, s); break;
     case 32 * 10000 + 2 * 100 + 1: err = launch_fused<4, 2, 2, 1, 2>(a, grid, s); break;
     case 32 * 10000 + 4 * 100 + 1: err = launch_fused<4, 2, 4, 1, 2>(a, grid, s); break;
     case 64 * 10000 + 2 * 100 + 1: err = launch_fused<8, 2, 2, 1, 1>(a, grid, s); break;

@@ -159,10 +159,8 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
       xrow[q] = tok < rows ? a.x + static_cast<int64_t>(row0 + tok) * a.ldx + 16 * c : nullptr;
     }
 
-    // Narrow token tiles keep their registers for weights in flight and fetch x (an L1/L2
-    // hit) right before use; wide tiles fetch x with the weights.
-    constexpr bool kXAhead = NT8 >= 4;
-    constexpr int kXU = kXAhead ? U : 1;
+    // x is fetched together with the weights (measured on H100: fetching it just before use,
+    // to spend its registers on deeper weight prefetch, was slower on most decode shapes).
     auto load_x = [&](int kb, uint4 (&xs)[NT8][2]) {
       const bool col_ok = kb < kb_hi && (64 * kb + 16 * c) < a.k;
 #pragma unroll
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
     for (int kb0 = kb_lo; kb0 < kb_hi; kb0 += U) {
       uint4 wv[U][WR];
       uint32_t sv[U][WR];
-      uint4 xv[kXU][NT8][2];
+      uint4 xv[U][NT8][2];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int kb = kb0 + u;
@@ -198,12 +196,11 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
             sv[u][i] = 0;
           }
         }
-        if constexpr (kXAhead) load_x(kb, xv[u]);
+        load_x(kb, xv[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if constexpr (!kXAhead) load_x(kb0 + u, xv[0]);
-        const uint4 (&xs)[NT8][2] = xv[kXAhead ? u : 0];
+        const uint4 (&xs)[NT8][2] = xv[u];
 #pragma unroll
         for (int i = 0; i < WR; ++i) {
           const uint32_t s0 = e4m3_to_bf16_scaled(sv[u][i] & 0xFFu);
