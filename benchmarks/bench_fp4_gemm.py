@@ -55,6 +55,8 @@ def gpu_slug() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("DSFP4_COMMIT"):  # copies of the tree without .git (e.g. a GPU machine)
+        return os.environ["DSFP4_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                                        stderr=subprocess.DEVNULL).decode().strip()

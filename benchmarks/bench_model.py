@@ -58,6 +58,8 @@ def gpu_slug() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("DSFP4_COMMIT"):  # copies of the tree without .git (e.g. a GPU machine)
+        return os.environ["DSFP4_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                                        stderr=subprocess.DEVNULL).decode().strip()
@@ -181,6 +183,45 @@ def expert_bytes(cfg: DeepseekV3Config) -> int:
     return gu[0] * 4 + gu[1] + dn[0] * 4 + dn[1]
 
 
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median ms of fn captured alone in a CUDA graph and replayed (no host overhead)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = timed(graph.replay, reps)
+    del graph
+    return ms
+
+
+@torch.inference_mode()
+def graph_split(engine: Engine, batch: int, prompt_len: int, g: torch.Generator) -> dict:
+    """Decode-step parts of one layer, each replayed from its own CUDA graph: what the step
+    costs on the GPU once launch overhead is gone (the eager split includes the host)."""
+    cfg, model, store = engine.config, engine.model, engine.store
+    dev = engine.device
+    h = (torch.randn(batch, 1, cfg.hidden_size, generator=g, device=dev) * 0.5).to(engine.dtype)
+    positions = torch.full((batch, 1), prompt_len, dtype=torch.long, device=dev)
+    out = {}
+    moe_layer = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), None)
+    layer = moe_layer if moe_layer is not None else 0
+    w = store.acquire_layer(layer)
+    out["attention_ms"] = graph_ms(lambda: model.attention(layer, w.attn, h, positions, engine.cache,
+                                                           prompt_len + 1, True))
+    if w.moe is not None:
+        out["moe_layer_ms"] = graph_ms(lambda: model.moe(w.moe, h, layer))
+        if w.moe.shared is not None:
+            out["shared_expert_ms"] = graph_ms(lambda: model.mlp(w.moe.shared, h.view(batch, -1)))
+    store.release_layer(layer)
+    if cfg.first_k_dense_replace > 0:
+        w0 = store.acquire_layer(0)
+        out["dense_mlp_ms"] = graph_ms(lambda: model.mlp(w0.mlp, h))
+        store.release_layer(0)
+    out["lm_head_ms"] = graph_ms(lambda: model.logits(h))
+    return out
+
+
 def bench_batch(engine: Engine, batch: int, prompt_len: int, steps: int, reps: int, copy_bw: float) -> dict:
     cfg = engine.config
     dev = engine.device
@@ -239,6 +280,7 @@ def bench_batch(engine: Engine, batch: int, prompt_len: int, steps: int, reps: i
         "dense_mlp_ms": pre.get("dense_mlp", 0.0) / max(n_dense, 1),
         "lm_head_ms": pre.get("lm_head", 0.0),
     }
+    row["decode_split_graph"] = graph_split(engine, batch, prompt_len, g)
     if trace:
         distinct = statistics.mean(int(torch.unique(ids).numel()) for ids in trace)
         moe_bytes = (distinct + cfg.n_shared_experts) * expert_bytes(cfg)
@@ -246,6 +288,9 @@ def bench_batch(engine: Engine, batch: int, prompt_len: int, steps: int, reps: i
         moe_ms = per_layer["routing_ms"] + per_layer["experts_ms"] + per_layer["shared_expert_ms"]
         row.update(distinct_experts_per_layer=distinct, moe_layer_bytes=moe_bytes,
                    moe_layer_floor_ms=floor_ms, moe_layer_ms=moe_ms, moe_layer_vs_floor=moe_ms / floor_ms)
+        gms = row["decode_split_graph"].get("moe_layer_ms")
+        if gms:
+            row["moe_layer_graph_vs_floor"] = gms / floor_ms
     print(f"batch {batch:3d}: prefill {row['prefill_tok_s']:9.0f} tok/s | decode eager "
           f"{row['decode_eager_ms']:7.2f} ms  graph {row['decode_graph_ms']:7.2f} ms "
           f"({row['decode_graph_tok_s']:8.1f} tok/s)", flush=True)
@@ -327,6 +372,15 @@ def main(argv=None) -> int:
         print(f"{r['batch']:5d} {r['prefill_tok_s']:13.0f} {r['decode_eager_ms']:9.2f} "
               f"{r['decode_graph_ms']:9.2f} {r['decode_graph_tok_s']:11.1f} {s['attention_ms']:8.3f} "
               f"{s['routing_ms']:8.3f} {s['experts_ms']:10.3f} {s['shared_expert_ms']:9.3f} {vs_floor:9.2f}")
+    print("\ndecode parts replayed from their own CUDA graphs (ms per layer; no host overhead)")
+    print(f"{'batch':>5s} {'attention':>9s} {'moe layer':>9s} {'shared':>8s} {'dense mlp':>9s} {'lm_head':>8s} "
+          f"{'moe floor':>9s} {'moe/floor':>9s}")
+    for r in rows:
+        gs = r["decode_split_graph"]
+        print(f"{r['batch']:5d} {gs.get('attention_ms', float('nan')):9.3f} {gs.get('moe_layer_ms', float('nan')):9.3f} "
+              f"{gs.get('shared_expert_ms', float('nan')):8.3f} {gs.get('dense_mlp_ms', float('nan')):9.3f} "
+              f"{gs.get('lm_head_ms', float('nan')):8.3f} {r.get('moe_layer_floor_ms', float('nan')):9.3f} "
+              f"{r.get('moe_layer_graph_vs_floor', float('nan')):9.2f}")
     return 0
 
 
