@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import deepseek_fp4_plugin  # noqa: F401
+from bench_common import commit, copy_bandwidth_gbs, gpu_slug, write_result
 from deepseek_fp4_plugin import Fp4Weight, _C
 
 SHAPES = {  # name: (N, K), y = x·Wᵀ
@@ -44,24 +42,6 @@ SHAPES = {  # name: (N, K), y = x·Wᵀ
 M_VALUES = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096]
 ROTATE_BYTES = 256 << 20
 GRAPH_MAX_M = 128
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name().lower()
-    for key in ("h100", "h200", "a100", "l40", "b200"):
-        if key in name:
-            return key
-    return name.replace(" ", "_")
-
-
-def commit() -> str:
-    if os.environ.get("DSFP4_COMMIT"):  # copies of the tree without .git (e.g. a GPU machine)
-        return os.environ["DSFP4_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return "unknown"
 
 
 def time_launches(fn, n_buffers: int, reps: int, warmup: int = 5) -> float:
@@ -102,15 +82,6 @@ def time_in_graph(fn, n_buffers: int, launches: int = 20, reps: int = 10) -> flo
     ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / launches
     del graph
     return ms
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy, counting bytes read plus bytes written."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    ms = time_launches(lambda i: b.copy_(a), 1, 20)
-    return 2 * n / (ms * 1e-3) / 1e9
 
 
 def bf16_peak_tflops() -> float:
@@ -213,11 +184,8 @@ def main(argv=None) -> int:
                   "medians; weights rotated past L2; random data",
         "rows": rows,
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"fp4_gemm_{gpu_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    out = write_result(result, Path(args.out) if args.out else
+                       Path(__file__).parent / "results" / f"fp4_gemm_{gpu_slug()}.json")
     print(f"\nwrote {out}")
     print(f"{'shape':15s} " + " ".join(f"{m:>6d}" for m in m_values) + "   (speedup vs bf16)")
     for s in names:

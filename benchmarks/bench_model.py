@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
-import subprocess
 import sys
 from collections import defaultdict
 from contextlib import contextmanager
@@ -39,6 +36,7 @@ from pathlib import Path
 import torch
 
 import deepseek_fp4_plugin  # noqa: F401
+from bench_common import commit, copy_bandwidth_gbs, gpu_slug, write_result
 from deepseek_fp4_plugin import ops
 from deepseek_fp4_plugin.checkpoint import StateDictCheckpoint
 from deepseek_fp4_plugin.config import DeepseekV3Config, RopeScaling
@@ -47,43 +45,6 @@ from deepseek_fp4_plugin.loader import linear_shapes, other_tensor_shapes
 from deepseek_fp4_plugin.weights import ResidentWeightStore
 
 SECTIONS = ("attention", "routing", "experts", "shared_expert", "dense_mlp", "lm_head")
-
-
-def gpu_slug() -> str:
-    name = torch.cuda.get_device_name().lower()
-    for key in ("h100", "h200", "a100", "l40", "b200"):
-        if key in name:
-            return key
-    return name.replace(" ", "_")
-
-
-def commit() -> str:
-    if os.environ.get("DSFP4_COMMIT"):  # copies of the tree without .git (e.g. a GPU machine)
-        return os.environ["DSFP4_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return "unknown"
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy rate, bytes read plus written (the HBM ceiling of this run)."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    ms = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        torch.cuda.synchronize()
-        ms.append(s.elapsed_time(e))
-    del a, b
-    return 2 * n / (statistics.median(ms) * 1e-3) / 1e9
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,29 +224,25 @@ def bench_batch(engine: Engine, batch: int, prompt_len: int, steps: int, reps: i
     engine.prefill(tokens, lengths)
     pre = prof.totals_ms()
     engine.model.profiler = None
-    per_layer = {
-        "attention_ms": dec.get("attention", 0.0) / cfg.num_hidden_layers,
-        "routing_ms": dec.get("routing", 0.0) / max(n_moe, 1),
-        "experts_ms": dec.get("experts", 0.0) / max(n_moe, 1),
-        "shared_expert_ms": dec.get("shared_expert", 0.0) / max(n_moe, 1),
-        "dense_mlp_ms": dec.get("dense_mlp", 0.0) / max(n_dense, 1),
-        "lm_head_ms": dec.get("lm_head", 0.0),
-    }
-    row["decode_split_per_layer"] = per_layer
-    row["prefill_split_per_layer"] = {
-        "attention_ms": pre.get("attention", 0.0) / cfg.num_hidden_layers,
-        "routing_ms": pre.get("routing", 0.0) / max(n_moe, 1),
-        "experts_ms": pre.get("experts", 0.0) / max(n_moe, 1),
-        "shared_expert_ms": pre.get("shared_expert", 0.0) / max(n_moe, 1),
-        "dense_mlp_ms": pre.get("dense_mlp", 0.0) / max(n_dense, 1),
-        "lm_head_ms": pre.get("lm_head", 0.0),
-    }
+    def per_layer(totals):
+        return {
+            "attention_ms": totals.get("attention", 0.0) / cfg.num_hidden_layers,
+            "routing_ms": totals.get("routing", 0.0) / max(n_moe, 1),
+            "experts_ms": totals.get("experts", 0.0) / max(n_moe, 1),
+            "shared_expert_ms": totals.get("shared_expert", 0.0) / max(n_moe, 1),
+            "dense_mlp_ms": totals.get("dense_mlp", 0.0) / max(n_dense, 1),
+            "lm_head_ms": totals.get("lm_head", 0.0),
+        }
+
+    row["decode_split_per_layer"] = per_layer(dec)
+    row["prefill_split_per_layer"] = per_layer(pre)
     row["decode_split_graph"] = graph_split(engine, batch, prompt_len, g)
     if trace:
         distinct = statistics.mean(int(torch.unique(ids).numel()) for ids in trace)
         moe_bytes = (distinct + cfg.n_shared_experts) * expert_bytes(cfg)
         floor_ms = moe_bytes / (copy_bw * 1e9) * 1e3
-        moe_ms = per_layer["routing_ms"] + per_layer["experts_ms"] + per_layer["shared_expert_ms"]
+        split = row["decode_split_per_layer"]
+        moe_ms = split["routing_ms"] + split["experts_ms"] + split["shared_expert_ms"]
         row.update(distinct_experts_per_layer=distinct, moe_layer_bytes=moe_bytes,
                    moe_layer_floor_ms=floor_ms, moe_layer_ms=moe_ms, moe_layer_vs_floor=moe_ms / floor_ms)
         gms = row["decode_split_graph"].get("moe_layer_ms")
@@ -358,11 +315,8 @@ def main(argv=None) -> int:
                   "no sampling); split from events around each part of eager steps",
         "rows": rows,
     }
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"model_{gpu_slug()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    out = write_result(result, Path(args.out) if args.out else
+                       Path(__file__).parent / "results" / f"model_{gpu_slug()}.json")
     print(f"\nwrote {out}")
     print(f"{'batch':>5s} {'prefill tok/s':>13s} {'eager ms':>9s} {'graph ms':>9s} {'graph tok/s':>11s} "
           f"{'attn ms':>8s} {'route ms':>8s} {'experts ms':>10s} {'shared ms':>9s} {'moe/floor':>9s}")
