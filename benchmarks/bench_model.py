@@ -12,7 +12,8 @@ Measured, per batch size:
   decode       ms per decode_one_token step and tok/s, eager and replayed from a CUDA graph
                (steps stay inside one attended-length bucket, so no capture is timed)
   split        per layer and step: attention / routing / experts / shared expert / dense MLP,
-               from CUDA events around each part of an eager step (profiling mode), and the
+               from CUDA events around each part of an eager step (profiling mode; host
+               overhead included), and each part replayed from its own CUDA graph, against the
                MoE layer's HBM floor (bytes of the experts the step touched, at the copy rate
                measured in this run)
 
@@ -312,7 +313,8 @@ def main(argv=None) -> int:
         "weights_bytes": mem,
         "max_memory_allocated": torch.cuda.max_memory_allocated(),
         "timing": "CUDA events, medians after warm-up; decode = decode_one_token (model step incl. lm_head, "
-                  "no sampling); split from events around each part of eager steps",
+                  "no sampling); decode_split_per_layer from events around each part of eager steps (host "
+                  "overhead included); decode_split_graph from each part replayed from its own CUDA graph",
         "rows": rows,
     }
     out = write_result(result, Path(args.out) if args.out else
