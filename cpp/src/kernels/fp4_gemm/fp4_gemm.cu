@@ -317,7 +317,12 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight& w, int num_groups, const in
                              void* y, int64_t ldy, int tile_tokens, Stream stream) {
   const char* fn = "fp4_grouped_gemm";
   DSFP4_RETURN_IF_ERROR(check_weight_dims(w.n, w.k, fn));
-  if (!w.qweight || !w.qscale || !w.global_scale) return InvalidArgument("fp4_grouped_gemm: weight pointer is null");
+  const bool units = w.unit_addr != nullptr;
+  if (!units && (!w.qweight || !w.qscale || !w.global_scale))
+    return InvalidArgument("fp4_grouped_gemm: weight pointer is null");
+  if (units && (w.unit_qweight % 16 != 0 || w.unit_qscale % 16 != 0 || w.unit_scale % 4 != 0 || w.unit_qweight < 0 ||
+                w.unit_qscale < 0 || w.unit_scale < 0))
+    return InvalidArgument("fp4_grouped_gemm: unit offsets must be non-negative and 16-byte (scales 4-byte) aligned");
   if (num_groups <= 0 || num_groups > 65535)
     return InvalidArgument("fp4_grouped_gemm: num_groups must be in [1, 65535]");
   if (row_offsets == nullptr) return InvalidArgument("fp4_grouped_gemm: row_offsets is null");
@@ -327,9 +332,10 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight& w, int num_groups, const in
   if (ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return InvalidArgument("fp4_grouped_gemm: rows of x must be 16-byte aligned (ldx multiple of 8)");
   const int64_t wbytes = static_cast<int64_t>(tiled_weight_bytes(w.n, w.k));
-  if (w.qweight_slot_stride * 4 < wbytes || w.qweight_slot_stride % 4 != 0)
+  if (!units && (w.qweight_slot_stride * 4 < wbytes || w.qweight_slot_stride % 4 != 0))
     return InvalidArgument("fp4_grouped_gemm: qweight_slot_stride must be a multiple of 4 words covering a weight");
-  if (w.qscale_slot_stride < static_cast<int64_t>(tiled_scale_bytes(w.n, w.k)) || w.qscale_slot_stride % 16 != 0)
+  if (!units &&
+      (w.qscale_slot_stride < static_cast<int64_t>(tiled_scale_bytes(w.n, w.k)) || w.qscale_slot_stride % 16 != 0))
     return InvalidArgument("fp4_grouped_gemm: qscale_slot_stride must be a multiple of 16 bytes covering the scales");
 
   Fp4GemmTactic t;
@@ -350,6 +356,11 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight& w, int num_groups, const in
   a.qscale_slot_stride = w.qscale_slot_stride;
   a.slot_of_group = slot_of_group;
   a.row_offsets = row_offsets;
+  a.unit_addr = w.unit_addr;
+  a.unit_qweight = w.unit_qweight;
+  a.unit_qscale = w.unit_qscale;
+  a.unit_scale = w.unit_scale;
+  if (units) a.gs_per_tile = 1;
   a.x = static_cast<const __nv_bfloat16*>(x);
   a.ldx = ldx;
   a.y = static_cast<__nv_bfloat16*>(y);

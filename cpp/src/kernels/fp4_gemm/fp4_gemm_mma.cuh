@@ -31,6 +31,10 @@ struct FusedGemmArgs {
   int64_t qweight_slot_stride;  // uint4 units
   int64_t qscale_slot_stride;   // bytes
   const int32_t* slot_of_group; // null: slot = group
+  // Paged units: slot s lives at byte address unit_addr[s] (device memory or mapped host
+  // memory; 0 skips the group), its parts at these byte offsets; scales are per row tile.
+  const uint64_t* unit_addr;    // null: slots are qweight/qscale + s·stride
+  int64_t unit_qweight, unit_qscale, unit_scale;
   const int32_t* row_offsets;   // null: dense, rows [0, m)
   const __nv_bfloat16* x;
   int64_t ldx;
@@ -123,9 +127,20 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
   const int slot = a.slot_of_group != nullptr ? a.slot_of_group[group] : group;
   if (rows <= 0 || slot < 0) return;  // block-uniform
 
-  const uint4* wbase = a.qweight + static_cast<int64_t>(slot) * a.qweight_slot_stride;
-  const uint8_t* sbase = a.qscale + static_cast<int64_t>(slot) * a.qscale_slot_stride;
-  const float* gscale = a.gs_per_tile ? a.global_scale + static_cast<int64_t>(slot) * a.nt : a.global_scale + slot;
+  const uint4* wbase;
+  const uint8_t* sbase;
+  const float* gscale;
+  if (a.unit_addr != nullptr) {
+    const uint64_t unit = a.unit_addr[slot];
+    if (unit == 0) return;  // block-uniform
+    wbase = reinterpret_cast<const uint4*>(unit + a.unit_qweight);
+    sbase = reinterpret_cast<const uint8_t*>(unit + a.unit_qscale);
+    gscale = reinterpret_cast<const float*>(unit + a.unit_scale);
+  } else {
+    wbase = a.qweight + static_cast<int64_t>(slot) * a.qweight_slot_stride;
+    sbase = a.qscale + static_cast<int64_t>(slot) * a.qscale_slot_stride;
+    gscale = a.gs_per_tile ? a.global_scale + static_cast<int64_t>(slot) * a.nt : a.global_scale + slot;
+  }
 
   const int ks = blockIdx.x % a.split_k;
   const int tt_first = blockIdx.x / a.split_k;

@@ -1,0 +1,380 @@
+// Tiered weight paging: checkpoint files (SSD) → pinned host cache → GPU slots.
+//
+// Units. An MoE layer pages one expert at a time: gate, up and down of expert e with their
+// scales, repacked into the tiled kernel layout (nvfp4.h) and laid out as one "expert unit"
+// (ExpertUnitLayout). Other weights that do not stay resident (attention, dense MLP, shared
+// expert) page one layer at a time through a ring of layer slots (LayerRing); their units are
+// opaque byte blobs that the caller packs.
+//
+// Tiers.
+//   CheckpointFiles  the model's safetensors shards, read with pread (O_DIRECT when the file
+//                    system allows it) by a pool of I/O threads; no second copy on disk.
+//   HostBuffer       page-locked host memory mapped into the device address space: the host
+//                    cache of expert units (cpu_cache_size) and the layer units. A GPU kernel
+//                    can read a unit straight from it ("zero-copy").
+//   GPU slots        device memory the caller carved from its budget, one unit per slot.
+//
+// Expert resolution (ExpertStore::resolve) happens on the host between two pieces of GPU
+// work, once per MoE layer and step: the selected experts are looked up, missing ones read
+// from disk into the host cache, then either copied into a GPU slot (copy stream) or left in
+// host memory for the GEMM to read in place; the layer's expert → unit-address table is
+// written to the device on the compute stream, which waits only for the copies it needs.
+// Prefetch takes the experts predicted for the next MoE layer and starts their copies (and
+// disk reads) at once. Streams and events order everything; nothing here synchronises the
+// device except for waits on specific events, and nothing allocates device memory.
+//
+// CPU mode (ExpertStoreOptions::on_device = false, or a build without CUDA): "device" memory
+// is host memory and copies are memcpy, so the whole pipeline runs and is tested without a GPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dsfp4/common.h"
+
+namespace dsfp4 {
+namespace paging {
+
+constexpr int64_t kUnitAlign = 256;  // byte alignment of every part of a unit
+
+// ---------------------------------------------------------------------------------------
+// expert units
+
+// Byte offsets of the parts of one expert unit: gate_up is the [2·inter, hidden] weight (gate
+// rows, then up rows), down is [hidden, inter]; both in the tiled layout with one float32
+// global scale per 16-row tile (gate and up keep their own weight_scale_2).
+struct ExpertUnitLayout {
+  int64_t hidden = 0, inter = 0;
+  int64_t gate_up_qweight = 0, gate_up_qscale = 0, gate_up_scale = 0;
+  int64_t down_qweight = 0, down_qscale = 0, down_scale = 0;
+  int64_t bytes = 0;  // whole unit, a multiple of kUnitAlign
+};
+Status expert_unit_layout(int64_t hidden, int64_t inter, ExpertUnitLayout* out);
+
+// One NVFP4 linear as ModelOpt stores it: packed uint8 [n, k/2], scale e4m3 [n, k/16],
+// global scale (weight_scale_2).
+struct ModeloptLinear {
+  const uint8_t* packed = nullptr;
+  const uint8_t* scale = nullptr;
+  float global_scale = 0.0f;
+};
+
+// Repacks gate [inter, hidden], up [inter, hidden] and down [hidden, inter] into an expert
+// unit (host memory, layout.bytes, kUnitAlign-aligned). `threads` > 1 splits the work.
+Status expert_unit_from_modelopt(const ExpertUnitLayout& layout, const ModeloptLinear& gate,
+                                 const ModeloptLinear& up, const ModeloptLinear& down, uint8_t* unit,
+                                 int threads = 1);
+
+// ---------------------------------------------------------------------------------------
+// host memory
+
+// Page-locked host memory mapped into the device address space (cudaHostAlloc with
+// cudaHostAllocMapped | cudaHostAllocPortable), or plain aligned memory when `pinned` is
+// false or the build/machine has no CUDA device (device_address() is then 0).
+class HostBuffer {
+ public:
+  static Status create(size_t bytes, bool pinned, std::unique_ptr<HostBuffer>* out);
+  ~HostBuffer();
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+
+  uint8_t* data() const { return host_; }
+  size_t size() const { return bytes_; }
+  bool pinned() const { return pinned_; }
+  // Address of byte `offset` as device code sees it (0 when not mapped).
+  uint64_t device_address(size_t offset) const { return device_ ? device_ + offset : 0; }
+
+ private:
+  HostBuffer() = default;
+  uint8_t* host_ = nullptr;
+  uint64_t device_ = 0;
+  size_t bytes_ = 0;
+  bool pinned_ = false;
+};
+
+// ---------------------------------------------------------------------------------------
+// checkpoint files
+
+// A byte range of one stored tensor; `name` is used in error messages.
+struct TensorRange {
+  int32_t file = -1;
+  int64_t offset = 0;
+  int64_t nbytes = 0;
+  std::string name;
+};
+
+struct ReadCounters {
+  uint64_t bytes = 0;        // bytes delivered to callers
+  uint64_t device_bytes = 0; // bytes read from the files (with O_DIRECT alignment padding)
+  uint64_t reads = 0;        // pread calls
+  uint64_t direct_reads = 0; // of which through O_DIRECT
+  double seconds = 0.0;      // summed over threads
+};
+
+// The checkpoint's shard files, opened once. Reads are pread loops (short reads and EINTR
+// handled); with direct_io the file is also opened with O_DIRECT and aligned ranges are read
+// through it into an aligned scratch buffer, bypassing the page cache; file systems that
+// refuse O_DIRECT fall back to buffered reads. Thread-safe.
+class CheckpointFiles {
+ public:
+  static Status open(const std::vector<std::string>& paths, bool direct_io, std::unique_ptr<CheckpointFiles>* out);
+  ~CheckpointFiles();
+  CheckpointFiles(const CheckpointFiles&) = delete;
+  CheckpointFiles& operator=(const CheckpointFiles&) = delete;
+
+  // Reads r.nbytes bytes at r.offset of file r.file into dst. Errors name the file and tensor.
+  Status read(const TensorRange& r, void* dst);
+  const std::string& path(int file) const { return paths_[file]; }
+  int num_files() const { return static_cast<int>(paths_.size()); }
+  bool direct_io() const { return direct_; }
+  ReadCounters counters() const;
+  void reset_counters();
+
+  // Fault injection for tests: reads of `file` that touch bytes at or past `offset` fail with
+  // errno `err` (EIO by default). offset < 0 removes the fault.
+  void inject_fault(int file, int64_t offset, int err = 5);
+
+ private:
+  CheckpointFiles() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::vector<std::string> paths_;
+  bool direct_ = false;
+};
+
+// ---------------------------------------------------------------------------------------
+// cache policy
+
+enum class CachePolicy : int {
+  kLru = 0,   // least recently used (the ablation)
+  kLrfu = 1,  // frequency and recency: each key keeps a combined recency-frequency value
+              //   crf ← 1 + crf · 2^(−λ·Δt) at every use (t counts steps); the key with the
+              //   smallest current crf is evicted. λ → 0 is LFU, large λ is LRU. History is
+              //   kept for keys that are not cached, so a returning hot key is recognised.
+};
+
+// Maps keys in [0, num_keys) to slots in [0, capacity) under a policy. Keys may be pinned
+// (never evicted) or held for the current step (not evictable until released). Not
+// thread-safe: one owner drives it.
+class SlotCache {
+ public:
+  SlotCache(int64_t num_keys, int capacity, CachePolicy policy, double lambda);
+
+  int slot_of(int64_t key) const { return key_slot_[key]; }
+  int64_t key_of(int slot) const { return slot_key_[slot]; }
+  int capacity() const { return static_cast<int>(slot_key_.size()); }
+  int size() const { return used_; }
+
+  // Records a use of `key` at the current time (cached or not: history is kept either way).
+  void touch(int64_t key);
+  // Advances time by one step.
+  void tick() { ++now_; }
+  double now() const { return now_; }
+  // Priority of a key (higher = more worth keeping): its current crf under kLrfu, its last
+  // use time under kLru.
+  double priority(int64_t key) const;
+
+  // A slot for `key`: a free one, else the slot of the lowest-priority key that is neither
+  // pinned nor held (that key is evicted and returned in *evicted, else -1). -1 when every
+  // slot is pinned or held. The key's slot mapping is set; the caller fills the slot.
+  int insert(int64_t key, int64_t* evicted);
+  // The key that insert() would evict now (-1 if a slot is free or none can be evicted).
+  int64_t victim() const;
+  void erase(int64_t key);
+
+  void hold(int64_t key);     // not evictable until release_holds()
+  void release_holds();
+  bool held(int64_t key) const;
+  void set_pinned(int64_t key, bool pinned);
+  bool pinned(int64_t key) const;
+
+ private:
+  void reindex(int64_t key);
+  double score(int64_t key) const;  // static ordering key: log2(crf) + λ·t (LRFU), t (LRU)
+
+  CachePolicy policy_;
+  double lambda_;
+  double now_ = 1.0;
+  int used_ = 0;
+  std::vector<int> key_slot_;
+  std::vector<int64_t> slot_key_;
+  std::vector<double> crf_, last_;
+  std::vector<uint8_t> flags_;  // bit 0 pinned, bit 1 held
+  std::vector<int64_t> held_;
+  struct Impl;
+  std::shared_ptr<Impl> order_;  // evictable keys ordered by score
+  std::vector<int> free_;
+};
+
+// ---------------------------------------------------------------------------------------
+// expert store
+
+enum class MissMode : int {
+  kCopy = 0,      // every missed expert is copied into a GPU slot, then computed
+  kZeroCopy = 1,  // missed experts are computed straight from pinned host memory
+  kAuto = 2,      // copy when the policy would keep the expert (it is likely reused), else zero-copy
+};
+
+struct ExpertStoreOptions {
+  int layers = 0;             // MoE layers (the store numbers them 0..layers-1)
+  int experts = 0;            // routed experts per layer
+  int64_t hidden = 0, inter = 0;
+  int gpu_slots = 0;          // units in gpu_base
+  void* gpu_base = nullptr;   // device memory of gpu_slots units (host memory in CPU mode)
+  int host_slots = 0;         // units of pinned host cache (allocated by the store)
+  bool pinned = true;         // page-locked, mapped host cache (needed for zero-copy)
+  bool on_device = true;      // false: CPU mode
+  CachePolicy gpu_policy = CachePolicy::kLrfu;
+  CachePolicy host_policy = CachePolicy::kLru;
+  double lambda = 0.05;       // LRFU decay per step
+  MissMode miss_mode = MissMode::kCopy;
+  int io_threads = 8;
+  int repack_threads = 2;     // CPU threads per unit repack
+  bool direct_io = true;
+  bool async_copy = true;     // false: copies run on the compute stream (no overlap)
+  int max_prefetch_units = -1;  // cap on speculative copies per prefetch call (-1: no cap)
+};
+
+// Where the stored tensors of one expert lie: gate, up, down × (weight, weight_scale,
+// weight_scale_2).
+struct StoredExpert {
+  TensorRange part[9];
+};
+
+// Counters, per layer and summed. Bytes are unit bytes.
+struct ExpertCounters {
+  uint64_t requests = 0;        // (expert, step) pairs resolved
+  uint64_t gpu_hits = 0;        // already in a GPU slot (or its prefetch copy was under way)
+  uint64_t prefetch_hits = 0;   // of the hits: brought in by prefetch
+  uint64_t host_hits = 0;       // missed the GPU, found in the host cache
+  uint64_t ssd_reads = 0;       // units read from disk (demand + prefetch)
+  uint64_t demand_ssd_reads = 0;
+  uint64_t copies = 0;          // host → GPU unit copies (demand + prefetch)
+  uint64_t zero_copy = 0;       // units computed from host memory
+  uint64_t h2d_bytes = 0;       // host → GPU bytes (copies)
+  uint64_t zero_copy_bytes = 0; // bytes the GEMM read over the bus (zero-copy units)
+  uint64_t ssd_bytes = 0;       // bytes read from files
+  uint64_t prefetch_copies = 0; // speculative copies issued
+  uint64_t prefetch_wasted = 0; // speculative copies of experts the layer did not use
+  uint64_t predicted = 0;       // experts predicted for the layer
+  uint64_t predicted_used = 0;  // |predicted ∩ used|
+  uint64_t used_after_prediction = 0;  // |used| over the steps that had a prediction
+  uint64_t evictions = 0;
+  uint64_t skipped = 0;         // routed experts dropped by expert_threshold (reported by the caller)
+  double wait_ms = 0;           // host time resolve() blocked on disk reads
+};
+
+class ExpertStore {
+ public:
+  // experts: [layers][experts] stored locations (NVFP4 ModelOpt tensors in `files`).
+  static Status create(const ExpertStoreOptions& opt, std::shared_ptr<CheckpointFiles> files,
+                       std::vector<StoredExpert> experts, std::unique_ptr<ExpertStore>* out);
+  ~ExpertStore();
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  const ExpertUnitLayout& layout() const { return layout_; }
+  const ExpertStoreOptions& options() const { return opt_; }
+  // Device table of layer l: [experts] uint64 unit addresses, written by resolve(); the caller
+  // owns the device memory (layers × experts × 8 bytes) and passes it here once.
+  void set_device_tables(uint64_t* device_tables) { device_tables_ = device_tables; }
+  // Host mirror of the tables (pinned): current address of every expert (GPU slot, host
+  // unit if mapped, or 0).
+  const uint64_t* host_tables() const { return tables_; }
+
+  // Starts a step (decode token or prefill pass): advances the policies' clock.
+  void begin_step();
+
+  // Makes the experts in ids[0..count) (entries < 0 or ≥ experts are ignored, repeats are
+  // fine) of MoE layer `layer` usable by kernels on `compute`: reads missing units from disk,
+  // copies or maps them, writes the layer's device table on `compute` and makes `compute`
+  // wait for the copies it needs. `copy` is the stream for host → GPU copies. Blocks the
+  // host only while units it needs are read from disk. On error the store stays consistent
+  // (no half-filled unit is ever mapped) and the message names the file and tensor.
+  Status resolve(int layer, const int32_t* ids, int64_t count, Stream compute, Stream copy);
+
+  // Speculative: starts bringing the experts in ids[0..count) of `layer` towards the GPU
+  // (disk reads in the background; copies of host-resident units into free or low-priority
+  // GPU slots, never evicting the experts held by the last resolve). Records them as the
+  // prediction for the layer's next resolve (accuracy and wasted bytes are counted there).
+  Status prefetch(int layer, const int32_t* ids, int64_t count, Stream compute, Stream copy);
+
+  // Reads expert units of `layer` into the host cache now (warm start); returns after all
+  // reads finished.
+  Status load_host(int layer, const int32_t* ids, int64_t count);
+  // Pins (never evicted from the GPU cache) or unpins an expert; pinning loads it.
+  Status set_pinned(int layer, int expert, bool pinned, Stream compute, Stream copy);
+
+  // Host and device address of the unit of (layer, expert), 0 where it is not (tests).
+  uint64_t gpu_address(int layer, int expert) const;
+  uint64_t host_address(int layer, int expert) const;
+  const uint8_t* host_unit(int layer, int expert) const;
+
+  ExpertCounters counters(int layer) const;  // layer < 0: summed over layers
+  void reset_counters();
+  void add_skipped(int layer, uint64_t n);
+  int gpu_cached() const;
+  int host_cached() const;
+  CheckpointFiles& files() { return *files_; }
+
+  struct Impl;  // opaque
+
+ private:
+  ExpertStore() = default;
+  std::unique_ptr<Impl> impl_;
+  ExpertStoreOptions opt_;
+  ExpertUnitLayout layout_;
+  std::shared_ptr<CheckpointFiles> files_;
+  uint64_t* tables_ = nullptr;         // host mirror, pinned when possible
+  uint64_t* device_tables_ = nullptr;  // caller's device memory
+};
+
+// ---------------------------------------------------------------------------------------
+// layer ring
+
+struct LayerRingOptions {
+  int units = 0;              // paged layer units (ranks 0..units-1, in forward order)
+  int slots = 0;              // ring slots in gpu_base (rank r uses slot r % slots)
+  int64_t unit_bytes = 0;     // slot size (every unit fits)
+  void* gpu_base = nullptr;
+  bool on_device = true;
+  bool async_copy = true;
+  int prefetch = 1;           // ranks to copy ahead of the one in use (≤ slots - 1)
+};
+
+struct LayerCounters {
+  uint64_t requests = 0, hits = 0, copies = 0, h2d_bytes = 0, prefetch_copies = 0;
+};
+
+// Per-layer units (attention, dense MLP, shared expert) that do not stay resident: host
+// blobs (pinned, filled by the caller) streamed through a ring of GPU slots. Because rank r
+// always uses slot r % slots, a CUDA graph that captured the slot addresses stays valid.
+class LayerRing {
+ public:
+  static Status create(const LayerRingOptions& opt, bool pinned, std::unique_ptr<LayerRing>* out);
+  // Host memory of unit r (unit_bytes), for the caller to fill once.
+  uint8_t* host_unit(int rank) const;
+  // Unit r is needed now: `compute` waits until slot r % slots holds it (copying it on
+  // `transfer` if no prefetch did), then copies of ranks r+1..r+prefetch start on `prefetch`
+  // once the layers that used their slots are done on `compute`.
+  Status acquire(int rank, Stream compute, Stream transfer, Stream prefetch);
+  LayerCounters counters() const;
+  void reset_counters();
+  ~LayerRing();
+
+ private:
+  LayerRing() = default;
+  Status copy_into_slot(int rank, Stream compute, Stream copy, bool prefetch);
+  LayerRingOptions opt_;
+  std::unique_ptr<HostBuffer> host_;
+  std::vector<int> slot_rank_;
+  std::vector<void*> slot_ready_;   // event per slot: its last copy is done
+  void* compute_mark_ = nullptr;    // event on compute at the last acquire
+  LayerCounters counters_;
+};
+
+}  // namespace paging
+}  // namespace dsfp4
