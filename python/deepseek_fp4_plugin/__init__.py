@@ -8,4 +8,6 @@ from .ops import Fp4Weight  # noqa: F401
 from .engine import Completion, Engine, GenerationStats  # noqa: F401,E402
 from .inference import DeepseekInference  # noqa: F401,E402
 from .sampling import SamplingParams  # noqa: F401,E402
-from .weights import PrecisionPolicy, ResidentWeightStore, WeightStore  # noqa: F401,E402
+from .precision import PrecisionPolicy  # noqa: F401,E402
+from .resident import ResidentWeightStore  # noqa: F401,E402
+from .weights import WeightStore  # noqa: F401,E402

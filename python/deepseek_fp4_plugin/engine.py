@@ -33,7 +33,10 @@ from .checkpoint import CheckpointSource
 from .model import DeepseekV3, KVCache
 from .sampling import SamplingParams, sample
 from .tokenizer import IncrementalDecoder, Tokenizer
-from .weights import PrecisionPolicy, ResidentWeightStore, WeightStore, estimate_bytes, resolve_compute_dtype
+from .conversion import estimate_bytes
+from .precision import PrecisionPolicy, resolve_compute_dtype
+from .resident import ResidentWeightStore
+from .weights import WeightStore
 
 GiB = 1 << 30
 DEFAULT_MAX_SEQ_LEN = 4096

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Optional
+from typing import Generator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import moe_ops  # noqa: F401  (registers torch.ops.dsfp4 MoE ops)
 from .config import DeepseekV3Config
-from .weights import AttentionWeights, MlpWeights, MoeWeights, WeightStore
+from .weights import AttentionWeights, HostPoint, MlpWeights, MoeWeights, WeightStore, run_host_points
 
 # q_a_layernorm and kv_a_layernorm use the RMSNorm default, not config.rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -206,24 +206,40 @@ class DeepseekV3:
         -------
         Tensor [B, T, D] in the compute dtype
         """
-        c, store, dt, eps = self.config, self.store, self.dtype, self.config.rms_norm_eps
+        return run_host_points(self.forward_steps(tokens, positions, cache, kv_len, absorbed, causal), self.store)
+
+    def forward_steps(self, tokens: Tensor, positions: Tensor, cache: Optional[KVCache] = None,
+                      kv_len: Optional[int] = None, absorbed: bool = False, causal: bool = False
+                      ) -> Generator[HostPoint, None, Tensor]:
+        """``forward`` as a generator: yields the store's host points (weights.HostPoint; none
+        for a resident store) and returns the hidden states. Between two points everything is
+        GPU work, so each stretch can be captured in a CUDA graph."""
+        store, dt, eps = self.store, self.dtype, self.config.rms_norm_eps
         # the residual stream stays in float32: 61 layers of bf16 rounding would add up
         x = store.embedding()[tokens].float()                                   # [B, T, D] f32
-        for layer in range(c.num_hidden_layers):
-            w = store.acquire_layer(layer)
-            if layer + 1 < c.num_hidden_layers:
-                store.prefetch(layer + 1)
-            with self._section("attention"):
-                h = rms_norm(x, w.input_norm, eps, dt)                          # [B, T, D]
-                x = x + self.attention(layer, w.attn, h, positions, cache, kv_len, absorbed, causal)
-            h = rms_norm(x, w.post_attention_norm, eps, dt)                     # [B, T, D]
-            if w.moe is None:
-                with self._section("dense_mlp"):
-                    x = x + self.mlp(w.mlp, h)
-            else:
-                x = x + self.moe(w.moe, h, layer)
-            store.release_layer(layer)
+        for layer in range(self.config.num_hidden_layers):
+            x = yield from self.layer_steps(layer, x, positions, cache, kv_len, absorbed, causal)
         return rms_norm(x, store.final_norm(), eps, dt)                         # [B, T, D]
+
+    def layer_steps(self, layer: int, x: Tensor, positions: Tensor, cache: Optional[KVCache],
+                    kv_len: Optional[int], absorbed: bool, causal: bool) -> Generator[HostPoint, None, Tensor]:
+        """One decoder layer on the float32 residual x [B, T, D] (a generator, as forward_steps)."""
+        store, dt, eps = self.store, self.dtype, self.config.rms_norm_eps
+        yield from store.layer_points(layer)
+        w = store.acquire_layer(layer)
+        if layer + 1 < self.config.num_hidden_layers:
+            store.prefetch(layer + 1)
+        with self._section("attention"):
+            h = rms_norm(x, w.input_norm, eps, dt)                              # [B, T, D]
+            x = x + self.attention(layer, w.attn, h, positions, cache, kv_len, absorbed, causal)
+        h = rms_norm(x, w.post_attention_norm, eps, dt)                         # [B, T, D]
+        if w.moe is None:
+            with self._section("dense_mlp"):
+                x = x + self.mlp(w.mlp, h)
+        else:
+            x = x + (yield from self.moe(w.moe, h, layer))
+        store.release_layer(layer)
+        return x
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., D] → float32 logits [..., V]."""
@@ -312,8 +328,9 @@ class DeepseekV3:
         h = torch.ops.dsfp4.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))    # [N, I]
         return w.down(h).view(x.shape).to(x.dtype)                              # [..., D]
 
-    def moe(self, w: MoeWeights, x: Tensor, layer: int = -1) -> Tensor:
-        """Routed experts (noaux_tc top-K of E) + shared expert, x [B, T, D] → [B, T, D]."""
+    def moe(self, w: MoeWeights, x: Tensor, layer: int = -1) -> Generator[HostPoint, None, Tensor]:
+        """Routed experts (noaux_tc top-K of E) + shared expert, x [B, T, D] → [B, T, D].
+        A generator: paged experts yield a host point after routing (see forward_steps)."""
         c = self.config
         xt = x.reshape(-1, x.shape[-1])                                         # [N, D]
         n_tok = xt.shape[0]
@@ -322,15 +339,16 @@ class DeepseekV3:
             weights, ids = torch.ops.dsfp4.moe_route(
                 router_logits, w.correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group,
                 c.routed_scaling_factor, c.norm_topk_prob)                      # [N, K] f32, [N, K] i32
+            weights, ids, point = w.experts.route_point(layer, xt, weights, ids)
+        if point is not None:
+            yield point                           # the host makes the selected experts readable
+        with self._section("routing"):
             # rows grouped by expert: x_perm [N·K, D], offsets [E+1], perm [N·K]
             x_perm, offsets, perm = torch.ops.dsfp4.moe_permute(xt, ids, c.n_routed_experts)
         if self.routing_trace is not None:
             self.routing_trace.append((layer, ids))
         with self._section("experts"):
-            # a token picks an expert at most once, so no expert has more than N rows
-            groups = w.experts.group(offsets, x_perm.shape[0], n_tok)
-            h = torch.ops.dsfp4.silu_mul(w.experts.gate_up(x_perm, groups))    # [N·K, I]
-            y_perm = w.experts.down(h, groups)                                  # [N·K, D]
+            y_perm = w.experts.run(x_perm, offsets, n_tok)                      # [N·K, D]
             y = torch.ops.dsfp4.moe_combine(y_perm, perm, weights, offsets)     # [N, D]
             y = y.to(x.dtype)
         if w.shared is not None:

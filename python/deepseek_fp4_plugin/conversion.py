@@ -1,0 +1,235 @@
+"""Stored tensors → runtime weights, shared by the resident and the paged store.
+
+``WeightConverter`` reads a ``CheckpointSource`` and builds what the model multiplies by, as
+the ``PrecisionPolicy`` and the compute dtype say: NVFP4 weights repacked into the tiled
+kernel layout (``Fp4Linear``), FP8-block weights converted to NVFP4 or dequantized, dense
+weights cast; gate+up and q_a+kv_a fused; kv_b split per head for the absorbed MLA form.
+Tensors are converted on ``device`` (the GPU when there is one: conversion is fastest there).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .checkpoint import FP8_BLOCK, NVFP4, CheckpointSource, LinearTensors
+from .config import DeepseekV3Config
+from .ops import Fp4Weight
+from .precision import PrecisionPolicy, module_group
+from .weights import (AttentionWeights, DenseLinear, DenseRoutedExperts, Fp4Linear, Fp4RoutedExperts, LayerWeights,
+                      Linear, MlpWeights, MoeWeights, RoutedExperts, fuse_linears)
+
+
+class WeightConverter:
+    """Builds runtime weights from ``source`` on ``device``.
+
+    Attributes: ``formats`` records, per linear module converted so far, its runtime format
+    ("fp4" or "dense").
+    """
+
+    def __init__(self, source: CheckpointSource, device: torch.device, compute_dtype: torch.dtype,
+                 policy: PrecisionPolicy):
+        self.source, self.device, self.compute_dtype, self.policy = source, device, compute_dtype, policy
+        self.config: DeepseekV3Config = source.config
+        self.block = getattr(getattr(source, "quant", None), "weight_block_size", (128, 128))[0]
+        self.shapes = linear_shapes(self.config)
+        self.formats: Dict[str, str] = {}
+
+    # ---- tensors and linears ---------------------------------------------------------------
+    def dense_tensor(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        t = self.source.get_tensor(name, shape, (torch.bfloat16, torch.float16, torch.float32))
+        return t.to(self.device).to(dtype).contiguous()
+
+    def linear(self, module: str) -> Linear:
+        n, k = self.shapes[module]
+        lt = self.source.linear(module, n, k, self.block)
+        lin = self.to_linear(lt)
+        self.formats[module] = "fp4" if lin.fp4 else "dense"
+        return lin
+
+    def to_linear(self, lt: LinearTensors) -> Linear:
+        """Stored tensors → runtime linear, as the policy and compute dtype say."""
+        dev, cdt = self.device, self.compute_dtype
+        bias = None if lt.bias is None else lt.bias.to(dev).to(cdt)
+        if self.policy.runs_fp4(lt.module, lt.format):
+            w = to_fp4(lt, dev, self.block)
+            if cdt == torch.float32:
+                # float32 reference path: the exact values the FP4 kernels would use
+                return DenseLinear(w.dequantize(torch.float32), bias, fp4=True)
+            return Fp4Linear(w, bias)
+        return DenseLinear(to_dense(lt, dev, cdt, self.block), bias)
+
+    def mlp(self, prefix: str) -> MlpWeights:
+        gate_up = fuse_linears([self.linear(f"{prefix}.gate_proj"), self.linear(f"{prefix}.up_proj")])
+        return MlpWeights(gate_up, self.linear(f"{prefix}.down_proj"))
+
+    # ---- model-wide ------------------------------------------------------------------------
+    def embedding(self) -> Tensor:
+        c = self.config
+        return self.dense_tensor("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), self.compute_dtype)
+
+    def final_norm(self) -> Tensor:
+        return self.dense_tensor("model.norm.weight", (self.config.hidden_size,), torch.float32)
+
+    def lm_head(self, embedding: Optional[Tensor] = None) -> Linear:
+        if self.config.tie_word_embeddings:
+            self.formats["lm_head"] = "dense"
+            return DenseLinear(embedding if embedding is not None else self.embedding())
+        return self.linear("lm_head")
+
+    # ---- one layer -------------------------------------------------------------------------
+    def attention(self, layer: int) -> AttentionWeights:
+        c = self.config
+        a = f"model.layers.{layer}.self_attn"
+        attn = AttentionWeights(None, None, None, None, None, None, None, None, None, None)
+        if c.q_lora_rank is not None:
+            attn.qkv_a = fuse_linears([self.linear(f"{a}.q_a_proj"), self.linear(f"{a}.kv_a_proj_with_mqa")])
+            attn.q_a_norm = self.dense_tensor(f"{a}.q_a_layernorm.weight", (c.q_lora_rank,), torch.float32)
+            attn.q_b = self.linear(f"{a}.q_b_proj")
+        else:
+            attn.q = self.linear(f"{a}.q_proj")
+            attn.kv_a = self.linear(f"{a}.kv_a_proj_with_mqa")
+        attn.kv_a_norm = self.dense_tensor(f"{a}.kv_a_layernorm.weight", (c.kv_lora_rank,), torch.float32)
+        attn.kv_b = self.linear(f"{a}.kv_b_proj")
+        split_kv_b(attn, c, self.compute_dtype)
+        attn.o = self.linear(f"{a}.o_proj")
+        return attn
+
+    def layer(self, layer: int, experts: bool = True) -> LayerWeights:
+        """The weights of ``layer``; with ``experts=False`` a MoE layer's ``experts`` is None
+        (a paged store serves them)."""
+        c = self.config
+        p = f"model.layers.{layer}"
+        h = c.hidden_size
+        lw = LayerWeights(self.dense_tensor(f"{p}.input_layernorm.weight", (h,), torch.float32),
+                          self.dense_tensor(f"{p}.post_attention_layernorm.weight", (h,), torch.float32),
+                          self.attention(layer), None, None)
+        m = f"{p}.mlp"
+        if not c.is_moe_layer(layer):
+            lw.mlp = self.mlp(m)
+            return lw
+        e = c.n_routed_experts
+        router = self.dense_tensor(f"{m}.gate.weight", (e, h), torch.float32)
+        if self.source.has(f"{m}.gate.e_score_correction_bias"):
+            bias = self.dense_tensor(f"{m}.gate.e_score_correction_bias", (e,), torch.float32)
+        else:
+            bias = torch.zeros(e, dtype=torch.float32, device=self.device)
+        self.formats[f"{m}.gate"] = "dense"
+        shared = self.mlp(f"{m}.shared_experts") if c.n_shared_experts > 0 else None
+        lw.moe = MoeWeights(router, bias, self.routed_experts(m) if experts else None, shared)
+        return lw
+
+    def expert_modules(self, prefix: str):
+        return [f"{prefix}.experts.{e}.{proj}" for e in range(self.config.n_routed_experts)
+                for proj in ("gate_proj", "up_proj", "down_proj")]
+
+    def experts_run_fp4(self, prefix: str) -> bool:
+        """True when the routed experts under ``prefix`` run as stacked NVFP4 experts."""
+        return self.compute_dtype != torch.float32 and all(
+            self.policy.runs_fp4(m, self.source.linear_format(m)) for m in self.expert_modules(prefix))
+
+    def routed_experts(self, prefix: str) -> RoutedExperts:
+        c = self.config
+        if self.experts_run_fp4(prefix):
+            # fill the stacked buffers expert by expert: peak memory stays one expert above the result
+            experts = None
+            for e in range(c.n_routed_experts):
+                mlp = self.mlp(f"{prefix}.experts.{e}")
+                if experts is None:
+                    experts = Fp4RoutedExperts.allocate(c.n_routed_experts, mlp.gate_up.weight, mlp.down.weight)
+                experts.set_expert(e, mlp.gate_up.weight, mlp.down.weight)
+            return experts
+        gate_up, down = [], []
+        for e in range(c.n_routed_experts):
+            mlp = self.mlp(f"{prefix}.experts.{e}")
+            gate_up.append(mlp.gate_up.dense_weight(self.compute_dtype))
+            down.append(mlp.down.dense_weight(self.compute_dtype))
+        fp4 = all(self.formats[m] == "fp4" for m in self.expert_modules(prefix))
+        return DenseRoutedExperts(torch.stack(gate_up), torch.stack(down), fp4)
+
+
+def split_kv_b(attn: AttentionWeights, c: DeepseekV3Config, dtype: torch.dtype) -> None:
+    """w_uk / w_uv for the absorbed form: views of a dense kv_b, a dequantized copy of an FP4 one."""
+    w = attn.kv_b.dense_weight(dtype)
+    w = w.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+    attn.w_uk = w[:, : c.qk_nope_head_dim]                 # [H, nope, kv_lora]
+    attn.w_uv = w[:, c.qk_nope_head_dim:]                  # [H, v, kv_lora]
+
+
+def to_fp4(lt: LinearTensors, dev: torch.device, declared: int = 128) -> Fp4Weight:
+    t = lt.tensors
+    if lt.format == NVFP4:
+        return Fp4Weight.from_modelopt(t["weight"].to(dev), t["weight_scale"].to(dev),
+                                       t["weight_scale_2"].to(dev).to(torch.float32))
+    if lt.format == FP8_BLOCK:
+        w, s = t["weight"].to(dev), t["weight_scale_inv"].to(dev)
+        block = fp8_block_size(lt, declared)
+        packed, scale, gs = torch.ops.dsfp4.fp8_block_to_nvfp4(w, s, block[0], block[1])
+        return Fp4Weight.from_modelopt(packed, scale, gs)
+    return Fp4Weight.from_float(t["weight"].to(dev))
+
+
+def to_dense(lt: LinearTensors, dev: torch.device, dtype: torch.dtype, declared: int = 128) -> Tensor:
+    t = lt.tensors
+    if lt.format == NVFP4:
+        w = torch.ops.dsfp4.nvfp4_dequantize(t["weight"].to(dev), t["weight_scale"].to(dev),
+                                             t["weight_scale_2"].to(dev).to(torch.float32), torch.float32)
+        return w.to(dtype)
+    if lt.format == FP8_BLOCK:
+        block = fp8_block_size(lt, declared)
+        return ops.fp8_block_dequantize(t["weight"].to(dev), t["weight_scale_inv"].to(dev), *block).to(dtype)
+    return t["weight"].to(dev).to(dtype).contiguous()
+
+
+def fp8_block_size(lt: LinearTensors, declared: int = 128) -> Tuple[int, int]:
+    """Square FP8 block size: the declared one (config.json weight_block_size) when the scale
+    shape fits it, else the one the scale shape implies."""
+    rows, cols = lt.tensors["weight_scale_inv"].shape
+    for b in (declared, 128, 64, 256, 32, 16, 512):
+        if -(-lt.n // b) == rows and -(-lt.k // b) == cols:
+            return b, b
+    raise ValueError(f"{lt.module}.weight_scale_inv has shape {(rows, cols)}, which no square block size "
+                     f"fits for a [{lt.n}, {lt.k}] weight")
+
+
+def linear_shapes(c: DeepseekV3Config) -> Dict[str, Tuple[int, int]]:
+    """module → (n, k) for every linear layer the config implies."""
+    from .loader import linear_shapes as shapes  # the loader owns the naming scheme
+
+    return dict(shapes(c))
+
+
+# ---------------------------------------------------------------------------------------
+# sizes, from shapes and stored formats alone (no tensor data is read)
+
+
+def linear_bytes(source: CheckpointSource, policy: PrecisionPolicy, module: str, n: int, k: int,
+                 compute_dtype: torch.dtype) -> int:
+    """Device bytes of one converted linear (plus w_uk / w_uv for an FP4 kv_b)."""
+    elt = torch.tensor([], dtype=compute_dtype).element_size()
+    fmt = source.linear_format(module)
+    if module_group(module) is None:
+        return n * k * 4
+    if policy.runs_fp4(module, fmt) and compute_dtype != torch.float32:
+        words, sbytes = ops.tiled_sizes(n, k)
+        total = words * 4 + sbytes + 4 * math.ceil(n / 16)
+        if module.endswith(".kv_b_proj"):
+            total += n * k * elt   # w_uk / w_uv for the absorbed form, dequantized
+        return total
+    return n * k * elt
+
+
+def estimate_bytes(source: CheckpointSource, policy: Union[None, str, PrecisionPolicy] = None,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Device bytes a ResidentWeightStore would hold for ``source``."""
+    policy = PrecisionPolicy.parse(policy)
+    c = source.config
+    elt = torch.tensor([], dtype=compute_dtype).element_size()
+    total = c.vocab_size * c.hidden_size * elt
+    for module, (n, k) in linear_shapes(c).items():
+        total += linear_bytes(source, policy, module, n, k, compute_dtype)
+    return total
