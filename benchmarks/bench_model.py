@@ -43,7 +43,8 @@ from deepseek_fp4_plugin.checkpoint import StateDictCheckpoint
 from deepseek_fp4_plugin.config import DeepseekV3Config, RopeScaling
 from deepseek_fp4_plugin.engine import Engine
 from deepseek_fp4_plugin.loader import linear_shapes, other_tensor_shapes
-from deepseek_fp4_plugin.weights import ResidentWeightStore
+from deepseek_fp4_plugin.resident import ResidentWeightStore
+from deepseek_fp4_plugin.weights import run_host_points
 
 SECTIONS = ("attention", "routing", "experts", "shared_expert", "dense_mlp", "lm_head")
 
@@ -172,7 +173,7 @@ def graph_split(engine: Engine, batch: int, prompt_len: int, g: torch.Generator)
     out["attention_ms"] = graph_ms(lambda: model.attention(layer, w.attn, h, positions, engine.cache,
                                                            prompt_len + 1, True))
     if w.moe is not None:
-        out["moe_layer_ms"] = graph_ms(lambda: model.moe(w.moe, h, layer))
+        out["moe_layer_ms"] = graph_ms(lambda: run_host_points(model.moe(w.moe, h, layer), store))
         if w.moe.shared is not None:
             out["shared_expert_ms"] = graph_ms(lambda: model.mlp(w.moe.shared, h.view(batch, -1)))
     store.release_layer(layer)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
-#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [tune]
+#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune]
 # With no arguments: build tests sanitizer bench-gemm.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -11,8 +11,9 @@ steps="${*:-build tests sanitizer bench-gemm}"
 has() { [[ " $steps " == *" $1 "* ]]; }
 status=0
 
-if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried to a machine without a registry
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+wheels=$(ls .whl/*.whl .whl-build/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then  # wheels carried to a machine without a registry
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
@@ -38,7 +39,9 @@ if has sanitizer; then
   DSFP4_QUICK=1 timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
     "tests/gpu/test_fp4_gemm_gpu.py::test_every_tactic" "tests/gpu/test_fp4_gemm_gpu.py::test_grouped_gemm" \
     "tests/gpu/test_moe_gpu.py::test_permute_combine_cuda_equal_cpu" \
-    "tests/gpu/test_moe_gpu.py::test_route_cuda_equals_cpu" -k "not 4096 and not 1024" \
+    "tests/gpu/test_moe_gpu.py::test_route_cuda_equals_cpu" \
+    "tests/gpu/test_paging_gpu.py::test_grouped_gemm_units_gpu_and_host_memory" \
+    "tests/gpu/test_paging_gpu.py::test_paged_equals_resident" -k "not 4096 and not 1024 and not zero_copy and not sync" \
     > "$OUT/sanitizer.log" 2>&1
   rc=$?; tail -6 "$OUT/sanitizer.log"; echo "sanitizer exit $rc"; [ $rc -eq 0 ] || status=1
 fi
@@ -55,5 +58,12 @@ if has bench-model; then
   echo "== bench_model"
   timeout 300 python3 benchmarks/bench_model.py ${BENCH_MODEL_ARGS:-} --out "$OUT/model.json" > "$OUT/bench_model.log" 2>&1 || status=1
   tail -25 "$OUT/bench_model.log"
+fi
+if has bench-paging; then
+  echo "== bench_paging"
+  df -h "${BENCH_PAGING_DIR:-/tmp}" | tail -1
+  timeout ${BENCH_PAGING_TIMEOUT:-560} python3 benchmarks/bench_paging.py --dir "${BENCH_PAGING_DIR:-/tmp/dsfp4_v3}" \
+    ${BENCH_PAGING_ARGS:-} --out "$OUT/paging.json" > "$OUT/bench_paging.log" 2>&1 || status=1
+  tail -25 "$OUT/bench_paging.log"
 fi
 exit $status

@@ -217,6 +217,13 @@ void bind_paging(py::module_& m) {
           },
           py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("compute"), py::arg("copy"))
       .def(
+          "reconfigure",
+          [](ExpertStore& s, CachePolicy policy, double lam, MissMode mode, int max_prefetch_units,
+             std::uintptr_t compute) {
+            nogil([&] { return s.reconfigure(policy, lam, mode, max_prefetch_units, stream(compute)); });
+          },
+          py::arg("policy"), py::arg("lam"), py::arg("miss_mode"), py::arg("max_prefetch_units"), py::arg("compute"))
+      .def(
           "load_host",
           [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count) {
             nogil([&] { return s.load_host(layer, ptr<const int32_t>(ids), count); });

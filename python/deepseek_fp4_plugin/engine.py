@@ -19,24 +19,27 @@ Prefill always runs eagerly.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._ext import has_cuda_kernels
+from ._ext import _C, has_cuda_kernels
 from .checkpoint import CheckpointSource
-from .model import DeepseekV3, KVCache
-from .sampling import SamplingParams, sample
-from .tokenizer import IncrementalDecoder, Tokenizer
-from .conversion import estimate_bytes
+from .memory_plan import MemoryPlan, PagingSettings, plan_memory
+from .model import DeepseekV3, KVCache, rms_norm
+from .paged import PagedWeightStore, RoutePoint
 from .precision import PrecisionPolicy, resolve_compute_dtype
 from .resident import ResidentWeightStore
-from .weights import WeightStore
+from .sampling import SamplingParams, sample
+from .tokenizer import IncrementalDecoder, Tokenizer
+from .weights import HostPoint, WeightStore, run_host_points
 
 GiB = 1 << 30
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -104,6 +107,54 @@ def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
     return dev
 
 
+def as_paging_settings(paging: Union[None, PagingSettings, Dict[str, Any]]) -> PagingSettings:
+    if paging is None:
+        return PagingSettings()
+    if isinstance(paging, PagingSettings):
+        return paging.validate()
+    if not isinstance(paging, dict):
+        raise ValueError(f"paging must be a PagingSettings or a dict, got {type(paging).__name__}")
+    known = set(PagingSettings.__dataclass_fields__)
+    bad = sorted(set(paging) - known)
+    if bad:
+        raise ValueError(f"paging: unknown setting(s) {bad} (known: {', '.join(sorted(known))})")
+    return PagingSettings(**paging).validate()
+
+
+def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, policy: PrecisionPolicy,
+             settings: PagingSettings, memory_limit: Optional[float], max_batch_size: int, max_seq_len: int,
+             prefill_chunk: int) -> Optional[MemoryPlan]:
+    """The memory plan, or None when there is no budget to plan (CPU without memory_limit)."""
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))
+                                     or not math.isfinite(memory_limit) or not memory_limit > 0):
+        raise ValueError(f"memory_limit must be a positive number of GiB, got {memory_limit!r}")
+    total = None
+    budget = None if memory_limit is None else int(memory_limit * GiB)
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        frac = settings.gpu_memory_fraction
+        if budget is None:
+            budget = int((frac if frac is not None else 0.9) * free)
+        elif frac is not None:
+            budget = min(budget, int(frac * total))
+    if budget is None:
+        return None
+    c = source.config
+    unit = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)["bytes"] if (
+        c.hidden_size % 16 == 0 and c.moe_intermediate_size % 16 == 0) else 1 << 40
+    pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and all(
+        source.linear_format(f"model.layers.{layer}.mlp.experts.0.gate_proj") == "nvfp4"
+        for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer))
+    plan = plan_memory(source, policy, cdt, budget, settings, max_batch_size, max_seq_len, prefill_chunk, unit,
+                       device_total=total, experts_pageable=pageable)
+    if plan.paged and cdt != torch.bfloat16:
+        raise ValueError(f"the model needs paging within {budget / GiB:.2f} GiB, which runs the FP4 kernels: "
+                         f"use dtype='bfloat16' (got {cdt})")
+    if plan.paged and plan.paged_layers and not pageable:
+        raise ValueError("paging needs the routed experts stored in NVFP4 safetensors files")
+    return plan
+
+
 class Engine:
     """Generation over a ``WeightStore``.
 
@@ -152,24 +203,33 @@ class Engine:
                         precision: Union[None, str, PrecisionPolicy] = None,
                         max_seq_len: Optional[int] = None, max_batch_size: int = 8,
                         use_cuda_graph: bool = False, progress: bool = False,
-                        prefill_chunk: int = 2048) -> "Engine":
-        """Loads a model folder (or any CheckpointSource) with every weight resident on ``device``.
+                        prefill_chunk: int = 2048,
+                        paging: Union[None, PagingSettings, Dict[str, Any]] = None,
+                        verbose: bool = True) -> "Engine":
+        """Loads a model folder (or any CheckpointSource) within a device memory budget.
 
         Parameters
         ----------
         path : model folder (config.json, safetensors, tokenizer.json) or a CheckpointSource
         device : "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
-        memory_limit : device memory budget in GiB for weights + one sequence's KV cache; the
-            model must fit in it (paging beyond it is not implemented yet: a model that does
-            not fit raises ValueError before anything is loaded)
-        dtype : compute dtype, "float32" or "bfloat16" (default: float32 on CPU, bfloat16 on CUDA)
-        precision : PrecisionPolicy or "default" / "fp4" / "bf16" (see weights.PrecisionPolicy)
+        memory_limit : device memory budget in GiB for everything the engine keeps on the
+            device (weights, KV cache, activations, layer slots, expert cache). The budget is
+            planned before anything is loaded (``engine.memory_plan``); what does not fit is
+            paged between GPU, pinned host memory and the checkpoint files. None: on CUDA,
+            ``paging.gpu_memory_fraction`` (default 0.9) of the card's free memory; on the CPU,
+            no limit (everything resident)
+        dtype : compute dtype, "float32" or "bfloat16" (default: float32 on CPU, bfloat16 on CUDA);
+            paging needs bfloat16
+        precision : PrecisionPolicy or "default" / "fp4" / "bf16" (see precision.PrecisionPolicy)
         max_seq_len, max_batch_size, use_cuda_graph, prefill_chunk : see Engine
-        progress : show a progress bar while loading
+        paging : PagingSettings or a dict of its fields (prefetch_layers, max_gpu_layers,
+            expert_threshold, cpu_cache_size, miss_mode, …; see memory_plan.PagingSettings)
+        progress : show a progress bar while loading; verbose : print the plan when it pages
         """
         dev = resolve_device(device)
         cdt = resolve_compute_dtype(dtype, dev)
         policy = PrecisionPolicy.parse(precision)
+        settings = as_paging_settings(paging)
         tokenizer = None
         if isinstance(path, CheckpointSource):
             source = path
@@ -178,25 +238,23 @@ class Engine:
 
             source = open_checkpoint(path)
             tokenizer = Tokenizer.from_dir(path)
-        if memory_limit is not None:
-            if isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float)) or \
-                    not memory_limit > 0:
-                raise ValueError(f"memory_limit must be a positive number of GiB, got {memory_limit!r}")
-            c = source.config
-            seq = max_seq_len or min(c.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-            elt = torch.tensor([], dtype=cdt).element_size()
-            need = estimate_bytes(source, policy, cdt) + KVCache.bytes_for(c, 1, seq, elt)
-            if need > memory_limit * GiB:
-                raise ValueError(
-                    f"memory_limit = {memory_limit} GiB: the model needs {need / GiB:.2f} GiB resident "
-                    f"(weights as the precision policy stores them + the KV cache of one {seq}-token "
-                    f"sequence); "
-                    f"paging weights between GPU, host and SSD is not implemented yet, so the model must fit")
-        store = ResidentWeightStore(source, dev, cdt, policy, progress=progress)
-        if not isinstance(path, CheckpointSource) and hasattr(source, "close"):
-            source.close()   # every weight is on the device now: release the memory maps
-        return cls(store, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                   use_cuda_graph=use_cuda_graph, prefill_chunk=prefill_chunk)
+        c = source.config
+        seq = max_seq_len or min(c.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        plan = plan_for(source, dev, cdt, policy, settings, memory_limit, max_batch_size, seq, prefill_chunk)
+        if plan is not None and plan.paged:
+            if verbose:
+                print(plan.table())
+            store: WeightStore = PagedWeightStore(source, dev, cdt, policy, plan, settings,
+                                                  max_rows=max(max_batch_size, prefill_chunk), progress=progress)
+        else:
+            store = ResidentWeightStore(source, dev, cdt, policy, progress=progress)
+            if not isinstance(path, CheckpointSource) and hasattr(source, "close"):
+                source.close()   # every weight is on the device now: release the memory maps
+        engine = cls(store, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                     use_cuda_graph=use_cuda_graph, prefill_chunk=prefill_chunk)
+        engine.memory_plan = plan
+        engine.paging = settings
+        return engine
 
     def set_use_cuda_graph(self, enabled: bool) -> None:
         """Turns CUDA-graph decode on or off (a warning, and off, when it cannot apply)."""
@@ -211,6 +269,15 @@ class Engine:
                           "dense expert path reads row counts on the host", stacklevel=2)
             enabled = False
         self.use_cuda_graph = enabled
+
+    def reconfigure_paging(self, **changes) -> None:
+        """Changes paging knobs that need no new memory plan (see PagedWeightStore.reconfigure)."""
+        if not isinstance(self.store, PagedWeightStore):
+            raise ValueError("reconfigure_paging: this engine keeps every weight resident (no memory_limit "
+                             "below the model's size was given)")
+        self._drop_graphs()
+        self.store.reconfigure(**changes)
+        self.paging = self.store.settings
 
     def _drop_graphs(self) -> None:
         # The allocator frees a graph pool with its last graph, so a new capture needs a new pool.
@@ -243,18 +310,61 @@ class Engine:
             raise ValueError(f"tokens has {T} positions, more than max_seq_len = {self.max_seq_len}")
         if len(lengths) != B or not all(_is_int(n) and 1 <= n <= T for n in lengths):
             raise ValueError(f"lengths must be {B} integers in [1, {T}], got {list(lengths)!r}")
-        cache = self._ensure_cache(B)
+        with self._compute():
+            cache = self._ensure_cache(B)
+            if isinstance(self.store, PagedWeightStore):
+                return self._prefill_layer_major(tokens, lengths, cache)
+            positions = torch.arange(T, device=self.device).expand(B, T)          # [B, T]
+            last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
+            for start in range(0, T, self.prefill_chunk):
+                end = min(start + self.prefill_chunk, T)
+                h = self.model.forward(tokens[:, start:end], positions[:, start:end], cache, kv_len=end,
+                                       causal=start == 0)                        # [B, t, D]
+                rows = [b for b, n in enumerate(lengths) if start <= n - 1 < end]  # last token in this chunk
+                if rows:
+                    cols = [lengths[b] - 1 - start for b in rows]
+                    last[rows] = h[rows, cols]
+            return self.model.logits(last)                                        # [B, V]
+
+    def _prefill_layer_major(self, tokens: Tensor, lengths: Sequence[int], cache: KVCache) -> Tensor:
+        """Paged prefill: every chunk runs through layer l before any runs through l+1, so a
+        layer's weights and experts are brought in once for the whole prompt (a chunk is
+        prefill_chunk tokens over the batch; later chunks find the layer's experts cached)."""
+        B, T = tokens.shape
+        m, store = self.model, self.store
+        step = max(1, self.prefill_chunk // B)
+        chunks = [(s, min(s + step, T)) for s in range(0, T, step)]
         positions = torch.arange(T, device=self.device).expand(B, T)              # [B, T]
+        store.begin_step(B * min(step, T))
+        xs = [store.embedding()[tokens[:, s:e]].float() for s, e in chunks]       # [B, t, D] f32 each
+        for layer in range(self.config.num_hidden_layers):
+            for i, (s, e) in enumerate(chunks):
+                xs[i] = run_host_points(m.layer_steps(layer, xs[i], positions[:, s:e], cache, e, False, s == 0),
+                                        store)
         last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
-        for start in range(0, T, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, T)
-            h = self.model.forward(tokens[:, start:end], positions[:, start:end], cache, kv_len=end,
-                                   causal=start == 0)                            # [B, t, D]
-            rows = [b for b, n in enumerate(lengths) if start <= n - 1 < end]     # last token in this chunk
+        norm, eps = store.final_norm(), self.config.rms_norm_eps
+        for (s, e), x in zip(chunks, xs):
+            rows = [b for b, n in enumerate(lengths) if s <= n - 1 < e]
             if rows:
-                cols = [lengths[b] - 1 - start for b in rows]
-                last[rows] = h[rows, cols]
-        return self.model.logits(last)                                            # [B, V]
+                cols = [lengths[b] - 1 - s for b in rows]
+                last[rows] = rms_norm(x[rows, cols], norm, eps, self.dtype)
+        return m.logits(last)                                                     # [B, V]
+
+    @contextmanager
+    def _compute(self):
+        """Runs the block on the paged store's compute stream (high priority), if it has one;
+        the caller's stream then waits for it."""
+        stream = getattr(self.store, "compute_stream", None)
+        if stream is None or torch.cuda.current_stream(self.device) == stream:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:
+            caller.wait_stream(stream)
 
     @torch.inference_mode()
     def decode_one_token(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
@@ -278,16 +388,22 @@ class Engine:
         if not 1 <= kv_len <= self.max_seq_len:
             raise ValueError(f"kv_len = {kv_len} must be in [1, max_seq_len = {self.max_seq_len}]")
         bucket = _bucket(kv_len, self.max_seq_len)
-        if self.use_cuda_graph:
-            graph = self._graphs.get((B, bucket))
-            if graph is None:
-                graph = self._graphs[(B, bucket)] = self._capture(B, bucket, tokens, positions)
-            return graph.replay(tokens, positions)
-        return self._decode_eager(tokens, positions, bucket)
+        with self._compute():
+            if self.use_cuda_graph:
+                graph = self._graphs.get((B, bucket))
+                if graph is None:
+                    graph = self._graphs[(B, bucket)] = self._capture(B, bucket, tokens, positions)
+                return graph.replay(tokens, positions)
+            self.store.begin_step(B)
+            return self._decode_eager(tokens, positions, bucket)
 
     def _decode_eager(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor:
-        h = self.model.forward(tokens[:, None], positions[:, None], self.cache, kv_len=kv_len,
-                               absorbed=True)                                     # [B, 1, D]
+        return run_host_points(self._decode_steps(tokens, positions, kv_len), self.store)
+
+    def _decode_steps(self, tokens: Tensor, positions: Tensor, kv_len: int) -> Generator[HostPoint, None, Tensor]:
+        """One decode step as a generator of host points (see DeepseekV3.forward_steps)."""
+        h = yield from self.model.forward_steps(tokens[:, None], positions[:, None], self.cache, kv_len=kv_len,
+                                                absorbed=True)                    # [B, 1, D]
         return self.model.logits(h[:, 0])                                         # [B, V]
 
     def _capture(self, batch: int, kv_len: int, tokens: Tensor, positions: Tensor) -> "_DecodeGraph":
@@ -305,7 +421,9 @@ class Engine:
             raise ValueError(f"token_ids has {len(ids)} tokens, more than max_seq_len = {self.max_seq_len}")
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)                # [1, T]
         positions = torch.arange(len(ids), device=self.device)[None]                      # [1, T]
-        return self.model.logits(self.model.forward(tokens, positions, causal=True))[0]   # [T, V]
+        with self._compute():
+            self.store.begin_step(len(ids))
+            return self.model.logits(self.model.forward(tokens, positions, causal=True))[0]   # [T, V]
 
     def generate(self, prompts: Union[PromptLike, Sequence[PromptLike]], max_tokens: int = DEFAULT_MAX_TOKENS,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
@@ -613,9 +731,13 @@ class _Sequence:
 
 class _DecodeGraph:
     """decode_one_token captured for one batch size and attended length, replayed with new
-    tokens and positions copied into its static buffers."""
+    tokens and positions copied into its static buffers. With a paged store the step is a
+    sequence of graphs, one per stretch of GPU work between two host points; replay runs
+    them in order and does the host's part at each point in between."""
 
     def __init__(self, engine: Engine, batch: int, kv_len: int, tokens: Tensor, positions: Tensor, pool):
+        self.store = engine.store
+        self.batch = batch
         self.tokens = tokens.clone()          # int64 [B] static
         self.positions = positions.clone()    # int64 [B] static
         # warm-up runs the real step (same tokens and positions), so its cache writes are the
@@ -623,14 +745,35 @@ class _DecodeGraph:
         side = torch.cuda.Stream(engine.device)
         side.wait_stream(torch.cuda.current_stream(engine.device))
         with torch.cuda.stream(side):
+            self.store.begin_step(batch)
             engine._decode_eager(self.tokens, self.positions, kv_len)
         torch.cuda.current_stream(engine.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = engine._decode_eager(self.tokens, self.positions, kv_len)  # [B, V] static
+        steps = engine._decode_steps(self.tokens, self.positions, kv_len)
+        self.segments: List[Tuple[torch.cuda.CUDAGraph, Optional[HostPoint], int]] = []
+        while True:
+            graph = torch.cuda.CUDAGraph()
+            point, done = None, False
+            # thread_local: the paged store's I/O threads may touch CUDA events meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                try:
+                    point = next(steps)
+                except StopIteration as end:
+                    self.logits = end.value                                       # [B, V] static
+                    done = True
+            self.segments.append((graph, point, point.rows if isinstance(point, RoutePoint) else 0))
+            if done:
+                break
 
     def replay(self, tokens: Tensor, positions: Tensor) -> Tensor:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
-        self.graph.replay()
+        self.store.begin_step(self.batch)
+        for graph, point, rows in self.segments:
+            graph.replay()
+            if point is not None:
+                if isinstance(point, RoutePoint):
+                    point.rows = rows          # the point is shared by graphs of other batch sizes
+                self.store.resolve(point)
+                if getattr(point, "deferred", False):
+                    raise RuntimeError("a captured decode step needs more experts than the GPU cache holds")
         return self.logits

@@ -302,6 +302,11 @@ class ExpertStore {
   // prediction for the layer's next resolve (accuracy and wasted bytes are counted there).
   Status prefetch(int layer, const int32_t* ids, int64_t count, Stream compute, Stream copy);
 
+  // Changes the GPU cache policy, the miss mode and the prefetch cap between steps: waits
+  // until `compute` is idle, then empties the GPU expert cache (its units stay in the host
+  // cache) and rewrites every device table.
+  Status reconfigure(CachePolicy gpu_policy, double lambda, MissMode miss_mode, int max_prefetch_units,
+                     Stream compute);
   // Reads expert units of `layer` into the host cache now (warm start); returns after all
   // reads finished.
   Status load_host(int layer, const int32_t* ids, int64_t count);

@@ -122,7 +122,7 @@ Status ExpertStore::create(const ExpertStoreOptions& opt, std::shared_ptr<Checkp
   if (!files) return InvalidArgument("ExpertStore: files is null");
   if (opt.on_device && !dev::device_present())
     return Unsupported("ExpertStore: on_device needs a CUDA build and a visible GPU");
-  if (opt.miss_mode != MissMode::kCopy && !opt.pinned)
+  if (opt.miss_mode != MissMode::kCopy && !opt.pinned && opt.on_device)
     return InvalidArgument("ExpertStore: zero-copy (miss_mode zero_copy/auto) needs pinned host memory");
 
   std::unique_ptr<ExpertStore> s(new ExpertStore());
@@ -262,6 +262,11 @@ static void start_fill(const Ctx& c, int64_t key, int h, int64_t cur_seq) {
 static bool ensure_host(const Ctx& c, int64_t key, int64_t cur_seq, bool demand, int layer) {
   ExpertStore::Impl& m = *c.m;
   if (m.host.slot_of(key) >= 0) return true;
+  if (!demand && m.host.size() == m.host.capacity()) {
+    // a speculative read never displaces a unit used in this step
+    const int64_t v = m.host.victim();
+    if (v < 0 || m.host.priority(v) >= m.host.now()) return false;
+  }
   int64_t ev = -1;
   const int h = m.host.insert(key, &ev);
   if (h < 0) return false;
@@ -523,6 +528,32 @@ Status ExpertStore::prefetch(int layer, const int32_t* ids, int64_t count, Strea
   if (copied) DSFP4_RETURN_IF_ERROR(record_copies(c, compute, copy));
   // the layer's table now shows the new GPU residents (the routing filter reads it)
   return write_table(c, device_tables_, layer, compute);
+}
+
+Status ExpertStore::reconfigure(CachePolicy gpu_policy, double lambda, MissMode miss_mode, int max_prefetch_units,
+                                Stream compute) {
+  if (miss_mode != MissMode::kCopy && !opt_.pinned && opt_.on_device)
+    return InvalidArgument("reconfigure: zero-copy needs pinned host memory");
+  Impl& m = *impl_;
+  const Ctx c0{&m, &opt_, &layout_, files_.get(), tables_};
+  const int64_t seq = ++m.seq;
+  DSFP4_RETURN_IF_ERROR(dev::event_record(cev(c0, seq), compute, opt_.on_device));
+  DSFP4_RETURN_IF_ERROR(dev::event_sync(cev(c0, seq), opt_.on_device));
+  for (int i = 0; i < kEvents; ++i) DSFP4_RETURN_IF_ERROR(dev::event_sync(m.copy_ev[i], opt_.on_device));
+  opt_.gpu_policy = gpu_policy;
+  opt_.lambda = lambda;
+  opt_.miss_mode = miss_mode;
+  opt_.max_prefetch_units = max_prefetch_units;
+  const int64_t keys = static_cast<int64_t>(opt_.layers) * opt_.experts;
+  m.gpu = SlotCache(keys, opt_.gpu_slots, gpu_policy, lambda);
+  for (GpuSlot& g : m.gslot) g = GpuSlot();
+  for (auto& p : m.predicted) p.clear();
+  for (auto& p : m.prefetched) p.clear();
+  const Ctx c{&m, &opt_, &layout_, files_.get(), tables_};
+  for (int64_t k = 0; k < keys; ++k) tables_[k] = fallback_addr(c, k);
+  if (device_tables_ != nullptr)
+    DSFP4_RETURN_IF_ERROR(dev::copy_async(device_tables_, tables_, static_cast<size_t>(keys) * 8, compute, opt_.on_device));
+  return Status::Ok();
 }
 
 Status ExpertStore::load_host(int layer, const int32_t* ids, int64_t count) {

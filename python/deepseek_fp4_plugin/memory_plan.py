@@ -1,0 +1,382 @@
+"""The GPU memory plan: how a fixed budget is carved before anything is loaded.
+
+``plan_memory`` sizes every part from shapes and stored formats alone (no tensor data is
+read) and decides what stays resident and what is paged:
+
+  resident     embedding, final norm, lm_head, MoE routers and correction biases (the router
+               of layer l+1 predicts its experts from layer l), and the per-layer weights of
+               as many layers as fit — attention, dense MLP / shared expert — because those
+               are read by every token: a resident byte saves one PCIe byte per token, more
+               than any expert-cache byte can
+  kv_cache     max_batch_size × max_seq_len latents per layer
+  workspace    activations of one prefill chunk (prefill_chunk tokens) plus logits
+  layer slots  a ring of ``layer_slots`` slots through which the other layers' weights page
+               (≥ prefetch_layers + 1, ≥ min_layers; ``max_gpu_layers`` caps resident + slots)
+  expert cache whatever is left, in expert-unit slots (one expert: gate, up, down + scales);
+               at least the experts one decode step can touch, min(E, max_batch_size · top_k)
+
+The host side: pinned memory for the paged layer units, and the expert host cache
+(``cpu_cache_size``) in front of the checkpoint files. A budget below the minimum working
+set is refused with the sizes that would fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .checkpoint import CheckpointSource
+from .config import DeepseekV3Config
+from .conversion import linear_bytes, linear_shapes
+from .precision import PrecisionPolicy, module_group
+
+GiB = 1 << 30
+MiB = 1 << 20
+_ALIGN = 256
+_MISS_MODES = ("copy", "zero_copy", "auto")
+_POLICIES = ("lrfu", "lru")
+
+
+@dataclass
+class PagingSettings:
+    """The memory and stream knobs (the seed documents' names), validated.
+
+    prefetch_layers : layers (and MoE layers' predicted experts) brought in ahead; 0 disables
+        prefetch and prediction
+    max_gpu_layers : most layers whose per-layer weights are on the GPU at once (resident +
+        layer slots); None lets the plan keep as many resident as fit
+    expert_threshold : opt-in approximation: a routed expert that is not on the GPU is skipped
+        when its normalized routing weight is below this (the others renormalized); 0 = exact
+    gpu_reserved : GiB of the budget left unused (for other work in the process)
+    cpu_cache_size : GiB of pinned host memory for expert units (None: what the host can spare)
+    prefetch_size : GiB of GPU expert slots reserved for speculative copies (None: one step's
+        worth, min(E, max_batch_size · prefetch_experts) units)
+    min_layers : fewest layer slots when layers are paged
+    max_experts : most experts one MoE layer step may copy into GPU slots; the rest are read
+        in place from pinned host memory (None: no cap)
+    gpu_memory_fraction : with no memory_limit, the budget is this fraction of the card
+    pinned_memory : page-locked host memory (False: pageable, slower copies, no zero-copy)
+    enable_async_copy : copies on their own streams, overlapped with compute (False: on the
+        compute stream)
+    miss_mode : "copy" (copy every missed expert into a GPU slot), "zero_copy" (compute missed
+        experts from pinned host memory), "auto" (copy what the cache policy would keep)
+    cache_policy : "lrfu" (frequency and recency) or "lru" (the ablation)
+    lrfu_lambda : LRFU decay per decode step (larger: more recency)
+    prefetch_experts : predicted experts per token prefetched for the next MoE layer (None: top_k)
+    io_threads : disk reader threads; direct_io : O_DIRECT reads (bypass the page cache)
+    streams : {"compute", "prefetch", "transfer"}: False runs that stream's work on the
+        current stream; stream_priorities : compute high, prefetch medium, transfer low
+    """
+
+    prefetch_layers: int = 1
+    max_gpu_layers: Optional[int] = None
+    expert_threshold: float = 0.0
+    gpu_reserved: float = 0.0
+    cpu_cache_size: Optional[float] = None
+    prefetch_size: Optional[float] = None
+    min_layers: int = 1
+    max_experts: Optional[int] = None
+    gpu_memory_fraction: Optional[float] = None
+    pinned_memory: bool = True
+    enable_async_copy: bool = True
+    miss_mode: str = "copy"
+    cache_policy: str = "lrfu"
+    lrfu_lambda: float = 0.05
+    prefetch_experts: Optional[int] = None
+    io_threads: int = 8
+    direct_io: bool = True
+    streams: Dict[str, bool] = field(default_factory=lambda: {"compute": True, "prefetch": True, "transfer": True})
+    stream_priorities: bool = True
+
+    def validate(self) -> "PagingSettings":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.prefetch_layers) and self.prefetch_layers >= 0,
+             f"prefetch_layers must be an integer >= 0, got {self.prefetch_layers!r}")
+        need(self.max_gpu_layers is None or (is_int(self.max_gpu_layers) and self.max_gpu_layers >= 1),
+             f"max_gpu_layers must be an integer >= 1, got {self.max_gpu_layers!r}")
+        need(is_num(self.expert_threshold) and 0 <= self.expert_threshold < 1,
+             f"expert_threshold must be a number in [0, 1), got {self.expert_threshold!r}")
+        for k in ("gpu_reserved", "cpu_cache_size", "prefetch_size"):
+            v = getattr(self, k)
+            need(v is None or (is_num(v) and v >= 0), f"{k} must be a non-negative number of GiB, got {v!r}")
+        need(is_int(self.min_layers) and self.min_layers >= 1, f"min_layers must be an integer >= 1, got {self.min_layers!r}")
+        need(self.max_experts is None or (is_int(self.max_experts) and self.max_experts >= 1),
+             f"max_experts must be an integer >= 1, got {self.max_experts!r}")
+        need(self.gpu_memory_fraction is None or (is_num(self.gpu_memory_fraction) and 0 < self.gpu_memory_fraction <= 1),
+             f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
+        for k in ("pinned_memory", "enable_async_copy", "direct_io", "stream_priorities"):
+            need(isinstance(getattr(self, k), bool), f"{k} must be True or False, got {getattr(self, k)!r}")
+        need(self.miss_mode in _MISS_MODES, f"miss_mode must be one of {_MISS_MODES}, got {self.miss_mode!r}")
+        need(self.cache_policy in _POLICIES, f"cache_policy must be one of {_POLICIES}, got {self.cache_policy!r}")
+        need(is_num(self.lrfu_lambda) and self.lrfu_lambda >= 0, f"lrfu_lambda must be >= 0, got {self.lrfu_lambda!r}")
+        need(self.prefetch_experts is None or (is_int(self.prefetch_experts) and self.prefetch_experts >= 1),
+             f"prefetch_experts must be an integer >= 1, got {self.prefetch_experts!r}")
+        need(is_int(self.io_threads) and 1 <= self.io_threads <= 256, f"io_threads must be in [1, 256], got {self.io_threads!r}")
+        need(isinstance(self.streams, dict) and set(self.streams) <= {"compute", "prefetch", "transfer"}
+             and all(isinstance(v, bool) for v in self.streams.values()),
+             f"streams must map 'compute' / 'prefetch' / 'transfer' to True or False, got {self.streams!r}")
+        if not self.pinned_memory and self.miss_mode != "copy":
+            raise ValueError(f"miss_mode={self.miss_mode!r} reads experts in place from pinned host memory: it "
+                             f"needs pinned_memory=True")
+        if not self.pinned_memory and self.max_experts is not None:
+            raise ValueError("max_experts leaves the overflow in pinned host memory: it needs pinned_memory=True")
+        return self
+
+
+@dataclass
+class MemoryPlan:
+    """How the budget is carved. ``paged`` is False when everything fits resident."""
+
+    budget: int
+    paged: bool
+    device_total: Optional[int]
+    resident_fixed: int              # embedding, lm_head, final norm, routers
+    resident_layers: List[int]
+    paged_layers: List[int]          # per-layer weights paged through the ring, forward order
+    layer_unit_bytes: Dict[int, int]  # layer → bytes of its per-layer weights
+    layer_slots: int
+    layer_slot_bytes: int
+    kv_cache: int
+    workspace: int
+    expert_unit_bytes: int
+    expert_slots: int
+    total_experts: int
+    host_layer_bytes: int
+    host_expert_slots: int
+    min_budget: int                  # smallest budget this configuration accepts
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def resident_layer_bytes(self) -> int:
+        return sum(self.layer_unit_bytes[layer] for layer in self.resident_layers)
+
+    def rows(self) -> List[Tuple[str, int, str]]:
+        r = [("resident: embedding, lm_head, norms, routers", self.resident_fixed, ""),
+             ("resident: per-layer weights", self.resident_layer_bytes, f"{len(self.resident_layers)} layers"),
+             ("KV cache", self.kv_cache, ""),
+             ("workspace (activations)", self.workspace, ""),
+             ("layer slots", self.layer_slots * self.layer_slot_bytes,
+              f"{self.layer_slots} × {self.layer_slot_bytes / MiB:.1f} MiB for {len(self.paged_layers)} paged layers"),
+             ("expert cache", self.expert_slots * self.expert_unit_bytes,
+              f"{self.expert_slots} of {self.total_experts} experts × {self.expert_unit_bytes / MiB:.2f} MiB")]
+        return r
+
+    def table(self) -> str:
+        lines = [f"GPU memory plan: budget {self.budget / GiB:.2f} GiB"
+                 + (f" (card {self.device_total / GiB:.1f} GiB)" if self.device_total else "")
+                 + ("" if self.paged else " — everything resident")]
+        for name, b, note in self.rows():
+            lines.append(f"  {name:<46} {b / GiB:9.3f} GiB  {note}")
+        used = sum(b for _, b, _ in self.rows())
+        lines.append(f"  {'total':<46} {used / GiB:9.3f} GiB")
+        if self.paged:
+            lines.append(f"host (pinned): {self.host_layer_bytes / GiB:.3f} GiB of layer units, "
+                         f"{self.host_expert_slots} expert units ({self.host_expert_slots * self.expert_unit_bytes / GiB:.2f} GiB)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["layer_unit_bytes"] = {str(k): v for k, v in self.layer_unit_bytes.items()}
+        d["rows"] = [{"part": n, "bytes": b, "note": note} for n, b, note in self.rows()]
+        return d
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def layer_unit_bytes(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype: torch.dtype,
+                     layer: int) -> int:
+    """Bytes of a layer's per-layer weights (attention, norms, dense MLP or shared expert) as
+    converted, with each tensor aligned as a layer unit packs it; routed experts, router and
+    correction bias are not included."""
+    c = source.config
+    total = 0
+    prefix = f"model.layers.{layer}."
+    for module, (n, k) in linear_shapes(c).items():
+        if not module.startswith(prefix) or module_group(module) in (None, "experts"):
+            continue
+        total += _align(linear_bytes(source, policy, module, n, k, compute_dtype)) + 8 * _ALIGN
+    norms = 2 * c.hidden_size + c.kv_lora_rank + (c.q_lora_rank or 0)
+    return total + _align(4 * norms) + 4 * _ALIGN
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def activation_bytes_per_token(c: DeepseekV3Config) -> int:
+    """Transient bytes per token of a forward (the larger of the attention and MoE peaks)."""
+    h, heads = c.hidden_size, c.num_attention_heads
+    qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    attn = 2 * heads * qk * 4 + 2 * heads * (c.qk_nope_head_dim + c.v_head_dim) + 2 * heads * c.v_head_dim + 12 * h
+    k, i = c.num_experts_per_tok, max(c.moe_intermediate_size, 1)
+    moe = k * (2 * h + 4 * i + 2 * i + 2 * h) + 12 * h
+    dense = 6 * c.intermediate_size + 12 * h
+    return int(1.5 * max(attn, moe, dense))
+
+
+def host_available_bytes() -> int:
+    """MemAvailable of this host (what pinned memory may take at most)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype: torch.dtype,
+                budget: int, settings: PagingSettings, max_batch_size: int, max_seq_len: int,
+                prefill_chunk: int, expert_unit_bytes: int, device_total: Optional[int] = None,
+                host_bytes: Optional[int] = None, experts_pageable: bool = True) -> MemoryPlan:
+    """Carves ``budget`` bytes (see the module docstring). Raises ValueError, with the sizes
+    that would fit, when the budget cannot hold the minimum working set."""
+    s = settings.validate()
+    c = source.config
+    elt = torch.tensor([], dtype=compute_dtype).element_size()
+    L = c.num_hidden_layers
+    moe_layers = [layer for layer in range(L) if c.is_moe_layer(layer)]
+    E, K = c.n_routed_experts, c.num_experts_per_tok
+    total_experts = len(moe_layers) * E
+
+    # always resident
+    fixed = c.vocab_size * c.hidden_size * elt + 4 * c.hidden_size
+    if not c.tie_word_embeddings:
+        fixed += linear_bytes(source, policy, "lm_head", c.vocab_size, c.hidden_size, compute_dtype)
+    fixed += len(moe_layers) * (E * c.hidden_size * 4 + E * 4)
+    units = {layer: layer_unit_bytes(source, policy, compute_dtype, layer) for layer in range(L)}
+    kv = L * max_batch_size * max_seq_len * (c.kv_lora_rank + c.qk_rope_head_dim) * elt
+    chunk = min(prefill_chunk, max_batch_size * max_seq_len)
+    workspace = (chunk * activation_bytes_per_token(c) + 2 * max_batch_size * c.vocab_size * 4 + 2 * L * 4 * 1024
+                 + 16 * MiB)
+    reserved = int(s.gpu_reserved * GiB)
+
+    step_experts = min(E, max_batch_size * K) if moe_layers else 0
+    pred = s.prefetch_experts or K
+    prefetch_units = 0
+    if s.prefetch_layers > 0 and moe_layers:
+        prefetch_units = (int(s.prefetch_size * GiB) // expert_unit_bytes if s.prefetch_size is not None
+                          else min(E, max_batch_size * pred))
+    min_expert_slots = step_experts + prefetch_units
+    if s.max_experts is not None:
+        min_expert_slots = min(min_expert_slots, s.max_experts + prefetch_units)
+
+    # which layers' per-layer weights page: MoE layers first (smaller units), evenly spread
+    order = _page_order(moe_layers, [layer for layer in range(L) if layer not in moe_layers])
+    ring = max(s.min_layers, s.prefetch_layers + 1)
+    base = fixed + kv + workspace + reserved
+
+    def cost(n_paged: int) -> Tuple[int, int, int]:
+        paged = order[:n_paged]
+        slots = min(ring, n_paged) if n_paged else 0
+        slot_bytes = max((units[layer] for layer in paged), default=0)
+        resident_units = sum(units[layer] for layer in range(L) if layer not in paged)
+        return base + resident_units + slots * slot_bytes, slots, slot_bytes
+
+    if s.max_gpu_layers is not None and s.max_gpu_layers < L:
+        ring = min(ring, s.max_gpu_layers)
+        if s.prefetch_layers > ring - 1:
+            raise ValueError(f"max_gpu_layers = {s.max_gpu_layers} leaves room for {ring} layer slot(s), but "
+                             f"prefetch_layers = {s.prefetch_layers} needs {s.prefetch_layers + 1}")
+        n_paged, fixed_choice = L - (s.max_gpu_layers - ring), True
+    else:
+        n_paged, fixed_choice = 0, False
+
+    min_cost, _, _ = cost(len(order))
+    min_budget = min_cost + min_expert_slots * expert_unit_bytes
+    if budget < min_budget or (fixed_choice and budget < cost(n_paged)[0] + min_expert_slots * expert_unit_bytes):
+        need = max(min_budget, cost(n_paged)[0] + min_expert_slots * expert_unit_bytes) if fixed_choice else min_budget
+        raise ValueError(
+            f"memory budget {budget / GiB:.2f} GiB is too small: the minimum working set needs {need / GiB:.2f} GiB "
+            f"(resident embedding/lm_head/norms/routers {fixed / GiB:.2f}, KV cache for {max_batch_size} × "
+            f"{max_seq_len} tokens {kv / GiB:.2f}, workspace for {chunk}-token prefill chunks {workspace / GiB:.2f}, "
+            f"{ring} layer slot(s), {min_expert_slots} expert slots × {expert_unit_bytes / MiB:.1f} MiB"
+            f"{', gpu_reserved ' + format(reserved / GiB, '.2f') if reserved else ''}); raise memory_limit to at least "
+            f"{math.ceil(need / GiB * 100) / 100:.2f} GiB or lower max_batch_size / max_seq_len / prefill_chunk")
+
+    if not fixed_choice:
+        # keep as many layers resident as leave the minimum expert cache
+        n_paged = 0
+        while n_paged < len(order) and cost(n_paged)[0] + min_expert_slots * expert_unit_bytes > budget:
+            n_paged += 1
+    used, slots, slot_bytes = cost(n_paged)
+    expert_slots = min(total_experts, (budget - used) // expert_unit_bytes) if moe_layers else 0
+    if not experts_pageable and expert_slots < total_experts:
+        raise ValueError("the routed experts do not fit the budget and cannot be paged: paging experts reads them "
+                         "from NVFP4 safetensors files (convert FP8/BF16 checkpoints with `deepseek-fp4 convert`)")
+    paged_layers = sorted(order[:n_paged])
+    is_paged = bool(paged_layers) or expert_slots < total_experts
+    if not is_paged:
+        slots, slot_bytes = 0, 0
+
+    notes: List[str] = []
+    host_layer = sum(units[layer] for layer in paged_layers)
+    host_slots = 0
+    if is_paged:
+        if paged_layers:
+            fp4_attn = policy.runs_fp4(f"model.layers.{paged_layers[0]}.self_attn.o_proj",
+                                       source.linear_format(f"model.layers.{paged_layers[0]}.self_attn.o_proj"))
+            notes.append(f"{len(paged_layers)} of {L} layers page their attention"
+                         f"{' / dense MLP' if any(not c.is_moe_layer(x) for x in paged_layers) else ''}"
+                         f"{' / shared expert' if c.n_shared_experts else ''} weights "
+                         f"({sum(units[x] for x in paged_layers) / GiB:.2f} GiB) through {slots} slots: they do not fit "
+                         f"beside the minimum expert cache"
+                         + ("" if fp4_attn or compute_dtype == torch.float32 else
+                            "; attention is kept in " + str(compute_dtype).replace("torch.", "") +
+                            " by the precision policy — precision='fp4' would shrink it about 3.5×"))
+        notes.append(f"routed experts: {expert_slots} of {total_experts} fit on the GPU; the rest are paged "
+                     f"from pinned host memory and the checkpoint files")
+        avail = host_bytes if host_bytes is not None else host_available_bytes()
+        if s.cpu_cache_size is not None:
+            host_slots = int(s.cpu_cache_size * GiB) // expert_unit_bytes
+        else:
+            host_slots = max(0, int(0.5 * avail) - host_layer) // expert_unit_bytes
+        host_slots = min(host_slots, total_experts)
+        min_host = 2 * step_experts + prefetch_units
+        if moe_layers and host_slots < min_host:
+            raise ValueError(f"cpu_cache_size: the host expert cache holds {host_slots} expert units, fewer than the "
+                             f"{min_host} one step needs (2 × {step_experts} + {prefetch_units} prefetched); raise "
+                             f"cpu_cache_size to at least {math.ceil(min_host * expert_unit_bytes / GiB * 100) / 100:.2f} GiB")
+        pinned = host_layer + host_slots * expert_unit_bytes
+        if pinned > 0.9 * avail:
+            raise ValueError(f"pinned host memory {pinned / GiB:.2f} GiB (layer units {host_layer / GiB:.2f} + expert "
+                             f"cache {host_slots * expert_unit_bytes / GiB:.2f}) exceeds 90% of the host's available "
+                             f"{avail / GiB:.2f} GiB; lower cpu_cache_size")
+        if host_slots < total_experts:
+            notes.append(f"host cache holds {host_slots} of {total_experts} experts: the rest are read from disk")
+    return MemoryPlan(budget=budget, paged=is_paged, device_total=device_total, resident_fixed=fixed,
+                      resident_layers=[x for x in range(L) if x not in paged_layers], paged_layers=paged_layers,
+                      layer_unit_bytes=units, layer_slots=slots, layer_slot_bytes=slot_bytes, kv_cache=kv,
+                      workspace=workspace, expert_unit_bytes=expert_unit_bytes,
+                      expert_slots=expert_slots if is_paged else total_experts, total_experts=total_experts,
+                      host_layer_bytes=host_layer if is_paged else 0, host_expert_slots=host_slots,
+                      min_budget=min_budget, notes=notes)
+
+
+def _page_order(first: List[int], then: List[int]) -> List[int]:
+    """Paging order: ``first`` spread evenly (every k-th layer), then ``then``, so paged layers
+    are far apart and each has several layers of compute to hide its copy."""
+    out: List[int] = []
+    for group in (first, then):
+        remaining = list(group)
+        while remaining:
+            pick = remaining[::2]
+            out += pick
+            remaining = [x for x in remaining if x not in pick]
+    return out

@@ -1,0 +1,564 @@
+"""PagedWeightStore: a model larger than its GPU budget, paged GPU ↔ pinned host ↔ SSD.
+
+What stays where follows the ``MemoryPlan`` (memory_plan.py). The tiers are the C++ core's
+(``_C.paging``, cpp/include/dsfp4/paging.h):
+
+- routed experts: ``ExpertStore`` keeps expert units (gate, up, down + scales, repacked) in
+  GPU slots, a pinned host cache, and reads missing ones from the checkpoint's safetensors
+  files (pread / O_DIRECT, a thread pool). The grouped expert GEMM reads each expert through
+  a device table ``tables[moe_layer, expert]`` of unit addresses (a GPU slot, or pinned host
+  memory the kernel reads in place), so expert choice reaches the kernels without changing
+  any pointer a CUDA graph captured.
+- per-layer weights that do not stay resident (attention, dense MLP, shared expert): packed
+  once into pinned host units and streamed through a ring of GPU layer slots (``LayerRing``):
+  paged layer r always uses slot r % slots, so captured graphs stay valid.
+
+Host points. Before a paged layer the forward yields a ``LayerPoint`` (the ring slot is
+filled and the next layers' copies start); after each MoE layer's routing it yields a
+``RoutePoint``: the routed ids (copied to pinned memory inside the GPU work) are resolved by
+the ExpertStore, which issues the copies the layer needs, writes the layer's table, and then
+prefetches the experts the next MoE layer is predicted to pick (its router applied to this
+layer's hidden state, also computed on the GPU before the point). Prefill steps that touch
+more experts than the GPU cache can hold run the layer's experts in waves.
+
+Streams: ``compute`` (high priority) runs the model, ``transfer`` the copies the current
+layer waits for, ``prefetch`` the speculative ones; events order them, so compute waits only
+for the experts it needs now.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Dict, Generator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import paged_ops  # noqa: F401  (registers torch.ops.dsfp4.fp4_grouped_gemm_units)
+from ._ext import _C
+from .checkpoint import NVFP4, CheckpointSource
+from .conversion import WeightConverter, split_kv_b
+from .memory_plan import MemoryPlan, PagingSettings
+from .ops import Fp4Weight
+from .precision import PrecisionPolicy
+from .resident import add_layer_report, nbytes
+from .weights import (AttentionWeights, DenseLinear, ExpertGroups, Fp4Linear, HostPoint, LayerWeights, Linear,
+                      MlpWeights, MoeWeights, RoutedExperts, WeightStore, _ConcatLinear)
+
+_ALIGN = 256
+_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def host_tensor(address: int, nbytes_: int) -> Tensor:
+    """A CPU uint8 tensor over host memory the C++ core owns (pinned units)."""
+    buf = (ctypes.c_uint8 * nbytes_).from_address(address)
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# host points
+
+
+@dataclass
+class LayerPoint(HostPoint):
+    layer: int
+    rank: int
+
+
+@dataclass(eq=False)
+class RoutePoint(HostPoint):
+    """Per MoE layer, static (its pinned buffers are captured by decode graphs)."""
+
+    layer: int
+    index: int                       # MoE layer index in the ExpertStore
+    top_k: int
+    ids_host: Tensor                 # int32 [max_rows · top_k], pinned
+    pred_host: Optional[Tensor]      # int32 [max_rows · predicted], pinned
+    pred_k: int = 0
+    next_index: int = -1             # the MoE layer the prediction is for
+    rows: int = 0                    # tokens in the current forward (set when the GPU work is issued)
+    deferred: bool = False           # too many experts at once: resolved in waves by run()
+    event: Optional[torch.cuda.Event] = None
+
+
+# ---------------------------------------------------------------------------------------
+# routed experts through the unit table
+
+
+class PagedRoutedExperts(RoutedExperts):
+    """One MoE layer's routed experts, read through ``table`` (int64 [E] unit addresses)."""
+
+    graph_safe = True
+
+    def __init__(self, store: "PagedWeightStore", index: int, layer: int):
+        self.store, self.index, self.layer = store, index, layer
+        c = store.config
+        self.num_experts, self.hidden, self.inter = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        self.table = store.tables[index]                                          # int64 [E]
+        lay = store.layout
+        self._gu = (lay["gate_up_qweight"], lay["gate_up_qscale"], lay["gate_up_scale"])
+        self._dn = (lay["down_qweight"], lay["down_qscale"], lay["down_scale"])
+
+    def group(self, row_offsets: Tensor, rows: int, max_rows: int) -> ExpertGroups:
+        max_groups = max(1, min(self.num_experts, rows))
+        expert_of_group, offsets = torch.ops.dsfp4.moe_compact_groups(row_offsets, max_groups)
+        return ExpertGroups(offsets, expert_of_group, max_rows)
+
+    def gate_up(self, x: Tensor, groups: ExpertGroups) -> Tensor:
+        return torch.ops.dsfp4.fp4_grouped_gemm_units(
+            x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._gu,
+            2 * self.inter, self.hidden, groups.max_rows)
+
+    def down(self, x: Tensor, groups: ExpertGroups) -> Tensor:
+        return torch.ops.dsfp4.fp4_grouped_gemm_units(
+            x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._dn,
+            self.hidden, self.inter, groups.max_rows)
+
+    def route_point(self, layer: int, h: Tensor, weights: Tensor, ids: Tensor):
+        return self.store._route_point(self, h, weights, ids)
+
+    def run(self, x: Tensor, row_offsets: Tensor, tokens: int) -> Tensor:
+        point = self.store.route_points[self.index]
+        if not point.deferred:
+            return super().run(x, row_offsets, tokens)
+        return self.store._run_waves(self, x, row_offsets, tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return 0   # held by the store
+
+
+# ---------------------------------------------------------------------------------------
+# the store
+
+
+class PagedWeightStore(WeightStore):
+    """Weights paged inside a GPU budget (see the module docstring).
+
+    Parameters
+    ----------
+    source : SafetensorsCheckpoint (the routed experts are read from its files on demand;
+        they must be stored in NVFP4)
+    device : torch device (a CUDA device; "cpu" runs the same pipeline in host memory)
+    compute_dtype : torch.bfloat16 (the FP4 kernels)
+    policy : PrecisionPolicy
+    plan : the MemoryPlan carving the budget
+    settings : PagingSettings
+    max_rows : most tokens one forward runs (sizes the pinned id buffers)
+    """
+
+    def __init__(self, source: CheckpointSource, device: torch.device, compute_dtype: torch.dtype,
+                 policy: PrecisionPolicy, plan: MemoryPlan, settings: PagingSettings, max_rows: int,
+                 progress: bool = False):
+        if compute_dtype != torch.bfloat16:
+            raise ValueError("the paged store runs the FP4 kernels: dtype must be bfloat16")
+        if not hasattr(source, "tensor_info"):
+            raise ValueError("paging reads routed experts from safetensors files: open the model folder "
+                             "(a StateDictCheckpoint has no files)")
+        self.config = c = source.config
+        self.device, self.compute_dtype, self.policy = device, compute_dtype, policy
+        self.plan, self.settings = plan, settings.validate()
+        self.on_device = device.type == "cuda"
+        self.max_rows = max_rows
+        self.expert_threshold = float(settings.expert_threshold)
+        self.predict = settings.prefetch_layers > 0
+        self.layout = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)
+        if self.layout["bytes"] != plan.expert_unit_bytes:
+            raise ValueError("the memory plan was made for another expert unit size")
+        self._make_streams()
+        conv = WeightConverter(source, device, compute_dtype, policy)
+
+        self.moe_layers = [layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer)]
+        self.moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
+        self._check_experts_nvfp4(source)
+        E = c.n_routed_experts
+        nm = max(1, len(self.moe_layers))
+        unit = self.layout["bytes"]
+        # device memory, allocated once
+        self.expert_buf = torch.empty(max(1, plan.expert_slots) * unit, dtype=torch.uint8, device=device)
+        self.tables = torch.zeros(nm, E, dtype=torch.int64, device=device)
+        self.ring_buf = None
+        if plan.paged_layers:
+            self.ring_buf = torch.empty(plan.layer_slots * plan.layer_slot_bytes, dtype=torch.uint8, device=device)
+
+        self.files, stored = self._stored_experts(source)
+        self.experts = _C.paging.ExpertStore(self._store_options(plan), self.files, stored)
+        self.experts.set_device_tables(self.tables.data_ptr())
+
+        self.ring = None
+        self.rank_of = {layer: r for r, layer in enumerate(plan.paged_layers)}
+        if plan.paged_layers:
+            self.ring = _C.paging.LayerRing(len(plan.paged_layers), plan.layer_slots, plan.layer_slot_bytes,
+                                            self.ring_buf.data_ptr(), self.on_device, settings.enable_async_copy,
+                                            min(settings.prefetch_layers, plan.layer_slots - 1),
+                                            settings.pinned_memory)
+
+        it = range(c.num_hidden_layers)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc="loading layers", unit="layer")
+        self._embed = conv.embedding()
+        self._norm = conv.final_norm()
+        self._lm_head: Linear = conv.lm_head(self._embed)
+        self._layers: List[LayerWeights] = []
+        self._resident_layer_bytes = 0
+        for layer in it:
+            lw = conv.layer(layer, experts=False)
+            if lw.moe is not None:
+                lw.moe.experts = PagedRoutedExperts(self, self.moe_index[layer], layer)
+            if layer in self.rank_of:
+                lw = self._page_layer(layer, lw)
+            self._layers.append(lw)
+        self.formats = conv.formats
+        self._make_route_points()
+        self._point_stack: List[RoutePoint] = []
+
+    # ---- construction helpers ------------------------------------------------------------
+    def _make_streams(self) -> None:
+        s = self.settings
+        self.compute_stream = self.prefetch_stream = self.transfer_stream = None
+        if not self.on_device:
+            return
+        pr = s.stream_priorities
+        dev = self.device
+        self.compute_stream = torch.cuda.Stream(dev, priority=-5 if pr else 0) if s.streams.get("compute", True) else None
+        self.transfer_stream = torch.cuda.Stream(dev, priority=0) if s.streams.get("transfer", True) else None
+        self.prefetch_stream = (torch.cuda.Stream(dev, priority=-2 if pr else 0) if s.streams.get("prefetch", True)
+                                else None)
+
+    def set_compute_streams(self, streams: Dict[str, bool]) -> None:
+        """Turns the compute / prefetch / transfer streams on or off (off: that work runs on the
+        current stream)."""
+        bad = sorted(set(streams) - {"compute", "prefetch", "transfer"})
+        if bad:
+            raise ValueError(f"streams: unknown stream(s) {bad} (known: compute, prefetch, transfer)")
+        merged = dict(self.settings.streams, **streams)
+        self.settings.streams = merged
+        self.settings.validate()
+        self._make_streams()
+
+    _RUNTIME = ("expert_threshold", "prefetch_layers", "prefetch_experts", "miss_mode", "cache_policy",
+                "lrfu_lambda", "prefetch_size", "streams", "stream_priorities")
+
+    def reconfigure(self, **changes) -> None:
+        """Changes knobs that need no new memory plan, between generations: expert_threshold,
+        prefetch_layers (up to the ring's slots - 1 when layers are paged), prefetch_experts,
+        miss_mode, cache_policy, lrfu_lambda, prefetch_size, streams, stream_priorities.
+        Changing the policy, miss mode or prefetch size empties the GPU expert cache."""
+        bad = sorted(set(changes) - set(self._RUNTIME))
+        if bad:
+            raise ValueError(f"reconfigure: {bad} need a new memory plan (reload the engine); runtime knobs: "
+                             f"{', '.join(self._RUNTIME)}")
+        s = self.settings
+        new = PagingSettings(**{**s.__dict__, **changes}).validate()
+        if (self.ring is not None and new.prefetch_layers != s.prefetch_layers
+                and new.prefetch_layers > self.plan.layer_slots - 1):
+            raise ValueError(f"prefetch_layers = {new.prefetch_layers} needs {new.prefetch_layers + 1} layer slots; "
+                             f"the plan has {self.plan.layer_slots} (reload the engine with the new setting)")
+        if new.prefetch_experts != s.prefetch_experts and (new.prefetch_experts or 0) > (s.prefetch_experts or 0) \
+                and min(self.config.num_experts_per_tok, new.prefetch_experts or 99) > self.pred_k:
+            raise ValueError("prefetch_experts can only shrink without a reload (the prediction buffers are sized)")
+        self.settings = new
+        self.expert_threshold = float(new.expert_threshold)
+        self.predict = new.prefetch_layers > 0
+        if new.prefetch_experts is not None:
+            self.pred_k = min(self.pred_k, new.prefetch_experts)
+        if new.streams != s.streams or new.stream_priorities != s.stream_priorities:
+            self._make_streams()
+        if (new.miss_mode, new.cache_policy, new.lrfu_lambda, new.prefetch_size) != \
+                (s.miss_mode, s.cache_policy, s.lrfu_lambda, s.prefetch_size):
+            o = self._store_options(self.plan)
+            if new.miss_mode != "copy" and self.on_device and not new.pinned_memory:
+                raise ValueError("zero-copy needs pinned_memory=True")
+            self.experts.reconfigure(o["gpu_policy"], o["lam"], o["miss_mode"], o["max_prefetch_units"],
+                                     self._stream_handles()[0])
+
+    def _stream_handles(self) -> Tuple[int, int, int]:
+        """(compute, transfer, prefetch) raw stream handles; compute is the current stream."""
+        if not self.on_device:
+            return 0, 0, 0
+        cur = torch.cuda.current_stream(self.device).cuda_stream
+        tr = self.transfer_stream.cuda_stream if self.transfer_stream is not None else cur
+        pf = self.prefetch_stream.cuda_stream if self.prefetch_stream is not None else cur
+        return cur, tr, pf
+
+    def _store_options(self, plan: MemoryPlan) -> dict:
+        s, c = self.settings, self.config
+        pol = {"lrfu": _C.paging.CachePolicy.lrfu, "lru": _C.paging.CachePolicy.lru}[s.cache_policy]
+        mode = {"copy": _C.paging.MissMode.copy, "zero_copy": _C.paging.MissMode.zero_copy,
+                "auto": _C.paging.MissMode.auto}[s.miss_mode]
+        prefetch_cap = -1
+        if s.prefetch_size is not None:
+            prefetch_cap = int(s.prefetch_size * (1 << 30)) // self.layout["bytes"]
+        return dict(layers=max(1, len(self.moe_layers)), experts=c.n_routed_experts, hidden=c.hidden_size,
+                    inter=c.moe_intermediate_size, gpu_slots=plan.expert_slots, gpu_base=self.expert_buf.data_ptr(),
+                    host_slots=max(1, plan.host_expert_slots), pinned=s.pinned_memory and self.on_device,
+                    on_device=self.on_device, gpu_policy=pol, host_policy=_C.paging.CachePolicy.lru,
+                    lam=float(s.lrfu_lambda), miss_mode=mode, io_threads=s.io_threads, repack_threads=2,
+                    direct_io=s.direct_io, async_copy=s.enable_async_copy and self.on_device,
+                    max_prefetch_units=prefetch_cap)
+
+    def _check_experts_nvfp4(self, source: CheckpointSource) -> None:
+        for layer in self.moe_layers:
+            m = f"model.layers.{layer}.mlp.experts.0.gate_proj"
+            if source.linear_format(m) != NVFP4:
+                raise ValueError(f"{source.where(m + '.weight')}: paging routed experts reads them in NVFP4 from the "
+                                 f"checkpoint files, but {m} is stored as {source.linear_format(m)}; convert the "
+                                 f"checkpoint with `deepseek-fp4 convert` or give a budget that holds every expert")
+
+    def _stored_experts(self, source) -> Tuple[object, list]:
+        """The byte ranges of every expert's 9 tensors, read from the safetensors headers."""
+        c = self.config
+        files: Dict[str, int] = {}
+        stored = []
+        h, i = c.hidden_size, c.moe_intermediate_size
+        shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        for layer in self.moe_layers:
+            for e in range(c.n_routed_experts):
+                parts = []
+                for proj in _PARTS:
+                    m = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                    n, k = shapes[proj]
+                    for suffix, want in (("weight", n * k // 2), ("weight_scale", n * k // 16), ("weight_scale_2", 4)):
+                        info = source.tensor_info(f"{m}.{suffix}")
+                        if info.nbytes != want:
+                            raise ValueError(f"{info.file}: {info.name} holds {info.nbytes} bytes, expected {want}")
+                        fi = files.setdefault(str(info.file), len(files))
+                        parts.append((fi, info.offset, info.nbytes, info.name))
+                stored.append(parts)
+        paths = sorted(files, key=files.get)
+        handle = _C.paging.CheckpointFiles(paths, self.settings.direct_io)
+        return handle, stored
+
+    def _page_layer(self, layer: int, lw: LayerWeights) -> LayerWeights:
+        """Packs the per-layer weights into the host unit of the layer's rank and returns
+        the same bundle as views into its ring slot."""
+        rank = self.rank_of[layer]
+        plan = self.plan
+        tensors: List[Tensor] = []
+        _map_layer(lw, lambda t: tensors.append(t) or t, self.config, self.compute_dtype)
+        offsets, off = [], 0
+        for t in tensors:
+            offsets.append(off)
+            off += (t.numel() * t.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
+        if off > plan.layer_slot_bytes:
+            raise RuntimeError(f"layer {layer}: its weights take {off} bytes, more than the planned slot "
+                               f"({plan.layer_slot_bytes})")
+        host = host_tensor(self.ring.host_unit(rank), plan.layer_slot_bytes)
+        slot = self.ring_buf[(rank % plan.layer_slots) * plan.layer_slot_bytes:][:plan.layer_slot_bytes]
+        it = iter(offsets)
+
+        def place(t: Tensor) -> Tensor:
+            o = next(it)
+            n = t.numel() * t.element_size()
+            host[o:o + n].copy_(t.detach().reshape(-1).contiguous().view(torch.uint8))
+            return slot[o:o + n].view(t.dtype).view(t.shape)
+
+        return _map_layer(lw, place, self.config, self.compute_dtype)
+
+    def _make_route_points(self) -> None:
+        c = self.config
+        pin = self.on_device   # graphs copy ids into these: always pinned on CUDA
+        k = c.num_experts_per_tok
+        self.pred_k = min(k, self.settings.prefetch_experts or k)
+        self.route_points: List[RoutePoint] = []
+        for i, layer in enumerate(self.moe_layers):
+            ids = torch.zeros(self.max_rows * k, dtype=torch.int32, pin_memory=pin)
+            nxt = i + 1 if i + 1 < len(self.moe_layers) else -1
+            pred = torch.zeros(self.max_rows * self.pred_k, dtype=torch.int32, pin_memory=pin) if nxt >= 0 else None
+            ev = torch.cuda.Event() if self.on_device else None
+            self.route_points.append(RoutePoint(layer, i, k, ids, pred, self.pred_k, nxt, event=ev))
+
+    # ---- WeightStore ---------------------------------------------------------------------
+    def embedding(self) -> Tensor:
+        return self._embed
+
+    def final_norm(self) -> Tensor:
+        return self._norm
+
+    def lm_head(self) -> Linear:
+        return self._lm_head
+
+    def acquire_layer(self, layer: int) -> LayerWeights:
+        return self._layers[layer]
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.on_device
+
+    def begin_step(self, tokens: int) -> None:
+        if tokens > self.max_rows:
+            raise ValueError(f"a forward of {tokens} tokens exceeds the {self.max_rows} the paged store was sized for")
+        self.experts.begin_step()
+
+    def layer_points(self, layer: int) -> Generator[HostPoint, None, None]:
+        if layer in self.rank_of:
+            yield LayerPoint(layer, self.rank_of[layer])
+
+    def resolve(self, point: HostPoint) -> None:
+        compute, transfer, prefetch = self._stream_handles()
+        if isinstance(point, LayerPoint):
+            self.ring.acquire(point.rank, compute, transfer, prefetch)
+            return
+        assert isinstance(point, RoutePoint)
+        if point.event is not None:
+            point.event.record()
+            point.event.synchronize()
+        count = point.rows * point.top_k
+        ids = point.ids_host
+        if self.expert_threshold > 0:
+            self.experts.add_skipped(point.index, int((ids[:count] < 0).sum()))
+        capacity = max(1, self.plan.expert_slots // 2) if self.settings.miss_mode == "copy" else 1 << 30
+        point.deferred = count > capacity and len(np.unique(ids[:count].numpy())) > capacity
+        if not point.deferred:
+            self.experts.resolve(point.index, ids.data_ptr(), count, compute, transfer)
+        if self.predict and point.next_index >= 0 and point.pred_host is not None:
+            self.experts.prefetch(point.next_index, point.pred_host.data_ptr(), point.rows * self.pred_k,
+                                  compute, prefetch)
+
+    # ---- the GPU side of a route point -----------------------------------------------------
+    def _route_point(self, experts: PagedRoutedExperts, h: Tensor, weights: Tensor, ids: Tensor):
+        """h [N, D] the MoE input, weights/ids [N, K] → (weights, ids, point). Graph-safe."""
+        c = self.config
+        point = self.route_points[experts.index]
+        n = ids.shape[0]
+        if n > self.max_rows:
+            raise ValueError(f"{n} tokens in one forward exceed the paged store's {self.max_rows}")
+        if self.expert_threshold > 0:
+            weights, ids = self._threshold(experts.table, weights, ids)
+        point.rows = n
+        point.deferred = False
+        point.ids_host[: n * point.top_k].copy_(ids.reshape(-1), non_blocking=True)
+        if self.predict and point.next_index >= 0:
+            nxt = self._layers[self.moe_layers[point.next_index]].moe
+            logits = F.linear(h.reshape(-1, h.shape[-1]).float(), nxt.router)          # [N, E]
+            _, pred = torch.ops.dsfp4.moe_route(logits, nxt.correction_bias, self.pred_k, c.n_group,
+                                                min(c.topk_group, c.n_group), c.routed_scaling_factor,
+                                                c.norm_topk_prob)                      # [N, k'] int32
+            point.pred_host[: n * self.pred_k].copy_(pred.reshape(-1), non_blocking=True)
+        return weights, ids, point
+
+    def _threshold(self, table: Tensor, weights: Tensor, ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """expert_threshold: drop routed experts that are not on the GPU and whose normalized
+        weight is below the threshold; the rest are renormalized to the same total. The top
+        expert of each token is always kept. Graph-safe (device ops only)."""
+        lo = self.expert_buf.data_ptr()
+        hi = lo + self.expert_buf.numel()
+        addr = table[ids.long()]                                                       # [N, K]
+        on_gpu = (addr >= lo) & (addr < hi)
+        total = weights.sum(-1, keepdim=True)
+        norm = weights / total.clamp_min(1e-20)
+        drop = (~on_gpu) & (norm < self.expert_threshold)
+        drop[:, 0] = False   # routing orders by score: column 0 is the top expert
+        kept = weights.masked_fill(drop, 0.0)
+        kept = kept * (total / kept.sum(-1, keepdim=True).clamp_min(1e-20))
+        return kept, ids.masked_fill(drop, -1)
+
+    def _run_waves(self, experts: PagedRoutedExperts, x: Tensor, row_offsets: Tensor, tokens: int) -> Tensor:
+        """Eager prefill over more experts than the GPU cache holds: resolve and run them in
+        waves of at most half the cache, so one wave's copies overlap the previous wave's GEMMs."""
+        offs = row_offsets.cpu().numpy()
+        counts = offs[1:] - offs[:-1]
+        used = np.nonzero(counts > 0)[0].astype(np.int32)
+        cap = max(1, self.plan.expert_slots // 2)
+        y = torch.zeros(x.shape[0], self.config.hidden_size, dtype=torch.bfloat16, device=x.device)
+        compute, transfer, _ = self._stream_handles()
+        for w0 in range(0, len(used), cap):
+            wave = np.ascontiguousarray(used[w0:w0 + cap])
+            self.experts.resolve(experts.index, wave.ctypes.data, len(wave), compute, transfer)
+            e0, e1 = int(wave[0]), int(wave[-1])
+            lo, hi = int(offs[e0]), int(offs[e1 + 1])
+            sub = torch.from_numpy((offs[e0:e1 + 2] - lo).astype(np.int32)).to(x.device)
+            slots = torch.arange(e0, e1 + 1, dtype=torch.int32, device=x.device)
+            groups = ExpertGroups(sub, slots, tokens)
+            hmid = torch.ops.dsfp4.silu_mul(experts.gate_up(x[lo:hi], groups))
+            y[lo:hi] = experts.down(hmid, groups)
+        return y
+
+    # ---- reports ---------------------------------------------------------------------------
+    def counters(self) -> Dict[str, object]:
+        """Counters for the monitor: per tier and direction, hit rates, prediction accuracy."""
+        tot = self.experts.counters(-1)
+        per_layer = [self.experts.counters(i) for i in range(len(self.moe_layers))]
+        ring = self.ring.counters() if self.ring is not None else {}
+        unit = self.layout["bytes"]
+        req = max(1, tot["requests"])
+        out = {
+            "experts": tot,
+            "per_layer": per_layer,
+            "layers": ring,
+            "files": self.experts.files_counters(),
+            "expert_hit_rate": tot["gpu_hits"] / req,
+            "host_hit_rate": (tot["gpu_hits"] + tot["host_hits"]) / req,
+            "prefetch_accuracy": (tot["predicted_used"] / tot["used_after_prediction"]
+                                  if tot["used_after_prediction"] else None),
+            "wasted_bytes": tot["prefetch_wasted"] * unit,
+            "h2d_bytes": tot["h2d_bytes"] + ring.get("h2d_bytes", 0),
+            "zero_copy_bytes": tot["zero_copy_bytes"],
+            "ssd_bytes": tot["ssd_bytes"],
+            "layer_hit_rate": (ring["hits"] / ring["requests"]) if ring.get("requests") else None,
+        }
+        return out
+
+    def reset_counters(self) -> None:
+        self.experts.reset_counters()
+        if self.ring is not None:
+            self.ring.reset_counters()
+
+    def memory_report(self) -> Dict[str, int]:
+        rep = {"embedding": nbytes(self._embed), "lm_head": self._lm_head.nbytes if not
+               self.config.tie_word_embeddings else 0, "attention": 0, "dense_mlp": 0, "experts": 0,
+               "shared_experts": 0, "router_and_norms": nbytes(self._norm)}
+        for layer, lw in enumerate(self._layers):
+            if layer not in self.rank_of:
+                add_layer_report(rep, lw)
+            elif lw.moe is not None:
+                rep["router_and_norms"] += nbytes(lw.moe.router) + nbytes(lw.moe.correction_bias)
+        rep["expert_cache"] = nbytes(self.expert_buf)
+        rep["layer_slots"] = 0 if self.ring_buf is None else nbytes(self.ring_buf)
+        rep["expert_tables"] = nbytes(self.tables)
+        rep["total"] = sum(rep.values())
+        return rep
+
+
+# ---------------------------------------------------------------------------------------
+# mapping the tensors of a layer bundle (packing into units)
+
+
+def _map_linear(x: Optional[Linear], fn) -> Optional[Linear]:
+    if x is None:
+        return None
+    if isinstance(x, Fp4Linear):
+        w = x.weight
+        return Fp4Linear(Fp4Weight(fn(w.qweight), fn(w.qscale), fn(w.global_scale), w.n, w.k),
+                         None if x.bias is None else fn(x.bias))
+    if isinstance(x, DenseLinear):
+        return DenseLinear(fn(x.weight), None if x.bias is None else fn(x.bias), x.fp4)
+    if isinstance(x, _ConcatLinear):
+        return _ConcatLinear([_map_linear(p, fn) for p in x.parts])
+    raise TypeError(f"cannot page a {type(x).__name__}")
+
+
+def _map_layer(lw: LayerWeights, fn, config, dtype: torch.dtype) -> LayerWeights:
+    """The same bundle with every per-layer tensor replaced by fn(tensor), in a fixed order.
+    Router, correction bias and routed experts are left as they are (they are not paged with
+    the layer); w_uk / w_uv of a dense kv_b stay views of it."""
+    a = lw.attn
+    m = lambda t: None if t is None else fn(t)  # noqa: E731
+    attn = AttentionWeights(_map_linear(a.qkv_a, fn), m(a.q_a_norm), _map_linear(a.q_b, fn), _map_linear(a.q, fn),
+                            _map_linear(a.kv_a, fn), m(a.kv_a_norm), _map_linear(a.kv_b, fn), None, None,
+                            _map_linear(a.o, fn))
+    if isinstance(attn.kv_b, DenseLinear):
+        split_kv_b(attn, config, dtype)
+    else:
+        attn.w_uk, attn.w_uv = fn(a.w_uk), fn(a.w_uv)
+    mlp = None if lw.mlp is None else MlpWeights(_map_linear(lw.mlp.gate_up, fn), _map_linear(lw.mlp.down, fn))
+    moe = None
+    if lw.moe is not None:
+        sh = lw.moe.shared
+        shared = None if sh is None else MlpWeights(_map_linear(sh.gate_up, fn), _map_linear(sh.down, fn))
+        moe = MoeWeights(lw.moe.router, lw.moe.correction_bias, lw.moe.experts, shared)
+    return LayerWeights(fn(lw.input_norm), fn(lw.post_attention_norm), attn, mlp, moe)

@@ -1,0 +1,69 @@
+"""torch.ops.dsfp4.fp4_grouped_gemm_units: the grouped FP4 GEMM over paged expert units.
+
+Like ``fp4_grouped_gemm``, but group g's weight is the expert unit at byte address
+``unit_table[slot_of_group[g]]`` (a GPU slot, or pinned host memory the kernel reads in place;
+0 skips the group), its parts at the given byte offsets (paging.h ExpertUnitLayout), with one
+global scale per 16-row tile. On the CPU the addresses are host addresses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._ext import _C, stream_of
+from .ops import _check, _check_device, _check_tensor
+
+
+@torch.library.custom_op("dsfp4::fp4_grouped_gemm_units", mutates_args=())
+def fp4_grouped_gemm_units(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, unit_table: Tensor,
+                           unit_qweight: int, unit_qscale: int, unit_scale: int, n: int, k: int,
+                           max_rows_per_group: int, tile_tokens: int = 0) -> Tensor:
+    """x [R, k] bf16, row_offsets int32 [G+1], slot_of_group int32 [G] (negative: skip),
+    unit_table int64 [S] unit addresses → y [R, n] bf16 (rows of skipped groups are zero)."""
+    _check(isinstance(x, Tensor) and x.dtype == torch.bfloat16, "x must be a bfloat16 tensor")
+    _check_tensor(x, "x", dim=2)
+    _check(x.shape[1] == k, f"x has shape {tuple(x.shape)}, expected [rows, {k}]")
+    _check_device(x, "x")
+    dev = x.device
+    _check_tensor(row_offsets, "row_offsets", dtype=torch.int32, dim=1, device=dev)
+    _check_tensor(slot_of_group, "slot_of_group", dtype=torch.int32, dim=1, device=dev)
+    _check_tensor(unit_table, "unit_table", dtype=torch.int64, dim=1, device=dev)
+    g = slot_of_group.numel()
+    _check(g > 0, "slot_of_group must not be empty")
+    _check(row_offsets.numel() == g + 1, f"row_offsets has {row_offsets.numel()} entries, expected {g + 1}")
+    _check(n > 0 and k > 0 and k % 16 == 0, f"weight shape [{n}, {k}] must be positive with K a multiple of 16")
+    for name, off, align in (("unit_qweight", unit_qweight, 16), ("unit_qscale", unit_qscale, 16),
+                             ("unit_scale", unit_scale, 4)):
+        _check(off >= 0 and off % align == 0, f"{name} = {off} must be a non-negative multiple of {align}")
+    _check(max_rows_per_group >= 0, "max_rows_per_group must be non-negative")
+    y = torch.zeros(x.shape[0], n, dtype=torch.bfloat16, device=dev)
+    if x.shape[0] == 0:
+        return y
+    if dev.type == "cpu":
+        offs = row_offsets.tolist()
+        table = unit_table.tolist()
+        w = torch.empty(n, k, dtype=torch.float32)
+        for gi, slot in enumerate(slot_of_group.tolist()):
+            lo, hi = offs[gi], offs[gi + 1]
+            if slot < 0 or hi <= lo:
+                continue
+            _check(slot < len(table), f"slot_of_group[{gi}] = {slot} is out of range [0, {len(table)})")
+            _check(0 <= lo and hi <= x.shape[0], f"row_offsets[{gi}:{gi + 2}] = {lo}, {hi} out of range")
+            addr = table[slot]
+            if addr == 0:
+                continue
+            _C.fp4_dequantize_tiled(addr + unit_qweight, addr + unit_qscale, addr + unit_scale, True, n, k,
+                                    w.data_ptr(), k, False, 0)
+            y[lo:hi] = (x[lo:hi].float() @ w.t()).to(torch.bfloat16)
+        return y
+    _C.fp4_grouped_gemm_units(unit_table.data_ptr(), unit_qweight, unit_qscale, unit_scale, n, k, g,
+                              slot_of_group.data_ptr(), row_offsets.data_ptr(), max_rows_per_group, x.data_ptr(), k,
+                              y.data_ptr(), n, tile_tokens, stream_of(x))
+    return y
+
+
+@fp4_grouped_gemm_units.register_fake
+def _(x, row_offsets, slot_of_group, unit_table, unit_qweight, unit_qscale, unit_scale, n, k, max_rows_per_group,
+      tile_tokens=0):
+    return x.new_empty(x.shape[0], n)
