@@ -74,15 +74,20 @@ def test_churn_does_not_grow_gpu_memory(model_dir):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    eng = _paged(model_dir, cpu_cache_size=0.03)
+    kw = dict(KW, max_seq_len=1100)
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.035, paging=dict(cpu_cache_size=0.03), **kw)
+    assert isinstance(eng.store, PagedWeightStore)
     eng.set_use_cuda_graph(True)
-    eng.generate(PROMPTS[0], max_tokens=8, ignore_eos=True)              # captures, warms the caches
+    # captures a graph per attended-length bucket and warms the caches
+    eng.generate(PROMPTS[0], max_tokens=1050, ignore_eos=True)
     torch.cuda.synchronize()
     reserved0, allocated0 = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+    before = eng.store.counters()["experts"]
     eng.generate(PROMPTS[1], max_tokens=1000, ignore_eos=True)
     torch.cuda.synchronize()
-    c = eng.store.counters()["experts"]
-    assert c["evictions"] > 1000 and c["ssd_reads"] > 1000                 # real churn
+    after = eng.store.counters()["experts"]
+    assert after["evictions"] - before["evictions"] > 1000                  # real churn
+    assert after["ssd_reads"] - before["ssd_reads"] > 1000
     assert torch.cuda.memory_reserved() == reserved0                     # nothing allocated per token
     assert torch.cuda.memory_allocated() <= allocated0
     assert torch.cuda.max_memory_allocated() - base <= eng.memory_plan.budget   # the plan holds
@@ -153,7 +158,7 @@ def test_grouped_gemm_units_gpu_and_host_memory(rows_per_group):
         if e == E - 1:
             assert (y[lo:hi] == 0).all()
             continue
-        w = ref[e][0].to("cuda").dequantize(torch.float64)
+        w = ref[e][0].to("cuda").dequantize(torch.float32).double()
         want = x[lo:hi].double() @ w.t()
         err = (y[lo:hi].double() - want).norm() / want.norm()
         assert err < 1e-2, (e, err)
