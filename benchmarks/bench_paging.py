@@ -190,16 +190,25 @@ def accelerate_moe_layer_ms(cfg: DeepseekV3Config, layers: int, budget_gib: floa
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(hf).to(torch.bfloat16)
     model = model.to_empty(device="cpu")
+    pattern = (torch.rand(1 << 25) * 0.04 - 0.02).to(torch.bfloat16)   # tiled into every weight
     with torch.no_grad():
-        for p in model.parameters():
-            p.uniform_(-0.02, 0.02)
-        for b in model.buffers():
-            if b.is_floating_point():
-                b.zero_()
+        for p in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            flat = p.view(-1)
+            for i in range(0, flat.numel(), pattern.numel()):
+                n = min(pattern.numel(), flat.numel() - i)
+                flat[i:i + n].copy_(pattern[:n])
+        model.model.rotary_emb.__init__(hf)   # recompute inv_freq (to_empty left it uninitialised)
     model.eval()
-    dmap = accelerate.infer_auto_device_map(model, max_memory={0: f"{budget_gib}GiB", "cpu": "110GiB"},
-                                            no_split_module_classes=["DeepseekV3DecoderLayer"])
-    model = accelerate.dispatch_model(model, device_map=dmap)
+    # device_map="auto" reserves the largest block (one layer's 22.5 GB of BF16 experts) on the
+    # GPU, which a 16 GiB budget cannot hold, and then runs everything on the CPU: map by hand
+    # instead, the way a user would: the routed experts offloaded to host memory (moved to the GPU
+    # at every forward by accelerate's hooks), everything else on the GPU
+    dmap = {"model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    for i in range(layers):
+        for part in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp.gate", "mlp.shared_experts"):
+            dmap[f"model.layers.{i}.{part}"] = 0
+        dmap[f"model.layers.{i}.mlp.experts"] = "cpu"
+    model = accelerate.dispatch_model(model, device_map=dmap, main_device=0)
     ids = torch.randint(0, cfg.vocab_size, (1, 16), device="cuda")
     with torch.no_grad():
         out = model(ids, use_cache=True)

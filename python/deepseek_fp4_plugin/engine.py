@@ -42,6 +42,7 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 from .weights import HostPoint, WeightStore, run_host_points
 
 GiB = 1 << 30
+CUBLAS_WORKSPACE = 32 << 20   # PyTorch's default per-stream cuBLAS workspace on Hopper (":4096:8")
 DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_MAX_TOKENS = 256
 _GRAPH_MIN_BUCKET = 128
@@ -145,8 +146,10 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
     pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and all(
         source.linear_format(f"model.layers.{layer}.mlp.experts.0.gate_proj") == "nvfp4"
         for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer))
+    # cuBLAS keeps a workspace per stream that runs a matmul: the compute and the graph side stream
+    cublas = 2 * CUBLAS_WORKSPACE if dev.type == "cuda" else 0
     plan = plan_memory(source, policy, cdt, budget, settings, max_batch_size, max_seq_len, prefill_chunk, unit,
-                       device_total=total, experts_pageable=pageable)
+                       device_total=total, experts_pageable=pageable, library_workspace=cublas)
     if plan.paged and cdt != torch.bfloat16:
         raise ValueError(f"the model needs paging within {budget / GiB:.2f} GiB, which runs the FP4 kernels: "
                          f"use dtype='bfloat16' (got {cdt})")
@@ -405,6 +408,11 @@ class Engine:
         h = yield from self.model.forward_steps(tokens[:, None], positions[:, None], self.cache, kv_len=kv_len,
                                                 absorbed=True)                    # [B, 1, D]
         return self.model.logits(h[:, 0])                                         # [B, V]
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if getattr(self, "_side", None) is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
 
     def _capture(self, batch: int, kv_len: int, tokens: Tensor, positions: Tensor) -> "_DecodeGraph":
         if self._graph_pool is None:
@@ -742,7 +750,8 @@ class _DecodeGraph:
         self.positions = positions.clone()    # int64 [B] static
         # warm-up runs the real step (same tokens and positions), so its cache writes are the
         # ones the replay makes again
-        side = torch.cuda.Stream(engine.device)
+        # one side stream per engine: each stream that runs a matmul gets its own cuBLAS workspace
+        side = engine._side_stream()
         side.wait_stream(torch.cuda.current_stream(engine.device))
         with torch.cuda.stream(side):
             self.store.begin_step(batch)
@@ -754,7 +763,7 @@ class _DecodeGraph:
             graph = torch.cuda.CUDAGraph()
             point, done = None, False
             # thread_local: the paged store's I/O threads may touch CUDA events meanwhile
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
                 try:
                     point = next(steps)
                 except StopIteration as end:

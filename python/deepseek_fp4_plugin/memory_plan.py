@@ -9,7 +9,8 @@ read) and decides what stays resident and what is paged:
                are read by every token: a resident byte saves one PCIe byte per token, more
                than any expert-cache byte can
   kv_cache     max_batch_size × max_seq_len latents per layer
-  workspace    activations of one prefill chunk (prefill_chunk tokens) plus logits
+  workspace    activations of one prefill chunk (prefill_chunk tokens), logits, and the
+               cuBLAS workspaces of the streams that run matmuls (32 MiB each on Hopper)
   layer slots  a ring of ``layer_slots`` slots through which the other layers' weights page
                (≥ prefetch_layers + 1, ≥ min_layers; ``max_gpu_layers`` caps resident + slots)
   expert cache whatever is left, in expert-unit slots (one expert: gate, up, down + scales);
@@ -244,7 +245,8 @@ def host_available_bytes() -> int:
 def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype: torch.dtype,
                 budget: int, settings: PagingSettings, max_batch_size: int, max_seq_len: int,
                 prefill_chunk: int, expert_unit_bytes: int, device_total: Optional[int] = None,
-                host_bytes: Optional[int] = None, experts_pageable: bool = True) -> MemoryPlan:
+                host_bytes: Optional[int] = None, experts_pageable: bool = True,
+                library_workspace: int = 0) -> MemoryPlan:
     """Carves ``budget`` bytes (see the module docstring). Raises ValueError, with the sizes
     that would fit, when the budget cannot hold the minimum working set."""
     s = settings.validate()
@@ -264,7 +266,7 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
     kv = L * max_batch_size * max_seq_len * (c.kv_lora_rank + c.qk_rope_head_dim) * elt
     chunk = min(prefill_chunk, max_batch_size * max_seq_len)
     workspace = (chunk * activation_bytes_per_token(c) + 2 * max_batch_size * c.vocab_size * 4 + 2 * L * 4 * 1024
-                 + 16 * MiB)
+                 + 16 * MiB + library_workspace)
     reserved = int(s.gpu_reserved * GiB)
 
     step_experts = min(E, max_batch_size * K) if moe_layers else 0
