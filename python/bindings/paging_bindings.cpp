@@ -175,6 +175,7 @@ void bind_paging(py::module_& m) {
              opt.direct_io = o["direct_io"].cast<bool>();
              opt.async_copy = o["async_copy"].cast<bool>();
              opt.max_prefetch_units = o["max_prefetch_units"].cast<int>();
+             opt.prefetch_min_accuracy = o["prefetch_min_accuracy"].cast<double>();
              std::vector<StoredExpert> ex;
              ex.reserve(stored.size());
              for (const auto& parts : stored) {
@@ -219,10 +220,13 @@ void bind_paging(py::module_& m) {
       .def(
           "reconfigure",
           [](ExpertStore& s, CachePolicy policy, double lam, MissMode mode, int max_prefetch_units,
-             std::uintptr_t compute) {
-            nogil([&] { return s.reconfigure(policy, lam, mode, max_prefetch_units, stream(compute)); });
+             double min_accuracy, std::uintptr_t compute) {
+            nogil([&] {
+              return s.reconfigure(policy, lam, mode, max_prefetch_units, min_accuracy, stream(compute));
+            });
           },
-          py::arg("policy"), py::arg("lam"), py::arg("miss_mode"), py::arg("max_prefetch_units"), py::arg("compute"))
+          py::arg("policy"), py::arg("lam"), py::arg("miss_mode"), py::arg("max_prefetch_units"),
+          py::arg("prefetch_min_accuracy"), py::arg("compute"))
       .def(
           "load_host",
           [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count) {

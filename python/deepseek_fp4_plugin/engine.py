@@ -340,10 +340,14 @@ class Engine:
         positions = torch.arange(T, device=self.device).expand(B, T)              # [B, T]
         store.begin_step(B * min(step, T))
         xs = [store.embedding()[tokens[:, s:e]].float() for s, e in chunks]       # [B, t, D] f32 each
-        for layer in range(self.config.num_hidden_layers):
-            for i, (s, e) in enumerate(chunks):
-                xs[i] = run_host_points(m.layer_steps(layer, xs[i], positions[:, s:e], cache, e, False, s == 0),
-                                        store)
+        try:
+            for layer in range(self.config.num_hidden_layers):
+                for i, (s, e) in enumerate(chunks):
+                    store.prefetch_next_layer = i == len(chunks) - 1
+                    xs[i] = run_host_points(m.layer_steps(layer, xs[i], positions[:, s:e], cache, e, False, s == 0),
+                                            store)
+        finally:
+            store.prefetch_next_layer = True
         last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
         norm, eps = store.final_norm(), self.config.rms_norm_eps
         for (s, e), x in zip(chunks, xs):

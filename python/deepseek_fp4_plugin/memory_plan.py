@@ -68,6 +68,9 @@ class PagingSettings:
     cache_policy : "lrfu" (frequency and recency) or "lru" (the ablation)
     lrfu_lambda : LRFU decay per decode step (larger: more recency)
     prefetch_experts : predicted experts per token prefetched for the next MoE layer (None: top_k)
+    prefetch_min_accuracy : speculative copies of a layer's predicted experts stop while the
+        measured prediction accuracy of that layer is below this (a wrong guess costs a whole
+        expert of bus time; disk reads into the host cache continue)
     io_threads : disk reader threads; direct_io : O_DIRECT reads (bypass the page cache)
     streams : {"compute", "prefetch", "transfer"}: False runs that stream's work on the
         current stream; stream_priorities : compute high, prefetch medium, transfer low
@@ -88,6 +91,7 @@ class PagingSettings:
     cache_policy: str = "lrfu"
     lrfu_lambda: float = 0.05
     prefetch_experts: Optional[int] = None
+    prefetch_min_accuracy: float = 0.8
     io_threads: int = 8
     direct_io: bool = True
     streams: Dict[str, bool] = field(default_factory=lambda: {"compute": True, "prefetch": True, "transfer": True})
@@ -123,6 +127,8 @@ class PagingSettings:
         need(self.miss_mode in _MISS_MODES, f"miss_mode must be one of {_MISS_MODES}, got {self.miss_mode!r}")
         need(self.cache_policy in _POLICIES, f"cache_policy must be one of {_POLICIES}, got {self.cache_policy!r}")
         need(is_num(self.lrfu_lambda) and self.lrfu_lambda >= 0, f"lrfu_lambda must be >= 0, got {self.lrfu_lambda!r}")
+        need(is_num(self.prefetch_min_accuracy) and 0 <= self.prefetch_min_accuracy <= 1,
+             f"prefetch_min_accuracy must be in [0, 1], got {self.prefetch_min_accuracy!r}")
         need(self.prefetch_experts is None or (is_int(self.prefetch_experts) and self.prefetch_experts >= 1),
              f"prefetch_experts must be an integer >= 1, got {self.prefetch_experts!r}")
         need(is_int(self.io_threads) and 1 <= self.io_threads <= 256, f"io_threads must be in [1, 256], got {self.io_threads!r}")

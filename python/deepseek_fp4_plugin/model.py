@@ -340,6 +340,10 @@ class DeepseekV3:
                 router_logits, w.correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group,
                 c.routed_scaling_factor, c.norm_topk_prob)                      # [N, K] f32, [N, K] i32
             weights, ids, point = w.experts.route_point(layer, xt, weights, ids)
+        shared = None
+        if w.shared is not None:   # independent of the routing: runs while the host resolves it
+            with self._section("shared_expert"):
+                shared = self.mlp(w.shared, xt)                                 # [N, D]
         if point is not None:
             yield point                           # the host makes the selected experts readable
         with self._section("routing"):
@@ -351,7 +355,6 @@ class DeepseekV3:
             y_perm = w.experts.run(x_perm, offsets, n_tok)                      # [N·K, D]
             y = torch.ops.dsfp4.moe_combine(y_perm, perm, weights, offsets)     # [N, D]
             y = y.to(x.dtype)
-        if w.shared is not None:
-            with self._section("shared_expert"):
-                y = y + self.mlp(w.shared, xt)                                  # [N, D]
+        if shared is not None:
+            y = y + shared                                                      # [N, D]
         return y.view(x.shape)                                                  # [B, T, D]

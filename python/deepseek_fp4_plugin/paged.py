@@ -214,7 +214,7 @@ class PagedWeightStore(WeightStore):
             self._layers.append(lw)
         self.formats = conv.formats
         self._make_route_points()
-        self._point_stack: List[RoutePoint] = []
+        self.prefetch_next_layer = True   # cleared by a layer-major prefill for all but a layer's last chunk
 
     # ---- construction helpers ------------------------------------------------------------
     def _make_streams(self) -> None:
@@ -241,7 +241,7 @@ class PagedWeightStore(WeightStore):
         self._make_streams()
 
     _RUNTIME = ("expert_threshold", "prefetch_layers", "prefetch_experts", "miss_mode", "cache_policy",
-                "lrfu_lambda", "prefetch_size", "streams", "stream_priorities")
+                "lrfu_lambda", "prefetch_size", "prefetch_min_accuracy", "streams", "stream_priorities")
 
     def reconfigure(self, **changes) -> None:
         """Changes knobs that need no new memory plan, between generations: expert_threshold,
@@ -268,13 +268,13 @@ class PagedWeightStore(WeightStore):
             self.pred_k = min(self.pred_k, new.prefetch_experts)
         if new.streams != s.streams or new.stream_priorities != s.stream_priorities:
             self._make_streams()
-        if (new.miss_mode, new.cache_policy, new.lrfu_lambda, new.prefetch_size) != \
-                (s.miss_mode, s.cache_policy, s.lrfu_lambda, s.prefetch_size):
+        if (new.miss_mode, new.cache_policy, new.lrfu_lambda, new.prefetch_size, new.prefetch_min_accuracy) != \
+                (s.miss_mode, s.cache_policy, s.lrfu_lambda, s.prefetch_size, s.prefetch_min_accuracy):
             o = self._store_options(self.plan)
             if new.miss_mode != "copy" and self.on_device and not new.pinned_memory:
                 raise ValueError("zero-copy needs pinned_memory=True")
             self.experts.reconfigure(o["gpu_policy"], o["lam"], o["miss_mode"], o["max_prefetch_units"],
-                                     self._stream_handles()[0])
+                                     o["prefetch_min_accuracy"], self._stream_handles()[0])
 
     def _stream_handles(self) -> Tuple[int, int, int]:
         """(compute, transfer, prefetch) raw stream handles; compute is the current stream."""
@@ -299,7 +299,7 @@ class PagedWeightStore(WeightStore):
                     on_device=self.on_device, gpu_policy=pol, host_policy=_C.paging.CachePolicy.lru,
                     lam=float(s.lrfu_lambda), miss_mode=mode, io_threads=s.io_threads, repack_threads=2,
                     direct_io=s.direct_io, async_copy=s.enable_async_copy and self.on_device,
-                    max_prefetch_units=prefetch_cap)
+                    max_prefetch_units=prefetch_cap, prefetch_min_accuracy=float(s.prefetch_min_accuracy))
 
     def _check_experts_nvfp4(self, source: CheckpointSource) -> None:
         for layer in self.moe_layers:
@@ -413,11 +413,19 @@ class PagedWeightStore(WeightStore):
             self.experts.add_skipped(point.index, int((ids[:count] < 0).sum()))
         capacity = max(1, self.plan.expert_slots // 2) if self.settings.miss_mode == "copy" else 1 << 30
         point.deferred = count > capacity and len(np.unique(ids[:count].numpy())) > capacity
-        if not point.deferred:
-            self.experts.resolve(point.index, ids.data_ptr(), count, compute, transfer)
-        if self.predict and point.next_index >= 0 and point.pred_host is not None:
-            self.experts.prefetch(point.next_index, point.pred_host.data_ptr(), point.rows * self.pred_k,
-                                  compute, prefetch)
+        if point.deferred:
+            return   # run() brings the experts in waves, then prefetches the next layer
+        self.experts.resolve(point.index, ids.data_ptr(), count, compute, transfer)
+        self._prefetch_next(point)
+
+    def _prefetch_next(self, point: RoutePoint) -> None:
+        """Speculative: the experts the next MoE layer is predicted to pick. Skipped for all but
+        the last chunk of a layer-major prefill, whose later chunks still need this layer's."""
+        if not (self.predict and self.prefetch_next_layer and point.next_index >= 0 and point.pred_host is not None):
+            return
+        compute, _, prefetch = self._stream_handles()
+        self.experts.prefetch(point.next_index, point.pred_host.data_ptr(), point.rows * self.pred_k, compute,
+                              prefetch)
 
     # ---- the GPU side of a route point -----------------------------------------------------
     def _route_point(self, experts: PagedRoutedExperts, h: Tensor, weights: Tensor, ids: Tensor):
@@ -476,6 +484,7 @@ class PagedWeightStore(WeightStore):
             groups = ExpertGroups(sub, slots, tokens)
             hmid = torch.ops.dsfp4.silu_mul(experts.gate_up(x[lo:hi], groups))
             y[lo:hi] = experts.down(hmid, groups)
+        self._prefetch_next(self.route_points[experts.index])
         return y
 
     # ---- reports ---------------------------------------------------------------------------

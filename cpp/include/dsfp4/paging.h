@@ -236,6 +236,9 @@ struct ExpertStoreOptions {
   bool direct_io = true;
   bool async_copy = true;     // false: copies run on the compute stream (no overlap)
   int max_prefetch_units = -1;  // cap on speculative copies per prefetch call (-1: no cap)
+  // speculative copies for a layer stop while its measured prediction accuracy (a running
+  // average of |predicted ∩ used| / |used|) is below this; disk reads into the host cache go on
+  double prefetch_min_accuracy = 0.0;
 };
 
 // Where the stored tensors of one expert lie: gate, up, down × (weight, weight_scale,
@@ -306,7 +309,7 @@ class ExpertStore {
   // until `compute` is idle, then empties the GPU expert cache (its units stay in the host
   // cache) and rewrites every device table.
   Status reconfigure(CachePolicy gpu_policy, double lambda, MissMode miss_mode, int max_prefetch_units,
-                     Stream compute);
+                     double prefetch_min_accuracy, Stream compute);
   // Reads expert units of `layer` into the host cache now (warm start); returns after all
   // reads finished.
   Status load_host(int layer, const int32_t* ids, int64_t count);

@@ -44,10 +44,11 @@ class ThreadPool {
     cv_.notify_all();
     for (auto& t : workers_) t.join();
   }
-  void submit(std::function<void()> fn) {
+  // Demand work (a layer waits for it) runs before speculative work.
+  void submit(std::function<void()> fn, bool urgent) {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      q_.push_back(std::move(fn));
+      (urgent ? urgent_ : q_).push_back(std::move(fn));
     }
     cv_.notify_one();
   }
@@ -58,16 +59,17 @@ class ThreadPool {
       std::function<void()> fn;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [this] { return stop_ || !q_.empty(); });
-        if (stop_ && q_.empty()) return;
-        fn = std::move(q_.front());
-        q_.pop_front();
+        cv_.wait(lk, [this] { return stop_ || !q_.empty() || !urgent_.empty(); });
+        if (stop_ && q_.empty() && urgent_.empty()) return;
+        std::deque<std::function<void()>>& from = urgent_.empty() ? q_ : urgent_;
+        fn = std::move(from.front());
+        from.pop_front();
       }
       fn();
     }
   }
   std::vector<std::thread> workers_;
-  std::deque<std::function<void()>> q_;
+  std::deque<std::function<void()>> q_, urgent_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
@@ -103,6 +105,7 @@ struct ExpertStore::Impl {
   std::vector<ExpertCounters> counters;
   std::vector<std::vector<int32_t>> predicted;   // per layer: experts predicted for its next resolve
   std::vector<std::vector<int32_t>> prefetched;  // per layer: experts copied speculatively
+  std::vector<double> accuracy;                  // per layer: running prediction accuracy
   std::vector<int32_t> stamp;                    // dedupe scratch
   int32_t stamp_gen = 0;
   std::atomic<uint64_t> ssd_bytes{0};
@@ -156,6 +159,7 @@ Status ExpertStore::create(const ExpertStoreOptions& opt, std::shared_ptr<Checkp
   m.counters.resize(static_cast<size_t>(opt.layers));
   m.predicted.resize(static_cast<size_t>(opt.layers));
   m.prefetched.resize(static_cast<size_t>(opt.layers));
+  m.accuracy.assign(static_cast<size_t>(opt.layers), 1.0);  // optimistic until measured
   m.stamp.assign(static_cast<size_t>(opt.experts), 0);
   *out = std::move(s);
   return Status::Ok();
@@ -210,8 +214,19 @@ void* kev(const Ctx& c, int64_t t) { return c.m->copy_ev[static_cast<size_t>(t %
 // Reads and repacks one expert into host unit `slot`; first waits until nothing reads the slot.
 Status fill_host_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst, std::vector<void*> waits) {
   for (void* ev : waits) DSFP4_RETURN_IF_ERROR(dev::event_sync(ev, c.opt->on_device));
-  std::vector<std::vector<uint8_t>> raw(9);
+  // per-thread staging for the stored (ModelOpt) bytes, reused across units
+  thread_local std::unique_ptr<uint8_t[]> staging;
+  thread_local size_t staging_bytes = 0;
+  size_t need = 0;
+  for (int p = 0; p < 9; ++p)
+    if (p % 3 != 2) need += static_cast<size_t>(e.part[p].nbytes);
+  if (need > staging_bytes) {
+    staging.reset(new uint8_t[need]);
+    staging_bytes = need;
+  }
+  uint8_t* raw[9] = {};
   float gs[3];
+  size_t off = 0;
   for (int p = 0; p < 9; ++p) {
     const TensorRange& r = e.part[p];
     if (p % 3 == 2) {
@@ -219,8 +234,9 @@ Status fill_host_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst, std::ve
       DSFP4_RETURN_IF_ERROR(c.files->read(r, &gs[p / 3]));
       continue;
     }
-    raw[p].resize(static_cast<size_t>(r.nbytes));
-    DSFP4_RETURN_IF_ERROR(c.files->read(r, raw[p].data()));
+    raw[p] = staging.get() + off;
+    off += static_cast<size_t>(r.nbytes);
+    DSFP4_RETURN_IF_ERROR(c.files->read(r, raw[p]));
   }
   for (int i = 0; i < 3; ++i) {
     if (!(gs[i] > 0.0f) || !std::isfinite(gs[i]))
@@ -228,7 +244,7 @@ Status fill_host_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst, std::ve
                              " must be finite and positive, got " + std::to_string(gs[i]));
   }
   ModeloptLinear lin[3];
-  for (int i = 0; i < 3; ++i) lin[i] = {raw[3 * i].data(), raw[3 * i + 1].data(), gs[i]};
+  for (int i = 0; i < 3; ++i) lin[i] = {raw[3 * i], raw[3 * i + 1], gs[i]};
   return expert_unit_from_modelopt(*c.layout, lin[0], lin[1], lin[2], dst, c.opt->repack_threads);
 }
 
@@ -236,7 +252,7 @@ Status fill_host_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst, std::ve
 
 // Starts filling a host unit for `key` (the slot is already assigned). The events to wait for
 // before writing are captured now, on the owning thread.
-static void start_fill(const Ctx& c, int64_t key, int h, int64_t cur_seq) {
+static void start_fill(const Ctx& c, int64_t key, int h, int64_t cur_seq, bool urgent) {
   ExpertStore::Impl& m = *c.m;
   HostSlot& hs = m.hslot[h];
   std::vector<void*> waits;
@@ -252,10 +268,12 @@ static void start_fill(const Ctx& c, int64_t key, int h, int64_t cur_seq) {
   const StoredExpert* e = &m.stored[static_cast<size_t>(key)];
   uint8_t* dst = host_unit_ptr(c, h);
   Ctx cc = c;
-  m.pool->submit([cc, e, dst, waits, prom, previous] {
-    if (previous.valid()) previous.wait();
-    prom->set_value(fill_host_unit(cc, *e, dst, waits));
-  });
+  m.pool->submit(
+      [cc, e, dst, waits, prom, previous] {
+        if (previous.valid()) previous.wait();
+        prom->set_value(fill_host_unit(cc, *e, dst, waits));
+      },
+      urgent);
 }
 
 // Puts `key` in the host cache (or finds it there). Returns false if no host slot is free.
@@ -271,7 +289,7 @@ static bool ensure_host(const Ctx& c, int64_t key, int64_t cur_seq, bool demand,
   const int h = m.host.insert(key, &ev);
   if (h < 0) return false;
   if (ev >= 0 && m.gpu.slot_of(ev) < 0) c.tables[ev] = 0;  // it was only readable in host memory
-  start_fill(c, key, h, cur_seq);
+  start_fill(c, key, h, cur_seq, demand);
   ExpertCounters& ct = m.counters[static_cast<size_t>(layer)];
   ++ct.ssd_reads;
   ct.ssd_bytes += static_cast<uint64_t>(c.layout->bytes);
@@ -378,8 +396,14 @@ Status ExpertStore::resolve(int layer, const int32_t* ids, int64_t count, Stream
   std::vector<int32_t>& pred = m.predicted[static_cast<size_t>(layer)];
   if (!pred.empty()) {
     ct.used_after_prediction += used.size();
+    uint64_t hit = 0;
     for (int32_t e : pred)
-      if (m.stamp[e] == m.stamp_gen) ++ct.predicted_used;
+      if (m.stamp[e] == m.stamp_gen) ++hit;
+    ct.predicted_used += hit;
+    if (!used.empty()) {
+      double& a = m.accuracy[static_cast<size_t>(layer)];
+      a = 0.8 * a + 0.2 * static_cast<double>(hit) / static_cast<double>(used.size());
+    }
     for (int32_t e : m.prefetched[static_cast<size_t>(layer)])
       if (m.stamp[e] != m.stamp_gen) ++ct.prefetch_wasted;
     pred.clear();
@@ -515,11 +539,14 @@ Status ExpertStore::prefetch(int layer, const int32_t* ids, int64_t count, Strea
       if (!finish_host(c, key).ok()) continue;  // the demand path reports the error if it needs it
     }
     if (opt_.miss_mode == MissMode::kZeroCopy) continue;  // nothing to gain from a speculative copy
+    // a wrong guess costs a whole unit of bus time: copy only while guesses are good enough
+    if (m.accuracy[static_cast<size_t>(layer)] < opt_.prefetch_min_accuracy) continue;
     if (opt_.max_prefetch_units >= 0 && issued >= opt_.max_prefetch_units) continue;
     const int g = copy_to_gpu(c, key, seq, compute, copy, &waited, &st);
     if (!st.ok()) return st;
     if (g < 0) break;  // every slot is held
     m.gslot[g].prefetched = true;
+    m.gpu.hold(key);  // kept until the layer it was predicted for resolves
     m.prefetched[static_cast<size_t>(layer)].push_back(e);
     ++ct.prefetch_copies;
     ++issued;
@@ -531,7 +558,7 @@ Status ExpertStore::prefetch(int layer, const int32_t* ids, int64_t count, Strea
 }
 
 Status ExpertStore::reconfigure(CachePolicy gpu_policy, double lambda, MissMode miss_mode, int max_prefetch_units,
-                                Stream compute) {
+                                double prefetch_min_accuracy, Stream compute) {
   if (miss_mode != MissMode::kCopy && !opt_.pinned && opt_.on_device)
     return InvalidArgument("reconfigure: zero-copy needs pinned host memory");
   Impl& m = *impl_;
@@ -544,11 +571,13 @@ Status ExpertStore::reconfigure(CachePolicy gpu_policy, double lambda, MissMode 
   opt_.lambda = lambda;
   opt_.miss_mode = miss_mode;
   opt_.max_prefetch_units = max_prefetch_units;
+  opt_.prefetch_min_accuracy = prefetch_min_accuracy;
   const int64_t keys = static_cast<int64_t>(opt_.layers) * opt_.experts;
   m.gpu = SlotCache(keys, opt_.gpu_slots, gpu_policy, lambda);
   for (GpuSlot& g : m.gslot) g = GpuSlot();
   for (auto& p : m.predicted) p.clear();
   for (auto& p : m.prefetched) p.clear();
+  std::fill(m.accuracy.begin(), m.accuracy.end(), 1.0);
   const Ctx c{&m, &opt_, &layout_, files_.get(), tables_};
   for (int64_t k = 0; k < keys; ++k) tables_[k] = fallback_addr(c, k);
   if (device_tables_ != nullptr)

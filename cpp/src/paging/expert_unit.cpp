@@ -8,6 +8,7 @@
 
 #include "dsfp4/nvfp4.h"
 #include "dsfp4/paging.h"
+#include "kernels/nvfp4/nvfp4_format.h"
 
 namespace dsfp4 {
 namespace paging {
@@ -16,16 +17,74 @@ namespace {
 int64_t align_up(int64_t v) { return (v + kUnitAlign - 1) / kUnitAlign * kUnitAlign; }
 int64_t tiles(int64_t rows) { return (rows + 15) / 16; }
 
+// Word bits contributed by one packed byte (two E2M1 codes, columns kk and kk+1 of a lane's
+// 4-column group) of row r (0: the tile's upper 8 rows, 1: the lower): the bit placement of
+// nvfp4_format.h (mag_base / sign_pos) tabulated once, so a word is four lookups.
+struct RepackTables {
+  uint32_t lut[2][2][256];  // [r][byte pair: columns 0-1 or 2-3][byte]
+  RepackTables() {
+    for (int r = 0; r < 2; ++r)
+      for (int pair = 0; pair < 2; ++pair)
+        for (int b = 0; b < 256; ++b) {
+          uint32_t w = 0;
+          for (int half = 0; half < 2; ++half) {
+            const uint32_t code = half ? (b >> 4) : (b & 15);
+            const int kk = 2 * pair + half;
+            const int reg = 2 * (kk / 2) + r, h = kk % 2;
+            w |= (code & 7u) << (fmt::mag_base(reg) + 16 * h);
+            w |= (code >> 3) << (fmt::sign_pos(reg) + 16 * h);
+          }
+          lut[r][pair][b] = w;
+        }
+  }
+};
+const RepackTables& tables() {
+  static const RepackTables t;
+  return t;
+}
+
 // Rows [row0, row0 + count) of a ModelOpt weight, repacked into their tiles of the tiled
 // layout. Tiles are independent and stored tile-major, so a 16-row-aligned slice repacks into
-// the matching slice of the output.
+// the matching slice of the output. Full tiles with K a multiple of 64 take the table path;
+// anything else the reference repack (the same layout, checked bit for bit in the tests).
 Status repack_rows(const ModeloptLinear& w, int64_t rows, int64_t cols, int64_t row0, int64_t count,
                    uint8_t* qweight, uint8_t* qscale) {
   const int64_t wt = static_cast<int64_t>(tiled_weight_bytes(16, cols));  // bytes per row tile
   const int64_t st = static_cast<int64_t>(tiled_scale_bytes(16, cols));
   const int64_t n = std::min(count, rows - row0);
-  return nvfp4_repack_cpu(w.packed + row0 * (cols / 2), w.scale + row0 * (cols / 16), n, cols,
-                          reinterpret_cast<uint32_t*>(qweight + (row0 / 16) * wt), qscale + (row0 / 16) * st);
+  const uint8_t* packed = w.packed + row0 * (cols / 2);
+  const uint8_t* scale = w.scale + row0 * (cols / 16);
+  uint32_t* qw = reinterpret_cast<uint32_t*>(qweight + (row0 / 16) * wt);
+  uint8_t* qs = qscale + (row0 / 16) * st;
+  if (n % 16 != 0 || cols % 64 != 0) return nvfp4_repack_cpu(packed, scale, n, cols, qw, qs);
+  const auto d = fmt::tiled_dims(16, cols);
+  const RepackTables& T = tables();
+  const int64_t half = cols / 2, groups = cols / 16;
+  for (int64_t t = 0; t < n / 16; ++t) {
+    for (int64_t kb = 0; kb < d.kb; ++kb) {
+      uint32_t* out = qw + (t * d.kb + kb) * 128;
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, c = lane % 4;
+        const uint8_t* p0 = packed + (16 * t + g) * half + 32 * kb + 8 * c;  // row g, 16 columns
+        const uint8_t* p1 = p0 + 8 * half;                                    // row g + 8
+        for (int j = 0; j < 4; ++j)
+          out[lane * 4 + j] = T.lut[0][0][p0[2 * j]] | T.lut[0][1][p0[2 * j + 1]] | T.lut[1][0][p1[2 * j]] |
+                              T.lut[1][1][p1[2 * j + 1]];
+      }
+    }
+    for (int64_t kc = 0; kc < d.kc; ++kc) {
+      uint8_t* out = qs + (t * d.kc + kc) * 512;
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, c = lane % 4;
+        for (int kbi = 0; kbi < 8; ++kbi) {
+          const int64_t group = 4 * (8 * kc + kbi) + c;
+          for (int r = 0; r < 2; ++r)
+            out[lane * 16 + kbi * 2 + r] = group < groups ? scale[(16 * t + g + 8 * r) * groups + group] : 0;
+        }
+      }
+    }
+  }
+  return Status::Ok();
 }
 }  // namespace
 
