@@ -1,4 +1,4 @@
-"""MoE ops on the CPU: routing, permutation, combine, SiLU·mul against plain loops."""
+"""MoE ops on the CPU (the C++ references): routing, permutation, combine, SiLU·mul against plain loops."""
 
 import math
 
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import deepseek_fp4_plugin  # noqa: F401
-from deepseek_fp4_plugin import _C, moe_ops
 
 ROUTE_CASES = [  # experts, n_group, topk_group, top_k
     (16, 4, 2, 4),
@@ -52,13 +51,12 @@ def test_route_matches_loop_and_cpp(e, g, tg, k, norm):
     lw, lids = route_loop(logits, bias, k, g, tg, 2.5, norm)
     assert torch.equal(ids, lids)
     torch.testing.assert_close(w, lw.float(), rtol=1e-6, atol=1e-7)
-    # the C++ CPU reference (for C++ users) agrees too
-    cw = torch.empty_like(w)
-    cids = torch.empty_like(ids)
-    _C.moe_route(logits.data_ptr(), _C.DType.float32, bias.data_ptr(), 19, e, k, g, tg, 2.5, norm,
-                 cw.data_ptr(), cids.data_ptr(), False, 0)
-    assert torch.equal(cids, ids)
-    torch.testing.assert_close(cw, w, rtol=1e-6, atol=1e-7)
+    # bfloat16 logits are read as they are (widened exactly)
+    lb = logits.to(torch.bfloat16)
+    bw, bids = torch.ops.dsfp4.moe_route(lb, bias, k, g, tg, 2.5, norm)
+    lw, lids = route_loop(lb.float(), bias, k, g, tg, 2.5, norm)
+    assert torch.equal(bids, lids)
+    torch.testing.assert_close(bw, lw.float(), rtol=1e-6, atol=1e-7)
 
 
 def test_route_bias_steers_choice_not_weights():
@@ -154,3 +152,13 @@ def test_compact_groups_feeds_the_grouped_gemm():
     y_all = torch.ops.dsfp4.fp4_grouped_gemm(xp, offs, torch.arange(e, dtype=torch.int32), qw, qs, gs, n, h, t * k)
     y_cmp = torch.ops.dsfp4.fp4_grouped_gemm(xp, go, ge, qw, qs, gs, n, h, t * k)
     assert torch.equal(y_all, y_cmp)
+
+
+def test_permute_cpu_fills_dropped_rows_last():
+    x = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # rows of 12 bytes: no alignment needed on CPU
+    ids = torch.tensor([[1, -1], [0, 5], [1, 0], [2, 1]], dtype=torch.int32)
+    xp, offs, perm = torch.ops.dsfp4.moe_permute(x, ids, 3)
+    assert offs.tolist() == [0, 2, 5, 6]
+    assert perm.tolist() == [2, 5, 0, 4, 7, 6, 1, 3]  # experts 0, 1, 2, then the dropped pairs
+    assert torch.equal(xp, x[perm.long() // 2])
+

@@ -20,6 +20,9 @@ Status nvfp4_quantize_cuda(const MatrixSource&, int64_t, int64_t, const float*, 
 Status nvfp4_dequantize_cuda(const uint8_t*, const uint8_t*, const float*, int64_t, int64_t, void*, DType, Stream) {
   return no_cuda("nvfp4_dequantize_cuda");
 }
+Status fp8_block_dequantize_cuda(const MatrixSource&, int64_t, int64_t, float*, Stream) {
+  return no_cuda("fp8_block_dequantize_cuda");
+}
 Status nvfp4_repack_cuda(const uint8_t*, const uint8_t*, int64_t, int64_t, uint32_t*, uint8_t*, Stream) {
   return no_cuda("nvfp4_repack_cuda");
 }
