@@ -73,6 +73,34 @@ def _(router_logits, correction_bias, top_k, n_group, topk_group, routed_scaling
             router_logits.new_empty(t, top_k, dtype=torch.int32))
 
 
+_NOAUX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("dsfp4::noaux_tc", mutates_args=())
+def noaux_tc(scores: Tensor, bias: Tensor, n_group: int, topk_group: int, topk: int,
+             routed_scaling_factor: float) -> Tuple[Tensor, Tensor]:
+    """TensorRT-LLM's ``noaux_tc_op`` signature and semantics on the dsfp4 routing kernel.
+
+    scores [T, E]: router logits (float32, bfloat16 or float16), not yet passed through a
+    sigmoid (the op applies it); bias [E]: e_score_correction_bias (same dtypes). Returns
+    (weights [T, topk] in scores' dtype, expert ids int32 [T, topk]): the sigmoid scores of
+    the chosen experts divided by their sum (+1e-20), times routed_scaling_factor, in
+    descending order of biased score. Same as moe_route with norm_topk_prob=True.
+    """
+    _check_route_args(scores, bias, topk, n_group, topk_group, ("scores", "bias", "topk"),
+                      (_NOAUX_DTYPES, _NOAUX_DTYPES))
+    # float16 logits and non-float32 biases widen exactly to what the kernel reads
+    logits = scores if scores.dtype != torch.float16 else scores.float()
+    w, ids = moe_route(logits, bias.float().contiguous(), topk, n_group, topk_group, routed_scaling_factor, True)
+    return w.to(scores.dtype), ids
+
+
+@noaux_tc.register_fake
+def _(scores, bias, n_group, topk_group, topk, routed_scaling_factor):
+    t = scores.shape[0]
+    return scores.new_empty(t, topk), scores.new_empty(t, topk, dtype=torch.int32)
+
+
 def _check_ids(topk_ids: Tensor, num_experts: int) -> None:
     _check_tensor(topk_ids, "topk_ids", dtype=torch.int32, dim=2)
     _check_device(topk_ids, "topk_ids")
