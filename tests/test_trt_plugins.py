@@ -3,6 +3,9 @@ build-time queries (output shapes through a test IExprBuilder, formats, types, w
 enqueue's argument checks, and TensorRT's own plugin registry when a TensorRT runtime library
 is at hand. Skipped when the plugins were not built (no TensorRT headers)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -294,3 +297,24 @@ def test_tensorrt_registry_loads_library_and_finds_every_creator():
     n, report = drv.registry_check(lib, str(td.plugin_library()))
     assert n == 3, report
     assert "loadLibrary ok" in report and "created Dsfp4MoeRouting" in report
+
+
+def test_register_plugins_with_the_loaded_tensorrt():
+    lib = td.trt_runtime_library()
+    if lib is None:
+        pytest.skip("no TensorRT runtime library (set DSFP4_TRT_LIB, e.g. to libnvinfer_lean.so.11)")
+    # in a fresh process: registering is global to the process's TensorRT
+    code = (
+        "import ctypes, sys\n"
+        f"trt = ctypes.CDLL({lib!r})\n"
+        f"plugins = ctypes.CDLL({str(td.plugin_library())!r})\n"
+        "first = plugins.dsfp4_trt_register_plugins(None)\n"
+        "again = plugins.dsfp4_trt_register_plugins(None)\n"
+        "get = trt.getPluginRegistry; get.restype = ctypes.c_void_p\n"
+        "explicit = plugins.dsfp4_trt_register_plugins(ctypes.c_void_p(get()))\n"
+        "print(first, again, explicit)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # three creators registered once; a second registration adds none
+    assert out.stdout.split() == ["3", "0", "0"], out.stdout + out.stderr

@@ -41,6 +41,11 @@ DSFP4_EXPORT int32_t dsfp4_trt_register_plugins(void* plugin_registry) {
   if (registry == nullptr) {
     using GetRegistry = nvinfer1::IPluginRegistry* (*)();
     auto get = reinterpret_cast<GetRegistry>(dlsym(RTLD_DEFAULT, "getPluginRegistry"));
+    // A TensorRT loaded privately (e.g. by Python's tensorrt module) is found by name.
+    for (const char* lib : {"libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer_lean.so.11", "libnvinfer_lean.so.10"}) {
+      if (get != nullptr) break;
+      if (void* h = dlopen(lib, RTLD_NOW | RTLD_NOLOAD)) get = reinterpret_cast<GetRegistry>(dlsym(h, "getPluginRegistry"));
+    }
     if (get == nullptr) {
       dsfp4::trt::log_error("dsfp4_trt_register_plugins: no registry given and no TensorRT library is loaded");
       return -1;
