@@ -174,6 +174,11 @@ class Driver:
         lib.drv_source_new.restype = vp
         lib.drv_source_new.argtypes = [vp, ip, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ip, ip]
         lib.drv_set_source.argtypes = [ctypes.c_int64, vp]
+        lib.drv_source_free.argtypes = [vp]
+        lib.drv_source_fail.argtypes = [vp, ip]
+        for fn in (lib.drv_destroy, lib.drv_clone, lib.drv_attach, lib.drv_roundtrip):
+            fn.argtypes = [vp]
+        lib.drv_same_fields.argtypes = [vp, vp]
         lib.drv_source_stats.argtypes = [vp, ctypes.POINTER(ip), ctypes.POINTER(ip), ctypes.POINTER(ip),
                                          ctypes.POINTER(ctypes.c_int64)]
         lib.drv_capture_log(1)
