@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
-#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune]
+#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt]
 # With no arguments: build tests sanitizer bench-gemm.
+# trt: builds with the TensorRT plugins (headers from TENSORRT_ROOT, else .deps/tensorrt-11.1),
+# runs ctest (the C++ example from the installed package, the expert runner), the plugin tests
+# (tests/test_trt_plugins.py with the lean runtime's registry, tests/gpu/test_trt_plugins_gpu.py)
+# and compute-sanitizer on the expert runner; logs under $OUT/trt_*.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
@@ -26,6 +30,37 @@ if has build; then
     python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
   echo "build ok in $(( $(date +%s) - start )) s"
   (cd build && ctest --output-on-failure > "$OUT/ctest.log" 2>&1) || { status=1; tail -20 "$OUT/ctest.log"; }
+fi
+
+if has trt; then
+  echo "== TensorRT plugins, C++ example"
+  trt_root=${TENSORRT_ROOT:-}
+  if [ -z "$trt_root" ] && [ -f .deps/tensorrt-11.1/include/NvInferRuntime.h ]; then trt_root=$PWD/.deps/tensorrt-11.1; fi
+  if [ -z "$trt_root" ]; then
+    echo "no TensorRT headers: set TENSORRT_ROOT or copy them to .deps/tensorrt-11.1"; status=1
+  else
+    export TENSORRT_ROOT=$trt_root
+    trt_lib=$(find /tmp/site -name 'libnvinfer_lean.so.*' 2>/dev/null | sort | head -1)
+    arch=$(python3 -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0]==9 else ''))")
+    start=$(date +%s)
+    DSFP4_CUDA_ARCHS="${arch}-real" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+      python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/trt_build.log" 2>&1
+    if [ $? -ne 0 ] || [ ! -f build/plugins/libdsfp4_trt_plugins.so ]; then
+      tail -40 "$OUT/trt_build.log"; grep "dsfp4:" "$OUT/trt_build.log"; status=1
+    else
+      echo "build ok in $(( $(date +%s) - start )) s; $(grep -o 'dsfp4: TensorRT plugins.*' "$OUT/trt_build.log" | head -1)"
+      (cd build && timeout 600 ctest --output-on-failure -V > "$OUT/trt_ctest.log" 2>&1) || status=1
+      grep -E "Test +#|tests passed|MISMATCH|checks passed|not run" "$OUT/trt_ctest.log" | tail -20
+      echo "lean runtime: ${trt_lib:-none found under /tmp/site}"
+      DSFP4_TRT_LIB="$trt_lib" timeout 600 python3 -m pytest tests/test_trt_plugins.py tests/gpu/test_trt_plugins_gpu.py \
+        -v -rs > "$OUT/trt_tests.log" 2>&1
+      [ $? -eq 0 ] || status=1
+      tail -8 "$OUT/trt_tests.log"
+      timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 build/tests/cpp/test_moe_experts_cpp \
+        > "$OUT/trt_sanitizer.log" 2>&1
+      rc=$?; tail -3 "$OUT/trt_sanitizer.log"; echo "sanitizer (expert runner) exit $rc"; [ $rc -eq 0 ] || status=1
+    fi
+  fi
 fi
 
 if has tests; then

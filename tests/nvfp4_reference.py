@@ -86,3 +86,67 @@ def dequantize(packed: np.ndarray, codes: np.ndarray, gs: float) -> np.ndarray:
     # float32 like ModelOpt: (block scale × global scale), then × the E2M1 value
     s = np.repeat((_E4M3[codes].astype(np.float32) * np.float32(gs)).astype(np.float32), 16, axis=1)
     return (vals * s).astype(np.float32)
+
+
+# ---- tiled kernel layout -----------------------------------------------------------------
+# Written from two outside facts, not from the library's repack code:
+# 1. The fused GEMM decodes a 32-bit word into four bf16x2 mma A registers with fixed shifts
+#    and masks (fp4_gemm_mma.cuh, decode_word): register i = ((word << MAG_SHIFT[i]) & 0x01C001C0)
+#    | ((word << SIGN_SHIFT[i]) & 0x80008000) (a negative shift is a right shift). In each bf16
+#    half the E2M1 magnitude must sit at bits 6..8 and the sign at bit 15, which reads as
+#    E2M1 × 2^-126.
+# 2. mma.m16n8k16's A fragment (PTX ISA): lane 4g + c holds rows g and g+8; of the lane's
+#    four k columns, register 0 holds row g cols 0,1, register 1 row g+8 cols 0,1, register 2
+#    row g cols 2,3, register 3 row g+8 cols 2,3 (low half first).
+# Word j of lane 4g + c in row tile t, k-block b holds rows {16t+g, 16t+g+8} × columns
+# {64b + 16c + 4j + 0..3}; qscale entry (kb', r) of the lane in chunk kc is the scale of row
+# 16t+g+8r, group 4(8kc+kb')+c (cpp/include/dsfp4/nvfp4.h).
+MAG_SHIFT = (0, 3, 6, -3)
+SIGN_SHIFT = (0, 3, 1, 2)
+REGISTER = ((0, 0, 2, 2), (1, 1, 3, 3))  # [rowsel][column kk] → register; half = kk % 2
+
+
+def _shl(v: np.ndarray, s: int) -> np.ndarray:
+    return (v << np.uint32(s)) if s >= 0 else (v >> np.uint32(-s))
+
+
+def tiled_decode(words: np.ndarray) -> np.ndarray:
+    """uint32 words [...] → the four registers' eight values [..., 4 registers, 2 halves], as
+    float64 (the E2M1 value × 2^-126 each half must hold)."""
+    w = words.astype(np.uint32)
+    regs = [(_shl(w, MAG_SHIFT[i]) & np.uint32(0x01C001C0)) | (_shl(w, SIGN_SHIFT[i]) & np.uint32(0x80008000))
+            for i in range(4)]
+    out = np.empty(w.shape + (4, 2), dtype=np.float64)
+    for i, r in enumerate(regs):
+        for h in range(2):
+            half = (r >> np.uint32(16 * h)) & np.uint32(0xFFFF)
+            exp, man, sign = (half >> 7) & 0xFF, half & 0x7F, half >> 15
+            mag = np.where(exp == 0, man / 128.0 * 2.0 ** -126, (1 + man / 128.0) * 2.0 ** (exp.astype(np.int64) - 127))
+            out[..., i, h] = np.where(sign == 1, -mag, mag)
+    return out
+
+
+def tiled_repack(packed: np.ndarray, codes: np.ndarray, rows: int, cols: int):
+    """ModelOpt packed [rows, cols/2] and scale codes [rows, cols/16] → (qweight uint32 [words],
+    qscale uint8 [bytes]) of the tiled layout, padding zero."""
+    nt, nkb = -(-rows // 16), -(-cols // 64)
+    nkc = -(-nkb // 8)
+    nib = np.zeros((nt * 16, nkb * 64), dtype=np.uint32)
+    nib[:rows, 0:cols:2] = packed & 0xF
+    nib[:rows, 1:cols:2] = packed >> 4
+    t, b, lane, j = np.meshgrid(np.arange(nt), np.arange(nkb), np.arange(32), np.arange(4), indexing="ij")
+    g, c = lane // 4, lane % 4
+    words = np.zeros(t.shape, dtype=np.uint32)
+    for r in range(2):
+        for kk in range(4):
+            code = nib[16 * t + g + 8 * r, 64 * b + 16 * c + 4 * j + kk]
+            reg, h = REGISTER[r][kk], kk % 2
+            mag_pos, sign_pos = 6 - MAG_SHIFT[reg] + 16 * h, 15 - SIGN_SHIFT[reg] + 16 * h
+            words |= (code & np.uint32(7)) << np.uint32(mag_pos)
+            words |= (code >> np.uint32(3)) << np.uint32(sign_pos)
+    sc = np.zeros((nt * 16, nkc * 32 + 4), dtype=np.uint8)
+    sc[:rows, : cols // 16] = codes
+    t, kc, lane, kbi, r = np.meshgrid(np.arange(nt), np.arange(nkc), np.arange(32), np.arange(8), np.arange(2),
+                                      indexing="ij")
+    qscale = sc[16 * t + lane // 4 + 8 * r, 4 * (8 * kc + kbi) + lane % 4]
+    return words.reshape(-1), qscale.reshape(-1).astype(np.uint8)

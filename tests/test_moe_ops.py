@@ -1,4 +1,4 @@
-"""MoE ops on the CPU: routing, permutation, combine, SiLU·mul against plain loops."""
+"""MoE ops on the CPU (the C++ references): routing, permutation, combine, SiLU·mul against plain loops."""
 
 import math
 
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import deepseek_fp4_plugin  # noqa: F401
-from deepseek_fp4_plugin import _C, moe_ops
 
 ROUTE_CASES = [  # experts, n_group, topk_group, top_k
     (16, 4, 2, 4),
@@ -52,13 +51,12 @@ def test_route_matches_loop_and_cpp(e, g, tg, k, norm):
     lw, lids = route_loop(logits, bias, k, g, tg, 2.5, norm)
     assert torch.equal(ids, lids)
     torch.testing.assert_close(w, lw.float(), rtol=1e-6, atol=1e-7)
-    # the C++ CPU reference (for C++ users) agrees too
-    cw = torch.empty_like(w)
-    cids = torch.empty_like(ids)
-    _C.moe_route(logits.data_ptr(), _C.DType.float32, bias.data_ptr(), 19, e, k, g, tg, 2.5, norm,
-                 cw.data_ptr(), cids.data_ptr(), False, 0)
-    assert torch.equal(cids, ids)
-    torch.testing.assert_close(cw, w, rtol=1e-6, atol=1e-7)
+    # bfloat16 logits are read as they are (widened exactly)
+    lb = logits.to(torch.bfloat16)
+    bw, bids = torch.ops.dsfp4.moe_route(lb, bias, k, g, tg, 2.5, norm)
+    lw, lids = route_loop(lb.float(), bias, k, g, tg, 2.5, norm)
+    assert torch.equal(bids, lids)
+    torch.testing.assert_close(bw, lw.float(), rtol=1e-6, atol=1e-7)
 
 
 def test_route_bias_steers_choice_not_weights():
@@ -154,3 +152,58 @@ def test_compact_groups_feeds_the_grouped_gemm():
     y_all = torch.ops.dsfp4.fp4_grouped_gemm(xp, offs, torch.arange(e, dtype=torch.int32), qw, qs, gs, n, h, t * k)
     y_cmp = torch.ops.dsfp4.fp4_grouped_gemm(xp, go, ge, qw, qs, gs, n, h, t * k)
     assert torch.equal(y_all, y_cmp)
+
+
+def test_permute_cpu_fills_dropped_rows_last():
+    x = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # rows of 12 bytes: no alignment needed on CPU
+    ids = torch.tensor([[1, -1], [0, 5], [1, 0], [2, 1]], dtype=torch.int32)
+    xp, offs, perm = torch.ops.dsfp4.moe_permute(x, ids, 3)
+    assert offs.tolist() == [0, 2, 5, 6]
+    assert perm.tolist() == [2, 5, 0, 4, 7, 6, 1, 3]  # experts 0, 1, 2, then the dropped pairs
+    assert torch.equal(xp, x[perm.long() // 2])
+
+
+# ---- noaux_tc: TensorRT-LLM's noaux_tc_op signature and semantics -----------------------
+
+
+@pytest.mark.parametrize("e,g,tg,k", ROUTE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_noaux_tc_against_loop(e, g, tg, k, dtype):
+    gen = torch.Generator().manual_seed(e + k)
+    scores = (torch.randn(11, e, generator=gen) * 2).to(dtype)   # raw router logits
+    bias = (torch.randn(e, generator=gen) * 0.05).to(dtype)
+    w, ids = torch.ops.dsfp4.noaux_tc(scores, bias, g, tg, k, 2.5)
+    assert w.dtype == dtype and ids.dtype == torch.int32 and w.shape == (11, k) == ids.shape
+    lw, lids = route_loop(scores.float(), bias.float(), k, g, tg, 2.5, True)  # sigmoid inside, normalized
+    assert torch.equal(ids, lids)
+    torch.testing.assert_close(w, lw.to(dtype), rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-7)
+    # weights sum to the scaling factor: normalized before scaling
+    torch.testing.assert_close(w.float().sum(1), torch.full((11,), 2.5), rtol=1e-2, atol=1e-2)
+
+
+def test_noaux_tc_equals_moe_route_normalized():
+    scores = torch.randn(7, 64)
+    bias = torch.randn(64) * 0.1
+    w, ids = torch.ops.dsfp4.noaux_tc(scores, bias, 8, 4, 8, 1.5)
+    rw, rids = torch.ops.dsfp4.moe_route(scores, bias, 8, 8, 4, 1.5, True)
+    assert torch.equal(ids, rids) and torch.equal(w, rw)
+
+
+def test_noaux_tc_bad_inputs_name_the_argument():
+    s, b = torch.randn(2, 16), torch.zeros(16)
+    with pytest.raises(ValueError, match="scores"):
+        torch.ops.dsfp4.noaux_tc(s.to(torch.int32), b, 4, 2, 4, 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        torch.ops.dsfp4.noaux_tc(s, torch.zeros(15), 4, 2, 4, 1.0)
+    with pytest.raises(ValueError, match="n_group"):
+        torch.ops.dsfp4.noaux_tc(s, b, 3, 2, 4, 1.0)
+    with pytest.raises(ValueError, match="topk_group"):
+        torch.ops.dsfp4.noaux_tc(s, b, 4, 5, 4, 1.0)
+    with pytest.raises(ValueError, match="topk"):
+        torch.ops.dsfp4.noaux_tc(s, b, 4, 2, 9, 1.0)
+
+
+def test_noaux_tc_opcheck():
+    torch.library.opcheck(torch.ops.dsfp4.noaux_tc.default, (torch.randn(5, 16), torch.zeros(16), 4, 2, 4, 2.5))
+    torch.library.opcheck(torch.ops.dsfp4.noaux_tc.default,
+                          (torch.randn(3, 32).to(torch.bfloat16), torch.zeros(32).to(torch.bfloat16), 1, 1, 6, 1.0))

@@ -7,6 +7,7 @@ import torch
 import deepseek_fp4_plugin  # noqa: F401  (registers the ops)
 from deepseek_fp4_plugin import Fp4Weight, ops
 
+from nvfp4_reference import E2M1, tiled_decode, tiled_repack
 from nvfp4_reference import dequantize as ref_dequantize
 from nvfp4_reference import quantize as ref_quantize
 
@@ -134,6 +135,32 @@ def test_repack_roundtrip_and_tiled_dequantize(shape):
     a = torch.ops.dsfp4.fp4_dequantize_tiled(qw, qs, gs, n, k, torch.float32)
     b = torch.ops.dsfp4.nvfp4_dequantize(packed, scale, gs, torch.float32)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_repack_matches_independent_layout(shape):
+    n, k = shape
+    packed, scale, _ = torch.ops.dsfp4.nvfp4_quantize(torch.randn(shape))
+    qw, qs = torch.ops.dsfp4.nvfp4_repack(packed, scale)
+    rw, rs = tiled_repack(packed.numpy(), scale.view(torch.uint8).numpy(), n, k)
+    np.testing.assert_array_equal(qw.numpy().view(np.uint32), rw)
+    np.testing.assert_array_equal(qs.numpy(), rs)
+
+
+def test_independent_layout_decodes_to_e2m1():
+    # the reference's words, decoded as the kernel does, give each element's E2M1 value × 2^-126
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (16, 64), generator=gen, dtype=torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).numpy()
+    words, _ = tiled_repack(packed, np.zeros((16, 4), np.uint8), 16, 64)
+    vals = tiled_decode(words.reshape(32, 4))  # [lane, j, register, half]
+    want = (E2M1[codes.numpy() & 7] * np.where(codes.numpy() & 8, -1.0, 1.0)) * 2.0 ** -126
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        for j in range(4):
+            for reg, (r, kk0) in enumerate([(0, 0), (1, 0), (0, 2), (1, 2)]):
+                for h in range(2):
+                    assert vals[lane, j, reg, h] == want[g + 8 * r, 16 * c + 4 * j + kk0 + h]
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 16), (3, 37, 80), (17, 100, 1040), (5, 129, 64)])

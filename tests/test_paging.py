@@ -409,6 +409,7 @@ def test_expert_threshold_skips_only_non_resident_and_renormalizes(model_dir, re
     assert torch.isfinite(logits).all()
     # the filter on its own: weights of kept experts renormalized to the same total
     store = eng.store
+    store.expert_threshold = 0.3
     table = store.tables[0].clone()
     table.zero_()                                                  # nothing on the GPU
     w = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])

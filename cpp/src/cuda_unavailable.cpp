@@ -2,6 +2,7 @@
 // public API links the same way on every machine.
 #include "dsfp4/fp4_gemm.h"
 #include "dsfp4/moe.h"
+#include "dsfp4/moe_experts.h"
 #include "dsfp4/nvfp4.h"
 
 #include <string>
@@ -19,6 +20,9 @@ Status nvfp4_quantize_cuda(const MatrixSource&, int64_t, int64_t, const float*, 
 }
 Status nvfp4_dequantize_cuda(const uint8_t*, const uint8_t*, const float*, int64_t, int64_t, void*, DType, Stream) {
   return no_cuda("nvfp4_dequantize_cuda");
+}
+Status fp8_block_dequantize_cuda(const MatrixSource&, int64_t, int64_t, float*, Stream) {
+  return no_cuda("fp8_block_dequantize_cuda");
 }
 Status nvfp4_repack_cuda(const uint8_t*, const uint8_t*, int64_t, int64_t, uint32_t*, uint8_t*, Stream) {
   return no_cuda("nvfp4_repack_cuda");
@@ -56,5 +60,13 @@ Status moe_combine_cuda(const void*, DType, const int32_t*, const float*, const 
   return no_cuda("moe_combine_cuda");
 }
 Status silu_mul_cuda(const void*, DType, int64_t, int64_t, void*, Stream) { return no_cuda("silu_mul_cuda"); }
+Status moe_experts_cuda(const MoeExpertsParams&, const Fp4GroupedWeight&, const Fp4GroupedWeight&, const void*,
+                        const float*, const int32_t*, void*, void*, size_t, Stream) {
+  return no_cuda("moe_experts_cuda");
+}
+Status moe_experts_units_cuda(const MoeExpertsParams&, const ExpertTable&, const void*, const float*, const int32_t*,
+                              void*, void*, size_t, Stream) {
+  return no_cuda("moe_experts_units_cuda");
+}
 
 }  // namespace dsfp4

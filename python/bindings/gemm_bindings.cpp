@@ -98,6 +98,49 @@ void bind_gemm(py::module_& m) {
       py::arg("ldy"), py::arg("tile_tokens"), py::arg("stream"));
 
   m.def(
+      "fp4_gemm_cpu",
+      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, bool gs_per_tile, int64_t n,
+         int64_t k, std::uintptr_t x, int64_t ldx, std::uintptr_t y, int64_t ldy, int64_t rows) {
+        Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = fp4_gemm_cpu(make_weight(qweight, qscale, global_scale, gs_per_tile, n, k), ptr<const void>(x), ldx,
+                            ptr<void>(y), ldy, rows);
+        }
+        throw_if_error(st);
+      },
+      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("gs_per_tile"), py::arg("n"),
+      py::arg("k"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("m"));
+
+  m.def(
+      "fp4_grouped_gemm_cpu",
+      [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, bool gs_per_tile,
+         int64_t qweight_slot_stride, int64_t qscale_slot_stride, int64_t n, int64_t k, int num_slots, int num_groups,
+         std::uintptr_t slot_of_group, std::uintptr_t row_offsets, int64_t rows, std::uintptr_t x, int64_t ldx,
+         std::uintptr_t y, int64_t ldy) {
+        Fp4GroupedWeight w;
+        w.qweight = ptr<const uint32_t>(qweight);
+        w.qscale = ptr<const uint8_t>(qscale);
+        w.global_scale = ptr<const float>(global_scale);
+        w.global_scale_per_tile = gs_per_tile;
+        w.qweight_slot_stride = qweight_slot_stride;
+        w.qscale_slot_stride = qscale_slot_stride;
+        w.n = n;
+        w.k = k;
+        Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = fp4_grouped_gemm_cpu(w, num_slots, num_groups, ptr<const int32_t>(slot_of_group),
+                                    ptr<const int32_t>(row_offsets), rows, ptr<const void>(x), ldx, ptr<void>(y), ldy);
+        }
+        throw_if_error(st);
+      },
+      py::arg("qweight"), py::arg("qscale"), py::arg("global_scale"), py::arg("gs_per_tile"),
+      py::arg("qweight_slot_stride"), py::arg("qscale_slot_stride"), py::arg("n"), py::arg("k"),
+      py::arg("num_slots"), py::arg("num_groups"), py::arg("slot_of_group"), py::arg("row_offsets"),
+      py::arg("rows"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"));
+
+  m.def(
       "fp4_dequantize_tiled",
       [](std::uintptr_t qweight, std::uintptr_t qscale, std::uintptr_t global_scale, bool gs_per_tile, int64_t n,
          int64_t k, std::uintptr_t dst, int64_t ldw, bool on_cuda, std::uintptr_t s) {

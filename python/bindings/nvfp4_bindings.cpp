@@ -61,7 +61,7 @@ void bind_nvfp4(py::module_& m) {
   m.def(
       "fp8_block_dequantize",
       [](std::uintptr_t src, std::uintptr_t scale_inv, int block_rows, int block_cols, int64_t rows, int64_t cols,
-         std::uintptr_t dst) {
+         std::uintptr_t dst, bool on_cuda, std::uintptr_t s) {
         MatrixSource ms;
         ms.data = ptr<const void>(src);
         ms.dtype = DType::kFloat8E4M3;
@@ -71,12 +71,13 @@ void bind_nvfp4(py::module_& m) {
         Status st;
         {
           py::gil_scoped_release nogil;
-          st = fp8_block_dequantize_cpu(ms, rows, cols, ptr<float>(dst));
+          st = on_cuda ? fp8_block_dequantize_cuda(ms, rows, cols, ptr<float>(dst), stream(s))
+                       : fp8_block_dequantize_cpu(ms, rows, cols, ptr<float>(dst));
         }
         throw_if_error(st);
       },
       py::arg("src"), py::arg("scale_inv"), py::arg("block_rows"), py::arg("block_cols"), py::arg("rows"),
-      py::arg("cols"), py::arg("dst"));
+      py::arg("cols"), py::arg("dst"), py::arg("on_cuda"), py::arg("stream"));
 
   m.def(
       "nvfp4_repack",

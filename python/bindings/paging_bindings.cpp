@@ -298,11 +298,14 @@ void bind_paging(py::module_& m) {
         return d;
       });
 
+  // On the CPU (on_cuda false) the addresses are host addresses, num_slots bounds slot_of_group
+  // and rows bounds row_offsets; on the GPU max_rows_per_group sizes the grid.
   m.def(
       "fp4_grouped_gemm_units",
       [](std::uintptr_t unit_addr, int64_t off_qweight, int64_t off_qscale, int64_t off_scale, int64_t n, int64_t k,
-         int num_groups, std::uintptr_t slot_of_group, std::uintptr_t row_offsets, int64_t max_rows_per_group,
-         std::uintptr_t x, int64_t ldx, std::uintptr_t y, int64_t ldy, int tile_tokens, std::uintptr_t s) {
+         int num_slots, int num_groups, std::uintptr_t slot_of_group, std::uintptr_t row_offsets, int64_t rows,
+         int64_t max_rows_per_group, std::uintptr_t x, int64_t ldx, std::uintptr_t y, int64_t ldy, int tile_tokens,
+         bool on_cuda, std::uintptr_t s) {
         Fp4GroupedWeight w;
         w.unit_addr = ptr<const uint64_t>(unit_addr);
         w.unit_qweight = off_qweight;
@@ -311,14 +314,21 @@ void bind_paging(py::module_& m) {
         w.global_scale_per_tile = true;
         w.n = n;
         w.k = k;
-        throw_if_error(fp4_grouped_gemm_cuda(w, num_groups, ptr<const int32_t>(slot_of_group),
-                                             ptr<const int32_t>(row_offsets), max_rows_per_group, ptr<const void>(x),
-                                             ldx, ptr<void>(y), ldy, tile_tokens, stream(s)));
+        if (on_cuda) {
+          throw_if_error(fp4_grouped_gemm_cuda(w, num_groups, ptr<const int32_t>(slot_of_group),
+                                               ptr<const int32_t>(row_offsets), max_rows_per_group,
+                                               ptr<const void>(x), ldx, ptr<void>(y), ldy, tile_tokens, stream(s)));
+          return;
+        }
+        nogil([&] {
+          return fp4_grouped_gemm_cpu(w, num_slots, num_groups, ptr<const int32_t>(slot_of_group),
+                                      ptr<const int32_t>(row_offsets), rows, ptr<const void>(x), ldx, ptr<void>(y), ldy);
+        });
       },
       py::arg("unit_addr"), py::arg("unit_qweight"), py::arg("unit_qscale"), py::arg("unit_scale"), py::arg("n"),
-      py::arg("k"), py::arg("num_groups"), py::arg("slot_of_group"), py::arg("row_offsets"),
-      py::arg("max_rows_per_group"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
-      py::arg("tile_tokens"), py::arg("stream"));
+      py::arg("k"), py::arg("num_slots"), py::arg("num_groups"), py::arg("slot_of_group"), py::arg("row_offsets"),
+      py::arg("rows"), py::arg("max_rows_per_group"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
+      py::arg("tile_tokens"), py::arg("on_cuda"), py::arg("stream"));
 }
 
 }  // namespace py_bind

@@ -1,6 +1,7 @@
 """torch.ops.dsfp4 MoE ops: noaux_tc routing, token permutation, SiLU·mul, weighted combine.
 
-CPU implementations here are the references the CUDA kernels are tested against.
+Each op validates its arguments and calls the C++ core: the CPU references (moe_cpu.cpp) on CPU
+tensors, the CUDA kernels on CUDA tensors.
 
 Routing (DeepSeek-V3 ``noaux_tc``), per token t over E experts in ``n_group`` groups:
   s        = sigmoid(logits)                      (float32)
@@ -22,7 +23,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ext
@@ -30,38 +30,25 @@ from ._ext import _C, stream_of
 from .ops import _check, _check_device, _check_tensor
 
 
-def _check_route_args(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int) -> None:
-    _check_tensor(logits, "router_logits", dtype=(torch.float32, torch.bfloat16), dim=2)
-    _check_device(logits, "router_logits")
+def _check_route_args(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int,
+                      names: Tuple[str, str, str] = ("router_logits", "e_score_correction_bias", "top_k"),
+                      dtypes=((torch.float32, torch.bfloat16), (torch.float32,))) -> None:
+    logits_name, bias_name, k_name = names
+    _check_tensor(logits, logits_name, dtype=dtypes[0], dim=2)
+    _check_device(logits, logits_name)
     e = logits.shape[1]
-    _check_tensor(bias, "e_score_correction_bias", dtype=torch.float32, dim=1, device=logits.device)
-    _check(bias.numel() == e, f"e_score_correction_bias has {bias.numel()} entries, expected {e}")
+    _check_tensor(bias, bias_name, dtype=dtypes[1], dim=1, device=logits.device)
+    _check(bias.numel() == e, f"{bias_name} has {bias.numel()} entries, expected {e}")
+    for name, v in ((k_name, top_k), ("n_group", n_group), ("topk_group", topk_group)):
+        _check(isinstance(v, int), f"{name} must be an int, got {type(v).__name__}")
     _check(n_group >= 1 and e % n_group == 0, f"n_group = {n_group} must divide the {e} experts")
     _check(e // n_group >= 2, "each group needs at least 2 experts")
     _check(1 <= topk_group <= n_group, f"topk_group = {topk_group} must be in [1, n_group = {n_group}]")
     _check(1 <= top_k <= topk_group * (e // n_group),
-           f"top_k = {top_k} must be in [1, {topk_group * (e // n_group)}] (experts in the kept groups)")
-    _check(top_k <= 32, "top_k must be at most 32")
+           f"{k_name} = {top_k} must be in [1, {topk_group * (e // n_group)}] (experts in the kept groups)")
+    _check(top_k <= 32, f"{k_name} must be at most 32")
     _check(e <= 1024, "at most 1024 experts are supported")
     _check(n_group <= 32, "at most 32 expert groups are supported")
-
-
-def route_reference(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int,
-                    routed_scaling_factor: float, norm_topk_prob: bool) -> Tuple[Tensor, Tensor]:
-    t, e = logits.shape
-    s = torch.sigmoid(logits.float())
-    c = s + bias.float()
-    grouped = c.view(t, n_group, e // n_group)
-    group_score = grouped.topk(2, dim=-1).values.sum(-1)                       # [T, G]
-    # stable=True sorts ties by index, matching the kernel's lower-index rule
-    keep = torch.sort(group_score, dim=-1, descending=True, stable=True).indices[:, :topk_group]
-    mask = torch.zeros(t, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
-    c = c.masked_fill(~mask.repeat_interleave(e // n_group, dim=1), float("-inf"))
-    ids = torch.sort(c, dim=-1, descending=True, stable=True).indices[:, :top_k]  # [T, k]
-    w = s.gather(1, ids)
-    if norm_topk_prob:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return (w * routed_scaling_factor).contiguous(), ids.to(torch.int32).contiguous()
 
 
 @torch.library.custom_op("dsfp4::moe_route", mutates_args=())
@@ -69,16 +56,13 @@ def moe_route(router_logits: Tensor, correction_bias: Tensor, top_k: int, n_grou
               routed_scaling_factor: float, norm_topk_prob: bool) -> Tuple[Tensor, Tensor]:
     """DeepSeek noaux_tc routing. Returns (weights float32 [T, top_k], expert ids int32 [T, top_k])."""
     _check_route_args(router_logits, correction_bias, top_k, n_group, topk_group)
-    if router_logits.device.type == "cpu":
-        return route_reference(router_logits, correction_bias, top_k, n_group, topk_group,
-                               routed_scaling_factor, norm_topk_prob)
     t, e = router_logits.shape
     w = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     if t > 0:
         _C.moe_route(router_logits.data_ptr(), _ext.DTYPE_TO_C[router_logits.dtype], correction_bias.data_ptr(),
                      t, e, top_k, n_group, topk_group, float(routed_scaling_factor), bool(norm_topk_prob),
-                     w.data_ptr(), ids.data_ptr(), True, stream_of(router_logits))
+                     w.data_ptr(), ids.data_ptr(), router_logits.device.type == "cuda", stream_of(router_logits))
     return w, ids
 
 
@@ -87,6 +71,34 @@ def _(router_logits, correction_bias, top_k, n_group, topk_group, routed_scaling
     t = router_logits.shape[0]
     return (router_logits.new_empty(t, top_k, dtype=torch.float32),
             router_logits.new_empty(t, top_k, dtype=torch.int32))
+
+
+_NOAUX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("dsfp4::noaux_tc", mutates_args=())
+def noaux_tc(scores: Tensor, bias: Tensor, n_group: int, topk_group: int, topk: int,
+             routed_scaling_factor: float) -> Tuple[Tensor, Tensor]:
+    """TensorRT-LLM's ``noaux_tc_op`` signature and semantics on the dsfp4 routing kernel.
+
+    scores [T, E]: router logits (float32, bfloat16 or float16), not yet passed through a
+    sigmoid (the op applies it); bias [E]: e_score_correction_bias (same dtypes). Returns
+    (weights [T, topk] in scores' dtype, expert ids int32 [T, topk]): the sigmoid scores of
+    the chosen experts divided by their sum (+1e-20), times routed_scaling_factor, in
+    descending order of biased score. Same as moe_route with norm_topk_prob=True.
+    """
+    _check_route_args(scores, bias, topk, n_group, topk_group, ("scores", "bias", "topk"),
+                      (_NOAUX_DTYPES, _NOAUX_DTYPES))
+    # float16 logits and non-float32 biases widen exactly to what the kernel reads
+    logits = scores if scores.dtype != torch.float16 else scores.float()
+    w, ids = moe_route(logits, bias.float().contiguous(), topk, n_group, topk_group, routed_scaling_factor, True)
+    return w.to(scores.dtype), ids
+
+
+@noaux_tc.register_fake
+def _(scores, bias, n_group, topk_group, topk, routed_scaling_factor):
+    t = scores.shape[0]
+    return scores.new_empty(t, topk), scores.new_empty(t, topk, dtype=torch.int32)
 
 
 def _check_ids(topk_ids: Tensor, num_experts: int) -> None:
@@ -106,21 +118,16 @@ def moe_permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> Tuple[Tensor, 
     _check(topk_ids.device == x.device, "x and topk_ids must be on the same device")
     _check(num_experts <= 1024, "at most 1024 experts are supported")
     t, k = topk_ids.shape
-    if x.device.type == "cpu":
-        flat = topk_ids.reshape(-1).long()
-        valid = (flat >= 0) & (flat < num_experts)
-        key = torch.where(valid, flat, torch.full_like(flat, num_experts))
-        perm = torch.sort(key, stable=True).indices
-        counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
-        offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts, 0)
-        return x[perm // k].contiguous(), offsets.to(torch.int32), perm.to(torch.int32)
+    on_cuda = x.device.type == "cuda"
     x_perm = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=x.device)
     perm = torch.empty(t * k, dtype=torch.int32, device=x.device)
-    _check((x.element_size() * x.shape[1]) % 16 == 0, f"rows of x must be a multiple of 16 bytes, got {tuple(x.shape)}")
+    _check(x.shape[1] > 0, "x must have at least one column")
+    if on_cuda:
+        _check((x.element_size() * x.shape[1]) % 16 == 0,
+               f"rows of x must be a multiple of 16 bytes, got {tuple(x.shape)}")
     _C.moe_permute(x.data_ptr(), x.element_size() * x.shape[1], topk_ids.data_ptr(), t, k, num_experts,
-                   x_perm.data_ptr(), offsets.data_ptr(), perm.data_ptr(), 0, stream_of(x))
+                   x_perm.data_ptr(), offsets.data_ptr(), perm.data_ptr(), 0, on_cuda, stream_of(x))
     return x_perm, offsets, perm
 
 
@@ -145,19 +152,10 @@ def moe_compact_groups(row_offsets: Tensor, max_groups: int) -> Tuple[Tensor, Te
     e = row_offsets.numel() - 1
     _check(e >= 1, "row_offsets needs at least 2 entries")
     _check(max_groups >= 1, "max_groups must be positive")
-    if row_offsets.device.type == "cpu":
-        counts = row_offsets[1:] - row_offsets[:-1]
-        active = torch.nonzero(counts > 0).flatten()[:max_groups].to(torch.int32)
-        g = active.numel()
-        ge = torch.full((max_groups,), -1, dtype=torch.int32)
-        go = torch.full((max_groups + 1,), int(row_offsets[-1]), dtype=torch.int32)
-        ge[:g] = active
-        go[:g] = row_offsets[active.long()]
-        return ge, go
     ge = torch.empty(max_groups, dtype=torch.int32, device=row_offsets.device)
     go = torch.empty(max_groups + 1, dtype=torch.int32, device=row_offsets.device)
     _C.moe_compact_groups(row_offsets.data_ptr(), e, max_groups, ge.data_ptr(), go.data_ptr(),
-                          stream_of(row_offsets))
+                          row_offsets.device.type == "cuda", stream_of(row_offsets))
     return ge, go
 
 
@@ -180,19 +178,16 @@ def moe_combine(y_perm: Tensor, perm: Tensor, topk_weights: Tensor, row_offsets:
     _check(perm.numel() == t * k and y_perm.shape[0] == t * k,
            f"y_perm has {y_perm.shape[0]} rows and perm {perm.numel()}, expected T·k = {t * k}")
     h = y_perm.shape[1]
-    if y_perm.device.type == "cpu":
-        valid_rows = int(row_offsets[-1])
-        out = torch.zeros(t * k, h, dtype=torch.float32)
-        rows = perm[:valid_rows].long()
-        out[rows] = y_perm[:valid_rows].float()
-        out = (out.view(t, k, h) * topk_weights.unsqueeze(-1)).sum(1)
-        return out.to(y_perm.dtype)
+    _check(h > 0, "y_perm must have at least one column")
+    _check(row_offsets.numel() >= 2, "row_offsets needs at least 2 entries")
+    on_cuda = y_perm.device.type == "cuda"
     out = torch.empty(t, h, dtype=y_perm.dtype, device=y_perm.device)
     if t > 0:
-        ws = torch.empty(_C.moe_combine_workspace_bytes(t, k), dtype=torch.uint8, device=y_perm.device)
+        ws = torch.empty(_C.moe_combine_workspace_bytes(t, k) if on_cuda else 1, dtype=torch.uint8,
+                         device=y_perm.device)
         _C.moe_combine(y_perm.data_ptr(), _ext.DTYPE_TO_C[y_perm.dtype], perm.data_ptr(), topk_weights.data_ptr(),
                        row_offsets.data_ptr(), row_offsets.numel() - 1, t, k, h, out.data_ptr(), ws.data_ptr(),
-                       stream_of(y_perm))
+                       on_cuda, stream_of(y_perm))
     return out
 
 
@@ -208,13 +203,10 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     _check_device(gate_up, "gate_up")
     _check(gate_up.shape[1] % 2 == 0, f"gate_up has odd width {gate_up.shape[1]}")
     i = gate_up.shape[1] // 2
-    if gate_up.device.type == "cpu":
-        g, u = gate_up.float().split(i, dim=1)
-        return (F.silu(g) * u).to(gate_up.dtype)
     out = torch.empty(gate_up.shape[0], i, dtype=gate_up.dtype, device=gate_up.device)
-    if gate_up.shape[0] > 0:
+    if gate_up.shape[0] > 0 and i > 0:
         _C.silu_mul(gate_up.data_ptr(), _ext.DTYPE_TO_C[gate_up.dtype], gate_up.shape[0], i, out.data_ptr(),
-                    stream_of(gate_up))
+                    gate_up.device.type == "cuda", stream_of(gate_up))
     return out
 
 

@@ -143,15 +143,20 @@ def _(w, scale_inv, block_rows=128, block_cols=128, global_scale=None):
 
 
 def fp8_block_dequantize(w: Tensor, scale_inv: Tensor, block_rows: int = 128, block_cols: int = 128) -> Tensor:
-    """DeepSeek FP8 block weight → float32 (value = fp8 × scale_inv of its block)."""
+    """DeepSeek FP8 block weight → float32 (value = fp8 × scale_inv of its block), on w's device."""
     _check_tensor(w, "weight", dtype=torch.float8_e4m3fn, dim=2)
+    _check_device(w, "weight")
     _check_tensor(scale_inv, "weight_scale_inv", dtype=torch.float32, dim=2, device=w.device)
+    _check(block_rows > 0 and block_cols > 0, "block size must be positive")
     rows, cols = w.shape
     want = (-(-rows // block_rows), -(-cols // block_cols))
     _check(tuple(scale_inv.shape) == want,
            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for weight {tuple(w.shape)}")
-    s = scale_inv.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
-    return w.to(torch.float32) * s
+    out = torch.empty(rows, cols, dtype=torch.float32, device=w.device)
+    if out.numel() > 0:
+        _C.fp8_block_dequantize(w.data_ptr(), scale_inv.data_ptr(), block_rows, block_cols, rows, cols,
+                                out.data_ptr(), w.device.type == "cuda", stream_of(w))
+    return out
 
 
 def _check_modelopt(packed: Tensor, scale: Tensor, global_scale: Tensor) -> Tuple[int, int]:
@@ -296,12 +301,11 @@ def fp4_gemm(x: Tensor, qweight: Tensor, qscale: Tensor, global_scale: Tensor, n
     x2, ldx = _as_rows(x, k)
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
-    if x.device.type == "cpu":
-        w = torch.empty(n, k, dtype=torch.float32)
-        _C.fp4_dequantize_tiled(qweight.data_ptr(), qscale.data_ptr(), gs, per_tile, n, k, w.data_ptr(), k, False, 0)
-        return (x2.float() @ w.t()).to(torch.bfloat16).reshape(out_shape)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     if m == 0:
+        return y.reshape(out_shape)
+    if x.device.type == "cpu":
+        _C.fp4_gemm_cpu(qweight.data_ptr(), qscale.data_ptr(), gs, per_tile, n, k, x2.data_ptr(), ldx, y.data_ptr(), n, m)
         return y.reshape(out_shape)
     tac = _tactic(tactic)
     ws_bytes = _C.fp4_gemm_workspace_bytes(m, n, k, tac)
@@ -356,15 +360,9 @@ def fp4_grouped_gemm(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, qwei
     if x.shape[0] == 0:
         return y
     if dev.type == "cpu":
-        offs = row_offsets.tolist()
-        for gi, slot in enumerate(slot_of_group.tolist()):
-            lo, hi = offs[gi], offs[gi + 1]
-            if slot < 0 or hi <= lo:
-                continue
-            _check(slot < slots, f"slot_of_group[{gi}] = {slot} is out of range [0, {slots})")
-            _check(0 <= lo and hi <= x.shape[0], f"row_offsets[{gi}:{gi + 2}] = {lo}, {hi} out of range")
-            gs = global_scale[slot] if per_tile else global_scale[slot].reshape(())
-            y[lo:hi] = fp4_gemm(x[lo:hi], qweight[slot, :nw], qscale[slot, :ns], gs, n, k)
+        _C.fp4_grouped_gemm_cpu(qweight.data_ptr(), qscale.data_ptr(), global_scale.data_ptr(), per_tile,
+                                qweight.shape[1], qscale.shape[1], n, k, slots, g, slot_of_group.data_ptr(),
+                                row_offsets.data_ptr(), x.shape[0], x.data_ptr(), k, y.data_ptr(), n)
         return y
     _C.fp4_grouped_gemm(qweight.data_ptr(), qscale.data_ptr(), global_scale.data_ptr(), per_tile, qweight.shape[1],
                         qscale.shape[1], n, k, g, slot_of_group.data_ptr(), row_offsets.data_ptr(),

@@ -40,26 +40,10 @@ def fp4_grouped_gemm_units(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor
     y = torch.zeros(x.shape[0], n, dtype=torch.bfloat16, device=dev)
     if x.shape[0] == 0:
         return y
-    if dev.type == "cpu":
-        offs = row_offsets.tolist()
-        table = unit_table.tolist()
-        w = torch.empty(n, k, dtype=torch.float32)
-        for gi, slot in enumerate(slot_of_group.tolist()):
-            lo, hi = offs[gi], offs[gi + 1]
-            if slot < 0 or hi <= lo:
-                continue
-            _check(slot < len(table), f"slot_of_group[{gi}] = {slot} is out of range [0, {len(table)})")
-            _check(0 <= lo and hi <= x.shape[0], f"row_offsets[{gi}:{gi + 2}] = {lo}, {hi} out of range")
-            addr = table[slot]
-            if addr == 0:
-                continue
-            _C.fp4_dequantize_tiled(addr + unit_qweight, addr + unit_qscale, addr + unit_scale, True, n, k,
-                                    w.data_ptr(), k, False, 0)
-            y[lo:hi] = (x[lo:hi].float() @ w.t()).to(torch.bfloat16)
-        return y
-    _C.fp4_grouped_gemm_units(unit_table.data_ptr(), unit_qweight, unit_qscale, unit_scale, n, k, g,
-                              slot_of_group.data_ptr(), row_offsets.data_ptr(), max_rows_per_group, x.data_ptr(), k,
-                              y.data_ptr(), n, tile_tokens, stream_of(x))
+    # one C++ entry point for both devices: the CPU branch is the reference the kernel is tested against
+    _C.fp4_grouped_gemm_units(unit_table.data_ptr(), unit_qweight, unit_qscale, unit_scale, n, k, unit_table.numel(),
+                              g, slot_of_group.data_ptr(), row_offsets.data_ptr(), x.shape[0], max_rows_per_group,
+                              x.data_ptr(), k, y.data_ptr(), n, tile_tokens, dev.type == "cuda", stream_of(x))
     return y
 
 

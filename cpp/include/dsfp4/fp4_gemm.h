@@ -95,5 +95,11 @@ Status fp4_gemm_cpu(const Fp4Weight& w, const void* x, int64_t ldx, void* y, int
                     int64_t m);
 // CPU: the tiled weight dequantized to float32 W[n, k] (what the kernels multiply by).
 Status fp4_dequantize_tiled_cpu(const Fp4Weight& w, float* dst);
+// CPU reference of fp4_grouped_gemm_cuda, host pointers. It also checks what the kernel
+// cannot: slots below num_slots, groups inside [0, rows) of x. Rows of y outside every group
+// are left untouched.
+Status fp4_grouped_gemm_cpu(const Fp4GroupedWeight& w, int num_slots, int num_groups, const int32_t* slot_of_group,
+                            const int32_t* row_offsets, int64_t rows, const void* x, int64_t ldx, void* y,
+                            int64_t ldy);
 
 }  // namespace dsfp4

@@ -1,5 +1,7 @@
 // MoE building blocks: DeepSeek noaux_tc routing, token permutation by expert, SiLU·mul and
-// the weighted combine. The grouped expert GEMM is fp4_grouped_gemm_cuda (fp4_gemm.h).
+// the weighted combine. The grouped expert GEMM is fp4_grouped_gemm_cuda (fp4_gemm.h); the
+// whole expert FFN is moe_experts_cuda (moe_experts.h). Each *_cuda entry point has a *_cpu
+// reference that defines what it computes.
 //
 // Routing of token t over E experts in n_group groups:
 //   s = sigmoid(logit), c = s + correction_bias (the bias only steers the choice);
@@ -45,12 +47,18 @@ size_t moe_permute_workspace_bytes(int experts);
 Status moe_permute_cuda(const void* x, int64_t row_bytes, const int32_t* topk_ids, int64_t tokens, int top_k,
                         int experts, void* x_perm, int32_t* row_offsets, int32_t* perm, void* workspace,
                         Stream stream);
+// CPU: also fills the rows past row_offsets[experts] (dropped pairs, in pair order); rows need
+// no alignment.
+Status moe_permute_cpu(const void* x, int64_t row_bytes, const int32_t* topk_ids, int64_t tokens, int top_k,
+                       int experts, void* x_perm, int32_t* row_offsets, int32_t* perm);
 
 // The experts that received rows, compacted: group_expert[j] is the j-th expert with rows
 // (ascending; -1 past the last) and group_offsets[j]..group_offsets[j+1] its rows of x_perm.
 // With max_groups = min(experts, tokens·top_k) the grouped GEMM launches only that many groups.
 Status moe_compact_groups_cuda(const int32_t* row_offsets, int experts, int max_groups, int32_t* group_expert,
                                int32_t* group_offsets, Stream stream);
+Status moe_compact_groups_cpu(const int32_t* row_offsets, int experts, int max_groups, int32_t* group_expert,
+                              int32_t* group_offsets);
 
 // out[t] = Σ_j topk_weights[t, j] · y_perm[row of pair (t, j)], accumulated in float32.
 // y_perm, out: bfloat16 or float32 [., hidden]. workspace: moe_combine_workspace_bytes().
@@ -58,9 +66,12 @@ size_t moe_combine_workspace_bytes(int64_t tokens, int top_k);
 Status moe_combine_cuda(const void* y_perm, DType dtype, const int32_t* perm, const float* topk_weights,
                         const int32_t* row_offsets, int experts, int64_t tokens, int top_k, int64_t hidden,
                         void* out, void* workspace, Stream stream);
+Status moe_combine_cpu(const void* y_perm, DType dtype, const int32_t* perm, const float* topk_weights,
+                       const int32_t* row_offsets, int experts, int64_t tokens, int top_k, int64_t hidden, void* out);
 
 // gate_up [rows, 2·inter] (gate then up) → out [rows, inter] = silu(gate)·up, float32 math;
 // bfloat16 or float32.
 Status silu_mul_cuda(const void* gate_up, DType dtype, int64_t rows, int64_t inter, void* out, Stream stream);
+Status silu_mul_cpu(const void* gate_up, DType dtype, int64_t rows, int64_t inter, void* out);
 
 }  // namespace dsfp4

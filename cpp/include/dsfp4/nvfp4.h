@@ -94,6 +94,8 @@ Status nvfp4_quantize_cuda(const MatrixSource& src, int64_t rows, int64_t cols,
 Status nvfp4_dequantize_cuda(const uint8_t* packed, const uint8_t* block_scale,
                              const float* global_scale, int64_t rows, int64_t cols, void* dst,
                              DType dst_dtype, Stream stream);
+// As fp8_block_dequantize_cpu; src.data, src.block_scale_inv and dst are device pointers.
+Status fp8_block_dequantize_cuda(const MatrixSource& src, int64_t rows, int64_t cols, float* dst, Stream stream);
 Status nvfp4_repack_cuda(const uint8_t* packed, const uint8_t* block_scale, int64_t rows,
                          int64_t cols, uint32_t* qweight, uint8_t* qscale, Stream stream);
 

@@ -76,44 +76,41 @@ Status check_tactic(const Fp4GemmTactic& t) {
   return Status::Ok();
 }
 
-// Launches one instantiation; returns false if the combination is not compiled in.
 template <int NT8, int WR, int WN, int KW, int U>
 cudaError_t launch_fused(const FusedGemmArgs& a, dim3 grid, cudaStream_t stream) {
   kernels::fused_fp4_gemm_kernel<NT8, WR, WN, KW, U><<<grid, 32 * WN * KW, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
-Status dispatch_fused(const Fp4GemmTactic& t, const FusedGemmArgs& a, dim3 grid, cudaStream_t s) {
-  cudaError_t err = cudaErrorInvalidConfiguration;
-  bool found = true;
-  const int key = t.tile_tokens * 10000 + t.warps_n * 100 + t.warps_k;
-  switch (key) {
-    case 8 * 10000 + 1 * 100 + 8: err = launch_fused<1, 1, 1, 8, 4>(a, grid, s); break;
-    case 8 * 10000 + 1 * 100 + 4: err = launch_fused<1, 1, 1, 4, 4>(a, grid, s); break;
-    case 8 * 10000 + 2 * 100 + 2: err = launch_fused<1, 1, 2, 2, 4>(a, grid, s); break;
-    case 16 * 10000 + 1 * 100 + 8: err = launch_fused<2, 1, 1, 8, 4>(a, grid, s); break;
-    case 16 * 10000 + 1 * 100 + 4: err = launch_fused<2, 1, 1, 4, 4>(a, grid, s); break;
-    case 16 * 10000 + 2 * 100 + 2: err = launch_fused<2, 1, 2, 2, 4>(a, grid, s); break;
-    case 32 * 10000 + 2 * 100 + 1: err = launch_fused<4, 2, 2, 1, 2>(a, grid, s); break;
-    case 32 * 10000 + 4 * 100 + 1: err = launch_fused<4, 2, 4, 1, 2>(a, grid, s); break;
-    case 64 * 10000 + 2 * 100 + 1: err = launch_fused<8, 2, 2, 1, 1>(a, grid, s); break;
-    case 64 * 10000 + 4 * 100 + 1: err = launch_fused<8, 2, 4, 1, 1>(a, grid, s); break;
-    default: found = false;
-  }
-  if (!found)
-    return Unsupported("fp4_gemm: no kernel for tile_tokens=" + std::to_string(t.tile_tokens) +
-                       " warps_n=" + std::to_string(t.warps_n) + " warps_k=" + std::to_string(t.warps_k));
-  return cuda_status(err, "fp4_gemm: fused kernel launch");
+// The compiled fused kernels: the one table behind dispatch and is_compiled.
+struct FusedKernel {
+  int tile_tokens, warps_n, warps_k;
+  cudaError_t (*launch)(const FusedGemmArgs&, dim3, cudaStream_t);
+};
+constexpr FusedKernel kFusedKernels[] = {
+    {8, 1, 8, launch_fused<1, 1, 1, 8, 4>},  {8, 1, 4, launch_fused<1, 1, 1, 4, 4>},
+    {8, 2, 2, launch_fused<1, 1, 2, 2, 4>},  {16, 1, 8, launch_fused<2, 1, 1, 8, 4>},
+    {16, 1, 4, launch_fused<2, 1, 1, 4, 4>}, {16, 2, 2, launch_fused<2, 1, 2, 2, 4>},
+    {32, 2, 1, launch_fused<4, 2, 2, 1, 2>}, {32, 4, 1, launch_fused<4, 2, 4, 1, 2>},
+    {64, 2, 1, launch_fused<8, 2, 2, 1, 1>}, {64, 4, 1, launch_fused<8, 2, 4, 1, 1>},
+};
+
+const FusedKernel* find_fused(int tile_tokens, int warps_n, int warps_k) {
+  for (const FusedKernel& f : kFusedKernels)
+    if (f.tile_tokens == tile_tokens && f.warps_n == warps_n && f.warps_k == warps_k) return &f;
+  return nullptr;
 }
 
 bool is_compiled(int tile_tokens, int warps_n, int warps_k) {
-  switch (tile_tokens) {
-    case 8:
-    case 16: return (warps_n == 1 && (warps_k == 8 || warps_k == 4)) || (warps_n == 2 && warps_k == 2);
-    case 32:
-    case 64: return warps_k == 1 && (warps_n == 2 || warps_n == 4);
-  }
-  return false;
+  return find_fused(tile_tokens, warps_n, warps_k) != nullptr;
+}
+
+Status dispatch_fused(const Fp4GemmTactic& t, const FusedGemmArgs& a, dim3 grid, cudaStream_t s) {
+  const FusedKernel* f = find_fused(t.tile_tokens, t.warps_n, t.warps_k);
+  if (f == nullptr)
+    return Unsupported("fp4_gemm: no kernel for tile_tokens=" + std::to_string(t.tile_tokens) +
+                       " warps_n=" + std::to_string(t.warps_n) + " warps_k=" + std::to_string(t.warps_k));
+  return cuda_status(f->launch(a, grid, s), "fp4_gemm: fused kernel launch");
 }
 
 FusedGemmArgs base_args(int64_t n, int64_t k) {

@@ -5,6 +5,7 @@
 
 #include "dsfp4/fp4_gemm.h"
 #include "dsfp4/nvfp4.h"
+#include "kernels/cpu_parallel.h"
 #include "kernels/nvfp4/nvfp4_format.h"
 
 namespace dsfp4 {
@@ -35,17 +36,76 @@ Status fp4_gemm_cpu(const Fp4Weight& w, const void* x, int64_t ldx, void* y, int
   if (ldy < w.n) return InvalidArgument("fp4_gemm: ldy is smaller than N");
   std::vector<float> wf(static_cast<size_t>(w.n * w.k));
   DSFP4_RETURN_IF_ERROR(fp4_dequantize_tiled_cpu(w, wf.data()));
+  if (m == 0) return Status::Ok();
   const auto* xb = static_cast<const uint16_t*>(x);
   auto* yb = static_cast<uint16_t*>(y);
-  std::vector<float> xrow(static_cast<size_t>(w.k));
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t c = 0; c < w.k; ++c) xrow[c] = fmt::bf16_bits_to_float(xb[i * ldx + c]);
-    for (int64_t n = 0; n < w.n; ++n) {
-      const float* wr = wf.data() + n * w.k;
-      double acc = 0.0;
-      for (int64_t c = 0; c < w.k; ++c) acc += static_cast<double>(xrow[c]) * wr[c];
-      yb[i * ldy + n] = fmt::float_to_bf16_bits(static_cast<float>(acc));
+  std::vector<float> xf(static_cast<size_t>(m * w.k));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < w.k; ++c) xf[i * w.k + c] = fmt::bf16_bits_to_float(xb[i * ldx + c]);
+  // Threads over output features, each with at least ~256K multiply-adds.
+  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, m * w.k));
+  detail::parallel_rows(
+      w.n,
+      [&](int64_t nb, int64_t ne) {
+        for (int64_t n = nb; n < ne; ++n) {
+          const float* wr = wf.data() + n * w.k;
+          for (int64_t i = 0; i < m; ++i) {
+            const float* xr = xf.data() + i * w.k;
+            double acc = 0.0;
+            for (int64_t c = 0; c < w.k; ++c) acc += static_cast<double>(xr[c]) * wr[c];
+            yb[i * ldy + n] = fmt::float_to_bf16_bits(static_cast<float>(acc));
+          }
+        }
+      },
+      min_rows);
+  return Status::Ok();
+}
+
+Status fp4_grouped_gemm_cpu(const Fp4GroupedWeight& w, int num_slots, int num_groups, const int32_t* slot_of_group,
+                            const int32_t* row_offsets, int64_t rows, const void* x, int64_t ldx, void* y,
+                            int64_t ldy) {
+  if (w.n <= 0 || w.k <= 0 || w.k % 16 != 0)
+    return InvalidArgument("fp4_grouped_gemm: weight shape must be positive with K a multiple of 16");
+  const bool units = w.unit_addr != nullptr;  // paged units: slot s is the unit at unit_addr[s]
+  if (!units && (!w.qweight || !w.qscale || !w.global_scale))
+    return InvalidArgument("fp4_grouped_gemm: weight pointer is null");
+  if (num_groups <= 0 || !slot_of_group || !row_offsets)
+    return InvalidArgument("fp4_grouped_gemm: num_groups must be positive, slot_of_group and row_offsets non-null");
+  if (rows < 0 || (rows > 0 && (!x || !y))) return InvalidArgument("fp4_grouped_gemm: x or y is null");
+  if (!units && (w.qweight_slot_stride * 4 < static_cast<int64_t>(tiled_weight_bytes(w.n, w.k)) ||
+                 w.qscale_slot_stride < static_cast<int64_t>(tiled_scale_bytes(w.n, w.k))))
+    return InvalidArgument("fp4_grouped_gemm: slot strides are smaller than one weight");
+  const int64_t tiles = (w.n + 15) / 16;
+  const auto* xb = static_cast<const uint16_t*>(x);
+  auto* yb = static_cast<uint16_t*>(y);
+  for (int g = 0; g < num_groups; ++g) {
+    const int32_t slot = slot_of_group[g];
+    const int64_t lo = row_offsets[g], hi = row_offsets[g + 1];
+    if (slot < 0 || hi <= lo) continue;
+    if (slot >= num_slots)
+      return InvalidArgument("fp4_grouped_gemm: slot_of_group[" + std::to_string(g) + "] = " + std::to_string(slot) +
+                             " is out of range [0, " + std::to_string(num_slots) + ")");
+    if (lo < 0 || hi > rows)
+      return InvalidArgument("fp4_grouped_gemm: row_offsets[" + std::to_string(g) + ":" + std::to_string(g + 2) +
+                             "] = " + std::to_string(lo) + ", " + std::to_string(hi) + " out of range [0, " +
+                             std::to_string(rows) + "]");
+    Fp4Weight sw;
+    if (units) {
+      const uint64_t unit = w.unit_addr[slot];
+      if (unit == 0) continue;  // a skipped group: its rows stay as the caller set them
+      sw.qweight = reinterpret_cast<const uint32_t*>(unit + w.unit_qweight);
+      sw.qscale = reinterpret_cast<const uint8_t*>(unit + w.unit_qscale);
+      sw.global_scale = reinterpret_cast<const float*>(unit + w.unit_scale);
+      sw.global_scale_per_tile = true;
+    } else {
+      sw.qweight = w.qweight + slot * w.qweight_slot_stride;
+      sw.qscale = w.qscale + slot * w.qscale_slot_stride;
+      sw.global_scale = w.global_scale + slot * (w.global_scale_per_tile ? tiles : 1);
+      sw.global_scale_per_tile = w.global_scale_per_tile;
     }
+    sw.n = w.n;
+    sw.k = w.k;
+    DSFP4_RETURN_IF_ERROR(fp4_gemm_cpu(sw, xb + lo * ldx, ldx, yb + lo * ldy, ldy, hi - lo));
   }
   return Status::Ok();
 }

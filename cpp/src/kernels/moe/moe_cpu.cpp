@@ -1,5 +1,6 @@
-// CPU reference of the noaux_tc routing (what moe_route_cuda computes).
+// CPU references of the MoE kernels (what moe.cu computes).
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -78,6 +79,110 @@ Status moe_route_cpu(const void* logits, DType logits_dtype, const float* bias, 
       topk_weights[t * p.top_k + r] = w * p.routed_scaling_factor;
     }
   }
+  return Status::Ok();
+}
+
+Status moe_permute_cpu(const void* x, int64_t row_bytes, const int32_t* topk_ids, int64_t tokens, int top_k,
+                       int experts, void* x_perm, int32_t* row_offsets, int32_t* perm) {
+  if (experts <= 0 || experts > 1024) return InvalidArgument("moe_permute: experts must be in [1, 1024]");
+  if (top_k <= 0 || tokens < 0) return InvalidArgument("moe_permute: top_k must be positive, tokens non-negative");
+  if (row_bytes <= 0) return InvalidArgument("moe_permute: rows of x must have a positive size");
+  if (!row_offsets || (tokens > 0 && (!x || !topk_ids || !x_perm || !perm)))
+    return InvalidArgument("moe_permute: null pointer");
+  const int64_t pairs = tokens * top_k;
+  std::vector<int64_t> count(static_cast<size_t>(experts) + 1, 0);  // the last bin: dropped pairs
+  auto bin = [&](int64_t pi) {
+    const int32_t id = topk_ids[pi];
+    return (id >= 0 && id < experts) ? id : experts;
+  };
+  for (int64_t pi = 0; pi < pairs; ++pi) ++count[bin(pi)];
+  std::vector<int64_t> next(static_cast<size_t>(experts) + 1, 0);
+  for (int e = 0; e < experts; ++e) next[e + 1] = next[e] + count[e];
+  for (int e = 0; e <= experts; ++e) row_offsets[e] = static_cast<int32_t>(next[e]);
+  const auto* src = static_cast<const uint8_t*>(x);
+  auto* dst = static_cast<uint8_t*>(x_perm);
+  for (int64_t pi = 0; pi < pairs; ++pi) {  // pair order within a bin: a stable sort
+    const int64_t r = next[bin(pi)]++;
+    perm[r] = static_cast<int32_t>(pi);
+    std::memcpy(dst + r * row_bytes, src + (pi / top_k) * row_bytes, static_cast<size_t>(row_bytes));
+  }
+  return Status::Ok();
+}
+
+Status moe_compact_groups_cpu(const int32_t* row_offsets, int experts, int max_groups, int32_t* group_expert,
+                              int32_t* group_offsets) {
+  if (experts <= 0 || max_groups <= 0) return InvalidArgument("moe_compact_groups: experts and max_groups must be positive");
+  if (!row_offsets || !group_expert || !group_offsets) return InvalidArgument("moe_compact_groups: null pointer");
+  int j = 0;
+  for (int e = 0; e < experts && j < max_groups; ++e) {
+    if (row_offsets[e + 1] > row_offsets[e]) {
+      group_expert[j] = e;
+      group_offsets[j] = row_offsets[e];
+      ++j;
+    }
+  }
+  for (; j < max_groups; ++j) {
+    group_expert[j] = -1;
+    group_offsets[j] = row_offsets[experts];
+  }
+  group_offsets[max_groups] = row_offsets[experts];
+  return Status::Ok();
+}
+
+Status moe_combine_cpu(const void* y_perm, DType dtype, const int32_t* perm, const float* topk_weights,
+                       const int32_t* row_offsets, int experts, int64_t tokens, int top_k, int64_t hidden, void* out) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat32)
+    return InvalidArgument("moe_combine: y_perm must be bfloat16 or float32");
+  if (experts <= 0 || top_k <= 0 || hidden <= 0 || tokens < 0) return InvalidArgument("moe_combine: bad sizes");
+  if (!row_offsets || (tokens > 0 && (!y_perm || !perm || !topk_weights || !out)))
+    return InvalidArgument("moe_combine: null pointer");
+  const int64_t pairs = tokens * top_k;
+  const int64_t valid = row_offsets[experts];
+  if (valid < 0 || valid > pairs)
+    return InvalidArgument("moe_combine: row_offsets[experts] = " + std::to_string(valid) + " is outside [0, T·k]");
+  std::vector<int64_t> row_of(static_cast<size_t>(pairs), -1);
+  for (int64_t r = 0; r < valid; ++r) {
+    if (perm[r] < 0 || perm[r] >= pairs) return InvalidArgument("moe_combine: perm[" + std::to_string(r) + "] out of range");
+    row_of[perm[r]] = r;
+  }
+  const bool bf16 = dtype == DType::kBFloat16;
+  auto load = [&](int64_t i) {
+    return bf16 ? fmt::bf16_bits_to_float(static_cast<const uint16_t*>(y_perm)[i]) : static_cast<const float*>(y_perm)[i];
+  };
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < hidden; ++h) {
+      float acc = 0.0f;  // slot order j = 0..top_k-1, as the kernel
+      for (int j = 0; j < top_k; ++j) {
+        const int64_t r = row_of[t * top_k + j];
+        if (r >= 0) acc += topk_weights[t * top_k + j] * load(r * hidden + h);
+      }
+      if (bf16)
+        static_cast<uint16_t*>(out)[t * hidden + h] = fmt::float_to_bf16_bits(acc);
+      else
+        static_cast<float*>(out)[t * hidden + h] = acc;
+    }
+  return Status::Ok();
+}
+
+Status silu_mul_cpu(const void* gate_up, DType dtype, int64_t rows, int64_t inter, void* out) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat32)
+    return InvalidArgument("silu_mul: gate_up must be bfloat16 or float32");
+  if (rows < 0 || inter <= 0) return InvalidArgument("silu_mul: bad sizes");
+  if (rows > 0 && (!gate_up || !out)) return InvalidArgument("silu_mul: null pointer");
+  const bool bf16 = dtype == DType::kBFloat16;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < inter; ++c) {
+      const int64_t gi = r * 2 * inter + c, ui = gi + inter;
+      const float g = bf16 ? fmt::bf16_bits_to_float(static_cast<const uint16_t*>(gate_up)[gi])
+                           : static_cast<const float*>(gate_up)[gi];
+      const float u = bf16 ? fmt::bf16_bits_to_float(static_cast<const uint16_t*>(gate_up)[ui])
+                           : static_cast<const float*>(gate_up)[ui];
+      const float v = g / (1.0f + std::exp(-g)) * u;
+      if (bf16)
+        static_cast<uint16_t*>(out)[r * inter + c] = fmt::float_to_bf16_bits(v);
+      else
+        static_cast<float*>(out)[r * inter + c] = v;
+    }
   return Status::Ok();
 }
 

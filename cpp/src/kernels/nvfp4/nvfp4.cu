@@ -93,7 +93,7 @@ __global__ void dequantize_kernel(const uint8_t* packed, const uint8_t* block_sc
   }
 }
 
-// One thread per qweight word; mirrors nvfp4_repack_cpu.
+// One thread per qweight word; the placement is fmt::tiled_word, as on the CPU.
 __global__ void repack_weight_kernel(const uint8_t* packed, int64_t rows, int64_t cols, int64_t nkb,
                                      int64_t total_words, uint32_t* qweight) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -101,26 +101,7 @@ __global__ void repack_weight_kernel(const uint8_t* packed, int64_t rows, int64_
   const int j = static_cast<int>(idx & 3);
   const int lane = static_cast<int>((idx >> 2) & 31);
   const int64_t tkb = idx >> 7;
-  const int64_t kb = tkb % nkb, t = tkb / nkb;
-  const int g = lane >> 2, c = lane & 3;
-  uint32_t w = 0;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = 16 * t + g + 8 * r;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const int64_t col = 64 * kb + 16 * c + 4 * j + kk;
-      uint32_t code = 0;
-      if (row < rows && col < cols) {
-        const uint8_t byte = packed[row * (cols / 2) + col / 2];
-        code = (col & 1) ? (byte >> 4) : (byte & 0xF);
-      }
-      const int reg = 2 * (kk / 2) + r, h = kk % 2;
-      w |= (code & 7u) << (fmt::mag_base(reg) + 16 * h);
-      w |= (code >> 3) << (fmt::sign_pos(reg) + 16 * h);
-    }
-  }
-  qweight[idx] = w;
+  qweight[idx] = fmt::tiled_word(packed, rows, cols, tkb / nkb, tkb % nkb, lane, j);
 }
 
 // One thread per qscale byte.
@@ -132,12 +113,15 @@ __global__ void repack_scale_kernel(const uint8_t* block_scale, int64_t rows, in
   const int kbi = static_cast<int>((idx >> 1) & 7);
   const int lane = static_cast<int>((idx >> 4) & 31);
   const int64_t tkc = idx >> 9;
-  const int64_t kc = tkc % nkc, t = tkc / nkc;
-  const int g = lane >> 2, c = lane & 3;
-  const int64_t groups = cols / kNvfp4BlockSize;
-  const int64_t group = 4 * (8 * kc + kbi) + c;
-  const int64_t row = 16 * t + g + 8 * r;
-  qscale[idx] = (row < rows && group < groups) ? block_scale[row * groups + group] : 0;
+  qscale[idx] = fmt::tiled_scale_byte(block_scale, rows, cols, tkc / nkc, tkc % nkc, lane, kbi, r);
+}
+
+// DeepSeek FP8 block dequantize, one thread per element (fmt::load_value, as on the CPU).
+__global__ void fp8_block_dequantize_kernel(MatrixSource src, int64_t rows, int64_t cols, float* dst) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = fmt::load_value(src, cols, i / cols, i % cols);
 }
 
 }  // namespace
@@ -206,6 +190,17 @@ Status nvfp4_repack_cuda(const uint8_t* packed, const uint8_t* block_scale, int6
   repack_scale_kernel<<<static_cast<unsigned>((sbytes + kThreads - 1) / kThreads), kThreads, 0, s>>>(
       block_scale, rows, cols, d.kc, sbytes, qscale);
   return cuda_status(cudaGetLastError(), "nvfp4_repack: scale kernel");
+}
+
+Status fp8_block_dequantize_cuda(const MatrixSource& src, int64_t rows, int64_t cols, float* dst, Stream stream) {
+  if (rows <= 0 || cols <= 0) return InvalidArgument("fp8_block_dequantize: shape must be positive");
+  if (src.dtype != DType::kFloat8E4M3)
+    return InvalidArgument("fp8_block_dequantize: source dtype must be float8_e4m3fn");
+  DSFP4_RETURN_IF_ERROR(detail::check_source(src, "fp8_block_dequantize"));
+  if (!dst) return InvalidArgument("fp8_block_dequantize: output pointer is null");
+  fp8_block_dequantize_kernel<<<blocks_for(rows * cols), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      src, rows, cols, dst);
+  return cuda_status(cudaGetLastError(), "fp8_block_dequantize: kernel launch");
 }
 
 }  // namespace dsfp4

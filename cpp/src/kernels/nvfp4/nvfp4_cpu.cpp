@@ -3,36 +3,16 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "dsfp4/nvfp4.h"
+#include "kernels/cpu_parallel.h"
 #include "kernels/nvfp4/nvfp4_checks.h"
 #include "kernels/nvfp4/nvfp4_format.h"
 
 namespace dsfp4 {
 
-namespace {
-
-// Runs fn(begin, end) over [0, n) on up to hardware_concurrency threads.
-template <typename Fn>
-void parallel_rows(int64_t n, Fn fn) {
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t nthreads = std::min<int64_t>(hw, std::max<int64_t>(1, n / 64));
-  if (nthreads <= 1) {
-    fn(0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t chunk = (n + nthreads - 1) / nthreads;
-  for (int64_t t = 0; t < nthreads; ++t) {
-    const int64_t b = t * chunk, e = std::min(n, b + chunk);
-    if (b < e) pool.emplace_back([=] { fn(b, e); });
-  }
-  for (auto& th : pool) th.join();
-}
-
-}  // namespace
+using detail::parallel_rows;
 
 uint8_t float_to_e4m3(float v) { return fmt::float_to_e4m3(v); }
 float e4m3_to_float(uint8_t bits) { return fmt::e4m3_to_float(bits); }
@@ -150,46 +130,19 @@ Status nvfp4_repack_cpu(const uint8_t* packed, const uint8_t* block_scale, int64
   DSFP4_RETURN_IF_ERROR(detail::check_shape(rows, cols, "nvfp4_repack"));
   if (!packed || !block_scale || !qweight || !qscale) return InvalidArgument("nvfp4_repack: null pointer");
   const auto d = fmt::tiled_dims(rows, cols);
-  const int64_t groups = cols / kNvfp4BlockSize;
   parallel_rows(d.nt, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       for (int64_t kb = 0; kb < d.kb; ++kb) {
-        for (int lane = 0; lane < 32; ++lane) {
-          const int g = lane / 4, c = lane % 4;
-          for (int j = 0; j < 4; ++j) {
-            uint32_t w = 0;
-            for (int r = 0; r < 2; ++r) {
-              const int64_t row = 16 * t + g + 8 * r;
-              for (int kk = 0; kk < 4; ++kk) {
-                const int64_t col = 64 * kb + 16 * c + 4 * j + kk;
-                uint32_t code = 0;
-                if (row < rows && col < cols) {
-                  const uint8_t byte = packed[row * (cols / 2) + col / 2];
-                  code = (col & 1) ? (byte >> 4) : (byte & 0xF);
-                }
-                const int reg = 2 * (kk / 2) + r, h = kk % 2;
-                w |= (code & 7u) << (fmt::mag_base(reg) + 16 * h);
-                w |= (code >> 3) << (fmt::sign_pos(reg) + 16 * h);
-              }
-            }
-            qweight[((t * d.kb + kb) * 32 + lane) * 4 + j] = w;
-          }
-        }
+        for (int lane = 0; lane < 32; ++lane)
+          for (int j = 0; j < 4; ++j)
+            qweight[((t * d.kb + kb) * 32 + lane) * 4 + j] = fmt::tiled_word(packed, rows, cols, t, kb, lane, j);
       }
-      for (int64_t kc = 0; kc < d.kc; ++kc) {
-        for (int lane = 0; lane < 32; ++lane) {
-          const int g = lane / 4, c = lane % 4;
-          for (int kbi = 0; kbi < 8; ++kbi) {
-            const int64_t kb = 8 * kc + kbi, group = 4 * kb + c;
-            for (int r = 0; r < 2; ++r) {
-              const int64_t row = 16 * t + g + 8 * r;
-              uint8_t sc = 0;
-              if (row < rows && group < groups) sc = block_scale[row * groups + group];
-              qscale[((t * d.kc + kc) * 32 + lane) * 16 + kbi * 2 + r] = sc;
-            }
-          }
-        }
-      }
+      for (int64_t kc = 0; kc < d.kc; ++kc)
+        for (int lane = 0; lane < 32; ++lane)
+          for (int kbi = 0; kbi < 8; ++kbi)
+            for (int r = 0; r < 2; ++r)
+              qscale[((t * d.kc + kc) * 32 + lane) * 16 + kbi * 2 + r] =
+                  fmt::tiled_scale_byte(block_scale, rows, cols, t, kc, lane, kbi, r);
     }
   });
   return Status::Ok();
@@ -207,9 +160,7 @@ Status nvfp4_unpack_cpu(const uint32_t* qweight, const uint8_t* qscale, int64_t 
     for (int64_t col = 0; col < cols; ++col) {
       const int64_t kb = col / 64, c = (col % 64) / 16, j = (col % 16) / 4, kk = col % 4;
       const uint32_t w = qweight[((t * d.kb + kb) * 32 + (4 * g + c)) * 4 + j];
-      const int reg = static_cast<int>(2 * (kk / 2) + r), h = static_cast<int>(kk % 2);
-      const uint32_t code = ((w >> (fmt::mag_base(reg) + 16 * h)) & 7u) |
-                            (((w >> (fmt::sign_pos(reg) + 16 * h)) & 1u) << 3);
+      const uint32_t code = fmt::tiled_code(w, static_cast<int>(r), static_cast<int>(kk));
       packed[row * (cols / 2) + col / 2] |= static_cast<uint8_t>(code << ((col & 1) ? 4 : 0));
     }
     for (int64_t gi = 0; gi < groups; ++gi) {

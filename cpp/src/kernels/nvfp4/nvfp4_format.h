@@ -193,5 +193,48 @@ DSFP4_HD TiledDims tiled_dims(int64_t rows, int64_t cols) {
   return d;
 }
 
+// E2M1 code of ModelOpt element (row, col); zero outside the matrix (the layout's padding).
+DSFP4_HD uint32_t packed_code(const uint8_t* packed, int64_t rows, int64_t cols, int64_t row, int64_t col) {
+  if (row >= rows || col >= cols) return 0;
+  const uint8_t byte = packed[row * (cols / 2) + col / 2];
+  return (col & 1) ? (byte >> 4) : (byte & 0xFu);
+}
+
+// Word j of `lane` in row tile t, k-block kb: rows {16t+g, 16t+g+8} × columns
+// {64kb + 16c + 4j + 0..3} (lane = 4g + c). The single definition of the bit placement,
+// used by the CPU repack and the CUDA repack kernel.
+DSFP4_HD uint32_t tiled_word(const uint8_t* packed, int64_t rows, int64_t cols, int64_t t, int64_t kb, int lane,
+                             int j) {
+  const int g = lane >> 2, c = lane & 3;
+  uint32_t w = 0;
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = 16 * t + g + 8 * r;
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t code = packed_code(packed, rows, cols, row, 64 * kb + 16 * c + 4 * j + kk);
+      const int reg = 2 * (kk / 2) + r, h = kk % 2;
+      w |= (code & 7u) << (mag_base(reg) + 16 * h);
+      w |= (code >> 3) << (sign_pos(reg) + 16 * h);
+    }
+  }
+  return w;
+}
+
+// Inverse of tiled_word for one element: the code of (rowsel r, column kk of the lane's four).
+DSFP4_HD uint32_t tiled_code(uint32_t w, int r, int kk) {
+  const int reg = 2 * (kk / 2) + r, h = kk % 2;
+  return ((w >> (mag_base(reg) + 16 * h)) & 7u) | (((w >> (sign_pos(reg) + 16 * h)) & 1u) << 3);
+}
+
+// qscale byte (lane, entry (kbi, r)) of row tile t, scale chunk kc: the e4m3 scale of row
+// 16t+g+8r, group 4(8kc+kbi)+c; zero past the matrix.
+DSFP4_HD uint8_t tiled_scale_byte(const uint8_t* block_scale, int64_t rows, int64_t cols, int64_t t, int64_t kc,
+                                  int lane, int kbi, int r) {
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t groups = cols / 16;
+  const int64_t group = 4 * (8 * kc + kbi) + c;
+  const int64_t row = 16 * t + g + 8 * r;
+  return (row < rows && group < groups) ? block_scale[row * groups + group] : 0;
+}
+
 }  // namespace fmt
 }  // namespace dsfp4
