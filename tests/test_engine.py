@@ -282,15 +282,13 @@ def test_tiny_forms_load_and_agree(tmp_path, engine):
 # ---- the facade ------------------------------------------------------------------------
 
 def test_deepseek_inference_facade(tiny_dir):
-    model = DeepseekInference(tiny_dir, device="cpu", memory_limit=2)
-    with pytest.warns(UserWarning, match="no effect yet"):
-        model.set_memory_config(prefetch_layers=2, max_gpu_layers=4, expert_threshold=0.1)
-    model.set_memory_strategy({"gpu_reserved": 2, "cpu_cache_size": 32, "prefetch_size": 4, "min_layers": 1,
-                               "max_experts": 32})
+    model = DeepseekInference(tiny_dir, device="cpu", memory_limit=2, verbose=False)
+    model.set_memory_config(prefetch_layers=2, max_gpu_layers=4, expert_threshold=0.1)
+    model.set_memory_strategy({"cpu_cache_size": 1, "min_layers": 1, "max_experts": 32})
     model.set_compute_streams({"prefetch": True, "compute": True, "transfer": True})
-    pending = model.pending_settings()
-    assert pending["memory_config"] == {"prefetch_layers": 2, "max_gpu_layers": 4, "expert_threshold": 0.1}
-    assert pending["memory_strategy"]["max_experts"] == 32 and pending["compute_streams"]["transfer"] is True
+    assert model.settings["memory_config"] == {"prefetch_layers": 2, "max_gpu_layers": 4, "expert_threshold": 0.1}
+    # everything fits in 2 GiB: the paging knobs have nothing to act on and say so
+    assert model.pending_settings()["memory_config"] == {"prefetch_layers": 2, "expert_threshold": 0.1}
     with pytest.raises(ValueError, match="expert_threshold"):
         model.set_memory_config(expert_threshold=1.5)
     with pytest.raises(ValueError, match="max_gpu_layers"):
@@ -301,10 +299,15 @@ def test_deepseek_inference_facade(tiny_dir):
         model.set_compute_streams({"transfer": "yes"})
     with pytest.raises(ValueError, match="sliding_window"):
         model.apply_config({"sliding_window": 4096})
+    with pytest.raises(ValueError, match="expert_parallelism.*grouped GEMM"):
+        model.apply_config({"expert_parallelism": 8})
     with pytest.raises(ValueError, match="unknown"):
         model.apply_config({"turbo": True})
+    with pytest.raises(ValueError, match="too small"):
+        model.set_memory_strategy({"gpu_reserved": 2})        # nothing left of a 2 GiB budget
+    model.set_memory_strategy({"gpu_reserved": 0})
     cfg = model.optimize_for_single_task()
-    assert cfg["use_cuda_graph"] is False and model.engine.max_batch_size == 1
+    assert cfg["use_cuda_graph"] is False and model.engine.max_batch_size == 1 and cfg["expert_threshold"] == 0
     text = model.generate("请介绍一下", max_tokens=5, temperature=0.7, seed=1)
     assert isinstance(text, str)
     assert text == model.engine.generate("请介绍一下", max_tokens=5, temperature=0.7, seed=1).text

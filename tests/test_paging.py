@@ -334,7 +334,7 @@ def test_prefetch_bookkeeping():
                     host_slots=16, pinned=False, on_device=False, gpu_policy=P.CachePolicy.lrfu,
                     host_policy=P.CachePolicy.lru, lam=0.05, miss_mode=P.MissMode.copy, io_threads=2,
                     repack_threads=1, direct_io=False, async_copy=False, max_prefetch_units=-1,
-                    prefetch_min_accuracy=0.0)
+                    prefetch_min_accuracy=0.0, max_step_copies=-1)
         store = P.ExpertStore(opts, P.CheckpointFiles([f], False), stored)
         tables = torch.zeros(2, E, dtype=torch.int64)
         store.set_device_tables(tables.data_ptr())
@@ -429,3 +429,38 @@ def test_runtime_reconfigure(model_dir, reference):
     assert eng.store.counters()["experts"]["copies"] == 0
     with pytest.raises(ValueError, match="new memory plan"):
         eng.reconfigure_paging(max_gpu_layers=2)
+
+
+def test_facade_knobs_change_behaviour(model_dir, reference):
+    from deepseek_fp4_plugin import DeepseekInference
+
+    ref_tokens, _ = reference
+    model = DeepseekInference(model_dir, device="cpu", memory_limit=0.03, paging={"cpu_cache_size": 0.02},
+                              **{k: v for k, v in KW.items() if k != "device"})
+
+    def run():
+        model.engine.store.reset_counters()
+        out = model.engine.generate(PROMPT, max_tokens=10, ignore_eos=True).token_ids
+        return out, model.paging_counters
+
+    assert isinstance(model.engine.store, PagedWeightStore) and not model.engine.memory_plan.paged_layers
+    model.set_memory_config(max_gpu_layers=3)                      # a new plan: 4 layers paged, 2 slots
+    assert len(model.engine.memory_plan.paged_layers) == 4
+    tokens, c = run()
+    assert tokens == ref_tokens and c["layers"]["copies"] > 0 and c["experts"]["predicted"] > 0
+    model.set_memory_config(prefetch_layers=0)                     # at once: no prediction, no prefetch
+    tokens, c = run()
+    assert tokens == ref_tokens and c["experts"]["predicted"] == 0 and c["layers"]["prefetch_copies"] == 0
+    model.set_memory_strategy({"max_experts": 1})                  # one copy per step, the rest in place
+    tokens, c = run()
+    assert tokens == ref_tokens and c["experts"]["zero_copy"] > 0
+    host = model.engine.memory_plan.host_expert_slots
+    model.set_memory_strategy({"cpu_cache_size": 0.04})
+    assert model.engine.memory_plan.host_expert_slots > host
+    model.set_compute_streams({"prefetch": False})
+    model.set_memory_config(expert_threshold=0.2)                  # the opt-in approximation
+    _, c = run()
+    assert c["experts"]["skipped"] > 0
+    model.apply_config({"batch_size": 1, "expert_threshold": 0.0})
+    assert model.engine.max_batch_size == 1
+    assert run()[0] == ref_tokens

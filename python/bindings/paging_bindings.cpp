@@ -176,6 +176,7 @@ void bind_paging(py::module_& m) {
              opt.async_copy = o["async_copy"].cast<bool>();
              opt.max_prefetch_units = o["max_prefetch_units"].cast<int>();
              opt.prefetch_min_accuracy = o["prefetch_min_accuracy"].cast<double>();
+             opt.max_step_copies = o["max_step_copies"].cast<int>();
              std::vector<StoredExpert> ex;
              ex.reserve(stored.size());
              for (const auto& parts : stored) {
@@ -286,6 +287,7 @@ void bind_paging(py::module_& m) {
             throw_if_error(r.acquire(rank, stream(compute), stream(transfer), stream(prefetch)));
           },
           py::arg("rank"), py::arg("compute"), py::arg("transfer"), py::arg("prefetch"))
+      .def("set_prefetch", [](LayerRing& r, int n) { throw_if_error(r.set_prefetch(n)); })
       .def("reset_counters", &LayerRing::reset_counters)
       .def("counters", [](const LayerRing& r) {
         const LayerCounters c = r.counters();

@@ -259,6 +259,30 @@ class Engine:
         engine.paging = settings
         return engine
 
+    @staticmethod
+    def plan(path: Union[str, Path, CheckpointSource], device: Union[None, str, torch.device] = "auto",
+             memory_limit: Optional[float] = None, dtype: Union[None, str, torch.dtype] = None,
+             precision: Union[None, str, PrecisionPolicy] = None, max_seq_len: Optional[int] = None,
+             max_batch_size: int = 8, prefill_chunk: int = 2048,
+             paging: Union[None, PagingSettings, Dict[str, Any]] = None) -> Optional[MemoryPlan]:
+        """The memory plan ``from_pretrained`` would make, without loading anything (headers
+        only). None when there is no budget to plan (CPU without memory_limit)."""
+        dev = resolve_device(device)
+        cdt = resolve_compute_dtype(dtype, dev)
+        source = path
+        if not isinstance(path, CheckpointSource):
+            from .loader import open_checkpoint
+
+            source = open_checkpoint(path)
+        c = source.config
+        seq = max_seq_len or min(c.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        try:
+            return plan_for(source, dev, cdt, PrecisionPolicy.parse(precision), as_paging_settings(paging),
+                            memory_limit, max_batch_size, seq, prefill_chunk)
+        finally:
+            if source is not path and hasattr(source, "close"):
+                source.close()
+
     def set_use_cuda_graph(self, enabled: bool) -> None:
         """Turns CUDA-graph decode on or off (a warning, and off, when it cannot apply)."""
         if not isinstance(enabled, bool):

@@ -1,26 +1,31 @@
 """DeepseekInference: the configuration-style facade over Engine.
 
-    model = DeepseekInference("path/to/DeepSeek-R1-FP4", device="cuda", memory_limit=70)
-    model.set_memory_config(prefetch_layers=2, max_gpu_layers=4, expert_threshold=0.1)
+    model = DeepseekInference("path/to/DeepSeek-R1-FP4", device="cuda", memory_limit=16)
+    model.set_memory_config(prefetch_layers=2, max_gpu_layers=4)
+    model.set_memory_strategy({"cpu_cache_size": 96})
     print(model.generate("Tell me about NVIDIA", max_tokens=256, temperature=0.6))
 
-What takes effect today: device, memory_limit (checked: the model must fit, since every
-weight is resident), generation settings, and ``use_cuda_graph``. The memory-tier settings
-(``set_memory_config``, ``set_memory_strategy``, ``set_compute_streams`` and the matching keys
-of ``apply_config``) are validated and stored in ``settings``; they take effect once weight
-paging lands, and until then ``pending_settings()`` lists them and each setter warns once.
+Every setting takes effect or raises. Settings that change how the GPU budget is carved
+(max_gpu_layers, gpu_reserved, cpu_cache_size, prefetch_size, min_layers, max_experts,
+gpu_memory_fraction, pinned_memory, enable_async_copy, batch_size, memory_limit) make a new
+memory plan and reload the weights; the others (prefetch_layers within the plan's layer
+slots, expert_threshold, prefetch_experts, the streams) apply at once. ``settings`` holds
+everything set; ``engine.memory_plan`` shows the plan in force.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
-from .engine import Engine, GenerationStats
+import torch
 
-# settings that belong to the paging / stream-scheduling work, with their validators
+from .engine import Engine, GenerationStats
+from .memory_plan import PagingSettings
+from .paged import PagedWeightStore
+
+# seed name → (PagingSettings field or engine argument, validator kind, minimum)
 _MEMORY_CONFIG = {
     "prefetch_layers": ("int", 0),
     "max_gpu_layers": ("int", 1),
@@ -30,26 +35,38 @@ _MEMORY_STRATEGY = {
     "gpu_reserved": ("gib", None),
     "cpu_cache_size": ("gib", None),
     "prefetch_size": ("gib", None),
-    "min_layers": ("int", 0),
+    "min_layers": ("int", 1),
     "max_experts": ("int", 1),
 }
 _COMPUTE_STREAMS = {"prefetch": ("bool", None), "compute": ("bool", None), "transfer": ("bool", None)}
-# apply_config keys from the tuning guide that change nothing until paging / tuning exist
-_PENDING_CONFIG = {
+_CONFIG = {
     **_MEMORY_CONFIG,
-    "expert_parallelism": ("int", 1),
-    "prefetch_experts": ("int", 0),
+    "prefetch_experts": ("int", 1),
     "pinned_memory": ("bool", None),
-    "max_persistent_cache": ("gib", None),
     "enable_async_copy": ("bool", None),
     "overlap_compute": ("bool", None),
     "gpu_memory_fraction": ("fraction", None),
-    "max_workspace_size": ("gib", None),
-    "prefer_larger_batch": ("bool", None),
     "enable_tf32": ("bool", None),
 }
+# keys of the tuning guide that name things this runtime does not have
+_UNSUPPORTED = {
+    "sliding_window": "DeepSeek-V3 attends over the whole context",
+    "expert_parallelism": "all selected experts of a layer run in one grouped GEMM launch",
+    "max_persistent_cache": "the host-side cache is cpu_cache_size (set_memory_strategy)",
+    "max_workspace_size": "the workspace follows prefill_chunk (an Engine argument)",
+    "prefer_larger_batch": "set batch_size",
+}
+# what changes the memory plan (a reload); the rest apply to the running engine
+_PLAN_KEYS = {"max_gpu_layers", "gpu_reserved", "cpu_cache_size", "prefetch_size", "min_layers", "max_experts",
+              "gpu_memory_fraction", "pinned_memory", "enable_async_copy"}
 
-_SINGLE_TASK = {"max_gpu_layers": 4, "prefetch_layers": 2, "expert_threshold": 0.15, "batch_size": 1}
+# The tuning guide's scenarios. Its expert_threshold values are left out: they make every answer
+# approximate, so a preset applies them only when asked (approximate=True).
+_PRESETS = {
+    "single_task": {"prefetch_layers": 2, "batch_size": 1, "expert_threshold": 0.15},
+    "batch": {"prefetch_layers": 3, "batch_size": 16, "expert_threshold": 0.1},
+    "long_sequence": {"prefetch_layers": 4, "batch_size": 1, "expert_threshold": 0.08},
+}
 
 
 def _validate(section: str, key: str, kind: str, minimum: Optional[int], value: Any) -> Any:
@@ -77,93 +94,171 @@ class DeepseekInference:
     ----------
     model_path : model folder (config.json + safetensors + tokenizer)
     device : "auto" (CUDA when available), "cuda", "cuda:N" or "cpu"
-    memory_limit : device memory budget in GiB (the model must fit in it for now)
+    memory_limit : device memory budget in GiB (see Engine.from_pretrained): what does not fit
+        is paged between GPU, pinned host memory and the checkpoint files
     **engine_kwargs : passed to ``Engine.from_pretrained`` (dtype, precision, max_seq_len,
-        max_batch_size, use_cuda_graph, progress)
+        max_batch_size, use_cuda_graph, progress, prefill_chunk, paging, verbose)
     """
 
     def __init__(self, model_path: Union[str, Path], device: str = "auto",
                  memory_limit: Optional[float] = None, **engine_kwargs: Any):
-        self.engine = Engine.from_pretrained(model_path, device=device, memory_limit=memory_limit,
-                                             **engine_kwargs)
         self.model_path = Path(model_path)
+        self.device = device
         self.memory_limit = memory_limit
-        self.batch_size = 1
+        paging = engine_kwargs.pop("paging", None)
+        self._paging: Dict[str, Any] = dict(paging.__dict__ if isinstance(paging, PagingSettings) else paging or {})
+        self._engine_kwargs = engine_kwargs
+        self.engine = self._load()
+        self.batch_size = self.engine.max_batch_size
         self.settings: Dict[str, Dict[str, Any]] = {"memory_config": {}, "memory_strategy": {},
                                                     "compute_streams": {}, "config": {}}
-        self._warned: set = set()
 
-    # ---- settings for the memory tiers (stored until paging lands) ----------------------
-    def _store(self, section: str, schema: Dict[str, tuple], values: Dict[str, Any]) -> None:
+    def _load(self, **engine_overrides: Any) -> Engine:
+        kw = {**self._engine_kwargs, **engine_overrides}
+        return Engine.from_pretrained(self.model_path, device=self.device, memory_limit=self.memory_limit,
+                                      paging=dict(self._paging), **kw)
+
+    # ---- applying settings -----------------------------------------------------------------
+    def _apply(self, changes: Dict[str, Any], batch_size: Optional[int] = None) -> None:
+        """Applies PagingSettings changes: a reload when the plan changes, else at once."""
+        new = {**self._paging, **changes}
+        PagingSettings(**new).validate()   # raises, naming the field, before anything changes
+        reload = batch_size is not None and batch_size != self.engine.max_batch_size
+        reload = reload or any(new.get(k) != self._paging.get(k) for k in _PLAN_KEYS if k in changes)
+        store = self.engine.store
+        if not reload and isinstance(store, PagedWeightStore):
+            try:
+                self.engine.reconfigure_paging(**{k: v for k, v in changes.items() if k not in _PLAN_KEYS})
+            except ValueError:
+                reload = True   # e.g. more prefetch_layers than the plan's layer slots
+        elif not reload and "max_gpu_layers" not in changes and changes:
+            # a resident engine: prefetching and expert_threshold have nothing to act on until the
+            # plan pages something; recorded, and applied by the next plan
+            pass
+        if reload:
+            cuda_graph = self.engine.use_cuda_graph
+            overrides = {"max_batch_size": batch_size} if batch_size is not None else {}
+            kw = {**self._engine_kwargs, **overrides}
+            # plan first (reads headers only): a budget the new settings cannot carve raises here,
+            # with the old engine untouched
+            Engine.plan(self.model_path, device=self.device, memory_limit=self.memory_limit, paging=new,
+                        **{k: v for k, v in kw.items() if k in ("dtype", "precision", "max_seq_len", "max_batch_size",
+                                                                "prefill_chunk")})
+            old = self._paging
+            self._paging = new
+            self.engine = None   # release the old weights before loading the new plan
+            try:
+                self.engine = self._load(use_cuda_graph=cuda_graph, **overrides)
+            except Exception:
+                self._paging = old
+                self.engine = self._load(use_cuda_graph=cuda_graph)
+                raise
+        self._paging = new
+        if batch_size is not None:
+            self.batch_size = batch_size
+            self._engine_kwargs["max_batch_size"] = batch_size
+
+    def _record(self, section: str, schema: Dict[str, tuple], values: Dict[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(values) - set(schema))
         if unknown:
             raise ValueError(f"{section}: unknown setting(s) {unknown} (known: {', '.join(schema)})")
         checked = {k: _validate(section, k, *schema[k], v) for k, v in values.items()}
         self.settings[section].update(checked)
-        if section not in self._warned:
-            self._warned.add(section)
-            warnings.warn(f"{section} is stored but has no effect yet: every weight is resident on the "
-                          f"device until weight paging is implemented", stacklevel=3)
+        return checked
 
     def set_memory_config(self, prefetch_layers: Optional[int] = None, max_gpu_layers: Optional[int] = None,
                           expert_threshold: Optional[float] = None) -> None:
-        """Layers to prefetch ahead, layers kept on the GPU, expert keep-threshold (0..1).
-        Stored; takes effect once paging lands."""
+        """Layers (and next-layer experts) prefetched ahead; most layers whose weights are on the
+        GPU at once; expert_threshold (opt-in approximation, 0 = exact): a routed expert that is
+        not on the GPU is skipped when its normalized routing weight is below it."""
         values = {k: v for k, v in dict(prefetch_layers=prefetch_layers, max_gpu_layers=max_gpu_layers,
                                         expert_threshold=expert_threshold).items() if v is not None}
-        self._store("memory_config", _MEMORY_CONFIG, values)
+        checked = self._record("memory_config", _MEMORY_CONFIG, values)
+        if "expert_threshold" in checked and checked["expert_threshold"] >= 1:
+            raise ValueError("memory_config: expert_threshold must be below 1 (1 would skip every expert)")
+        self._apply(checked)
 
     def set_memory_strategy(self, strategy: Dict[str, Any]) -> None:
-        """{'gpu_reserved', 'cpu_cache_size', 'prefetch_size' (GiB), 'min_layers', 'max_experts'}.
-        Stored; takes effect once paging lands."""
+        """{'gpu_reserved', 'cpu_cache_size', 'prefetch_size' (GiB), 'min_layers', 'max_experts'}
+        (see memory_plan.PagingSettings). Makes a new memory plan."""
         if not isinstance(strategy, dict):
             raise ValueError(f"strategy must be a dict, got {type(strategy).__name__}")
-        self._store("memory_strategy", _MEMORY_STRATEGY, strategy)
+        self._apply(self._record("memory_strategy", _MEMORY_STRATEGY, strategy))
 
     def set_compute_streams(self, streams: Dict[str, bool]) -> None:
-        """{'prefetch', 'compute', 'transfer'}: which streams to use. Stored; the stream
-        scheduler arrives with paging (today everything runs on the current stream)."""
+        """{'prefetch', 'compute', 'transfer'}: False runs that stream's work on the current
+        stream (compute: the model; transfer: copies the current layer waits for; prefetch:
+        speculative copies)."""
         if not isinstance(streams, dict):
             raise ValueError(f"streams must be a dict, got {type(streams).__name__}")
-        self._store("compute_streams", _COMPUTE_STREAMS, streams)
+        checked = self._record("compute_streams", _COMPUTE_STREAMS, streams)
+        self._apply({"streams": {**self._paging.get("streams", {}), **checked}})
 
     def pending_settings(self) -> Dict[str, Dict[str, Any]]:
-        """Settings stored but not yet in effect."""
-        return {k: dict(v) for k, v in self.settings.items() if v}
+        """Settings recorded but with nothing to act on in the current engine (paging knobs of
+        an engine that keeps every weight resident)."""
+        if isinstance(self.engine.store, PagedWeightStore):
+            return {}
+        idle = {"prefetch_layers", "expert_threshold", "prefetch_experts", "prefetch_size", "cpu_cache_size",
+                "max_experts", "min_layers"}
+        out = {s: {k: v for k, v in d.items() if k in idle} for s, d in self.settings.items()}
+        return {k: v for k, v in out.items() if v}
 
-    # ---- settings that take effect now ----------------------------------------------------
-    def optimize_for_single_task(self) -> Dict[str, Any]:
-        """Latency settings for one request at a time: batch size 1 and CUDA-graph decode (on
-        CUDA), plus the memory-tier values of the tuning guide (stored until paging lands).
-        Returns the applied configuration."""
-        cfg = dict(_SINGLE_TASK)
+    # ---- presets and tuner configs -------------------------------------------------------
+    def _preset(self, name: str, approximate: bool) -> Dict[str, Any]:
+        cfg = dict(_PRESETS[name])
+        if not approximate:
+            cfg["expert_threshold"] = 0.0
         cfg["use_cuda_graph"] = self.engine.device.type == "cuda" and self.engine.store.graph_safe
         self.apply_config(cfg)
         return cfg
 
+    def optimize_for_single_task(self, approximate: bool = False) -> Dict[str, Any]:
+        """Latency for one request at a time: batch 1, CUDA-graph decode, two layers prefetched.
+        ``approximate=True`` also applies the tuning guide's expert_threshold (0.15)."""
+        return self._preset("single_task", approximate)
+
+    def optimize_for_batch(self, approximate: bool = False) -> Dict[str, Any]:
+        """Throughput: batch 16, three layers prefetched (threshold 0.1 with approximate=True)."""
+        return self._preset("batch", approximate)
+
+    def optimize_for_long_sequence(self, approximate: bool = False) -> Dict[str, Any]:
+        """Long prompts: batch 1, four layers prefetched (threshold 0.08 with approximate=True).
+        The guide's sliding_window does not apply: DeepSeek-V3 attends over the whole context."""
+        return self._preset("long_sequence", approximate)
+
     def apply_config(self, config: Dict[str, Any]) -> None:
-        """Applies a configuration dict (e.g. from a tuner). ``use_cuda_graph`` and
-        ``batch_size`` take effect now; the memory and stream keys of the tuning guide are
-        stored until paging lands. Unknown keys raise ValueError."""
+        """Applies a configuration dict (e.g. from a tuner or the presets): batch_size,
+        use_cuda_graph, the memory_config keys, prefetch_experts, pinned_memory,
+        enable_async_copy, overlap_compute, gpu_memory_fraction, enable_tf32. Keys the
+        runtime has no counterpart for raise ValueError saying why."""
         if not isinstance(config, dict):
             raise ValueError(f"config must be a dict, got {type(config).__name__}")
-        if "sliding_window" in config:
-            raise ValueError("apply_config: sliding_window is not supported (DeepSeek-V3 attends over the "
-                             "whole context)")
+        for k in config:
+            if k in _UNSUPPORTED:
+                raise ValueError(f"apply_config: {k} is not supported ({_UNSUPPORTED[k]})")
         now = {"use_cuda_graph", "batch_size"}
-        unknown = sorted(set(config) - now - set(_PENDING_CONFIG))
+        unknown = sorted(set(config) - now - set(_CONFIG))
         if unknown:
             raise ValueError(f"apply_config: unknown key(s) {unknown} "
-                             f"(known: {', '.join(sorted(now | set(_PENDING_CONFIG)))})")
+                             f"(known: {', '.join(sorted(now | set(_CONFIG)))})")
+        batch = None
         if "batch_size" in config:
-            self.batch_size = _validate("apply_config", "batch_size", "int", 1, config["batch_size"])
-            self.engine.max_batch_size = self.batch_size
+            batch = _validate("apply_config", "batch_size", "int", 1, config["batch_size"])
+        checked = self._record("config", _CONFIG, {k: v for k, v in config.items() if k in _CONFIG})
+        if "expert_threshold" in checked and checked["expert_threshold"] >= 1:
+            raise ValueError("apply_config: expert_threshold must be below 1")
+        if "enable_tf32" in checked:
+            # float32 matmuls only (the CPU reference path, routers); the FP4/BF16 kernels are unaffected
+            torch.backends.cuda.matmul.allow_tf32 = checked.pop("enable_tf32")
+        if "overlap_compute" in checked:
+            on = checked.pop("overlap_compute")
+            checked["streams"] = {"compute": on, "prefetch": on, "transfer": on}
+            checked["enable_async_copy"] = on
+        self._apply(checked, batch_size=batch)
         if "use_cuda_graph" in config:
             self.engine.set_use_cuda_graph(_validate("apply_config", "use_cuda_graph", "bool", None,
                                                      config["use_cuda_graph"]))
-        pending = {k: v for k, v in config.items() if k in _PENDING_CONFIG}
-        if pending:
-            self._store("config", _PENDING_CONFIG, pending)
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt: Union[str, List[str]], max_tokens: int = 1024, temperature: float = 0.7,
@@ -184,3 +279,9 @@ class DeepseekInference:
     def stats(self) -> GenerationStats:
         """Timings of the last generate / stream call."""
         return self.engine.last_stats
+
+    @property
+    def paging_counters(self) -> Optional[Dict[str, Any]]:
+        """Tier counters of a paged engine (hit rates, prefetch accuracy, bytes per tier), else None."""
+        store = self.engine.store
+        return store.counters() if isinstance(store, PagedWeightStore) else None

@@ -261,6 +261,8 @@ class PagedWeightStore(WeightStore):
         if new.prefetch_experts != s.prefetch_experts and (new.prefetch_experts or 0) > (s.prefetch_experts or 0) \
                 and min(self.config.num_experts_per_tok, new.prefetch_experts or 99) > self.pred_k:
             raise ValueError("prefetch_experts can only shrink without a reload (the prediction buffers are sized)")
+        if self.ring is not None and new.prefetch_layers != s.prefetch_layers:
+            self.ring.set_prefetch(min(new.prefetch_layers, self.plan.layer_slots - 1))
         self.settings = new
         self.expert_threshold = float(new.expert_threshold)
         self.predict = new.prefetch_layers > 0
@@ -299,7 +301,8 @@ class PagedWeightStore(WeightStore):
                     on_device=self.on_device, gpu_policy=pol, host_policy=_C.paging.CachePolicy.lru,
                     lam=float(s.lrfu_lambda), miss_mode=mode, io_threads=s.io_threads, repack_threads=2,
                     direct_io=s.direct_io, async_copy=s.enable_async_copy and self.on_device,
-                    max_prefetch_units=prefetch_cap, prefetch_min_accuracy=float(s.prefetch_min_accuracy))
+                    max_prefetch_units=prefetch_cap, prefetch_min_accuracy=float(s.prefetch_min_accuracy),
+                    max_step_copies=-1 if s.max_experts is None else int(s.max_experts))
 
     def _check_experts_nvfp4(self, source: CheckpointSource) -> None:
         for layer in self.moe_layers:

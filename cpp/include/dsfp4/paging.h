@@ -239,6 +239,9 @@ struct ExpertStoreOptions {
   // speculative copies for a layer stop while its measured prediction accuracy (a running
   // average of |predicted ∩ used| / |used|) is below this; disk reads into the host cache go on
   double prefetch_min_accuracy = 0.0;
+  // most missed experts one resolve copies into GPU slots; the rest are read in place from the
+  // host cache (needs a mapped host cache; -1: no cap)
+  int max_step_copies = -1;
 };
 
 // Where the stored tensors of one expert lie: gate, up, down × (weight, weight_scale,
@@ -369,6 +372,8 @@ class LayerRing {
   // `transfer` if no prefetch did), then copies of ranks r+1..r+prefetch start on `prefetch`
   // once the layers that used their slots are done on `compute`.
   Status acquire(int rank, Stream compute, Stream transfer, Stream prefetch);
+  // Ranks copied ahead from now on (≤ slots - 1).
+  Status set_prefetch(int prefetch);
   LayerCounters counters() const;
   void reset_counters();
   ~LayerRing();

@@ -125,8 +125,9 @@ Status ExpertStore::create(const ExpertStoreOptions& opt, std::shared_ptr<Checkp
   if (!files) return InvalidArgument("ExpertStore: files is null");
   if (opt.on_device && !dev::device_present())
     return Unsupported("ExpertStore: on_device needs a CUDA build and a visible GPU");
-  if (opt.miss_mode != MissMode::kCopy && !opt.pinned && opt.on_device)
-    return InvalidArgument("ExpertStore: zero-copy (miss_mode zero_copy/auto) needs pinned host memory");
+  if ((opt.miss_mode != MissMode::kCopy || opt.max_step_copies >= 0) && !opt.pinned && opt.on_device)
+    return InvalidArgument("ExpertStore: reading experts in place (miss_mode zero_copy/auto, max_step_copies) needs "
+                           "pinned host memory");
 
   std::unique_ptr<ExpertStore> s(new ExpertStore());
   s->opt_ = opt;
@@ -142,7 +143,8 @@ Status ExpertStore::create(const ExpertStoreOptions& opt, std::shared_ptr<Checkp
   s->files_ = std::move(files);
   const bool pinned = opt.pinned && opt.on_device;
   DSFP4_RETURN_IF_ERROR(HostBuffer::create(static_cast<size_t>(opt.host_slots) * s->layout_.bytes, pinned, &m.host_units));
-  if (opt.miss_mode != MissMode::kCopy && opt.on_device && m.host_units->device_address(0) == 0)
+  if ((opt.miss_mode != MissMode::kCopy || opt.max_step_copies >= 0) && opt.on_device &&
+      m.host_units->device_address(0) == 0)
     return Unsupported("ExpertStore: the host cache could not be mapped for zero-copy reads");
   DSFP4_RETURN_IF_ERROR(HostBuffer::create(static_cast<size_t>(keys) * 8, opt.on_device, &m.mirror));
   s->tables_ = reinterpret_cast<uint64_t*>(m.mirror->data());
@@ -204,7 +206,8 @@ uint64_t host_unit_addr(const Ctx& c, int slot) {
 // What a kernel can read for `key` when it is not in a GPU slot: its host unit if mapped.
 uint64_t fallback_addr(const Ctx& c, int64_t key) {
   const int h = c.m->host.slot_of(key);
-  if (h < 0 || c.m->hslot[h].job.valid() || c.opt->miss_mode == MissMode::kCopy) return 0;
+  if (h < 0 || c.m->hslot[h].job.valid() || (c.opt->miss_mode == MissMode::kCopy && c.opt->max_step_copies < 0))
+    return 0;
   return host_unit_addr(c, h);
 }
 
@@ -449,6 +452,7 @@ Status ExpertStore::resolve(int layer, const int32_t* ids, int64_t count, Stream
   // pass 2: place the misses (copy into a GPU slot, or read in place)
   bool waited = false, copied = false;
   Status st;
+  int step_copies = 0;
   for (int64_t key : miss) {
     bool do_copy = opt_.miss_mode == MissMode::kCopy;
     if (opt_.miss_mode == MissMode::kAuto) {
@@ -456,18 +460,21 @@ Status ExpertStore::resolve(int layer, const int32_t* ids, int64_t count, Stream
       const bool free_slot = m.gpu.size() < m.gpu.capacity();
       do_copy = free_slot || (v >= 0 && m.gpu.priority(key) > m.gpu.priority(v));
     }
+    const bool capped = opt_.max_step_copies >= 0 && step_copies >= opt_.max_step_copies;
     int g = -1;
-    if (do_copy) {
+    if (do_copy && !capped) {
       g = copy_to_gpu(c, key, seq, compute, copy, &waited, &st);
       if (!st.ok()) return st;
       copied = copied || g >= 0;
     }
     if (g >= 0) {
       m.gpu.hold(key);
+      ++step_copies;
       continue;
     }
     const int h = m.host.slot_of(key);
-    const uint64_t addr = opt_.miss_mode == MissMode::kCopy ? 0 : host_unit_addr(c, h);
+    const bool readable = opt_.miss_mode != MissMode::kCopy || capped;
+    const uint64_t addr = readable ? host_unit_addr(c, h) : 0;
     if (addr == 0)
       return Status(StatusCode::kOutOfMemory,
                     "expert GPU cache too small: " + std::to_string(opt_.gpu_slots) + " slots, all held by the " +

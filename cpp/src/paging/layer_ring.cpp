@@ -78,6 +78,14 @@ Status LayerRing::acquire(int rank, Stream compute, Stream transfer, Stream pref
   return Status::Ok();
 }
 
+Status LayerRing::set_prefetch(int prefetch) {
+  if (prefetch < 0 || prefetch > opt_.slots - 1)
+    return InvalidArgument("LayerRing: prefetch (" + std::to_string(prefetch) + ") must be in [0, slots - 1 = " +
+                           std::to_string(opt_.slots - 1) + "]");
+  opt_.prefetch = prefetch;
+  return Status::Ok();
+}
+
 LayerCounters LayerRing::counters() const { return counters_; }
 void LayerRing::reset_counters() { counters_ = LayerCounters(); }
 
