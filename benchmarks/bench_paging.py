@@ -298,7 +298,8 @@ def decode_row(engine, batch: int, steps: int, h2d: float, disk: float, variant:
             "stall_ms": step_ms - rep_ms, "h2d_mb_per_step": moved / steps / 1e6, "ssd_mb_per_step": ssd / steps / 1e6,
             "wasted_mb_per_step": d["prefetch_wasted"] * unit / steps / 1e6,
             "repeat_h2d_mb_per_step": repeat_moved / steps / 1e6,
-            "zero_copy_units": d["zero_copy"], "copies": d["copies"], "disk_wait_ms": d["wait_ms"] / steps}
+            "zero_copy_units": d["zero_copy"], "copies": d["copies"], "disk_wait_ms": d["wait_ms"] / steps,
+            "skipped_per_step": d["skipped"] / steps}
 
 
 def prefill_row(engine, prompt_len: int, h2d: float, disk: float, n_moe: int) -> dict:
@@ -389,13 +390,22 @@ def main() -> int:
     for p in (int(x) for x in args.prompts.split(",")):
         rows.append(prefill_row(eng, p, h2d, disk, n_moe))
         print(rows[-1], flush=True)
-    ablations = {"no_prefetch": dict(prefetch_layers=0), "lru": dict(cache_policy="lru"),
-                 "no_stream_priorities": dict(stream_priorities=False), "zero_copy": dict(miss_mode="zero_copy"),
-                 "auto": dict(miss_mode="auto")}
-    default = {k: getattr(eng.paging, k) for k in ("prefetch_layers", "cache_policy", "stream_priorities", "miss_mode")}
+    ablations = {"no_prefetch": dict(prefetch_layers=0), "prefetch_always": dict(prefetch_min_accuracy=0.0),
+                 "lru": dict(cache_policy="lru"), "no_stream_priorities": dict(stream_priorities=False),
+                 "zero_copy": dict(miss_mode="zero_copy"), "auto": dict(miss_mode="auto"),
+                 "threshold_0.1": dict(expert_threshold=0.1)}
+    keys = ("prefetch_layers", "prefetch_min_accuracy", "cache_policy", "stream_priorities", "miss_mode",
+            "expert_threshold")
+    default = {k: getattr(eng.paging, k) for k in keys}
+    probe = torch.randint(0, cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(5)).tolist()
+    exact = eng.logits(probe)
     for name, change in ablations.items():
         eng.reconfigure_paging(**{**default, **change})
         rows.append(decode_row(eng, 1, args.steps, h2d, disk, name, n_moe))
+        if "expert_threshold" in change:
+            approx = eng.logits(probe)
+            rows[-1]["logit_rel_err"] = ((approx - exact).norm() / exact.norm()).item()
+            rows[-1]["top1_agree"] = (approx.argmax(-1) == exact.argmax(-1)).float().mean().item()
         print(rows[-1], flush=True)
     eng.reconfigure_paging(**default)
     torch.cuda.synchronize()
