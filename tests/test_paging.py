@@ -464,3 +464,17 @@ def test_facade_knobs_change_behaviour(model_dir, reference):
     model.apply_config({"batch_size": 1, "expert_threshold": 0.0})
     assert model.engine.max_batch_size == 1
     assert run()[0] == ref_tokens
+
+
+def test_pinned_expert_stays_on_the_gpu(model_dir, reference):
+    ref_tokens, _ = reference
+    eng = paged(model_dir)
+    layer = eng.store.moe_layers[1]
+    eng.store.pin_expert(layer, 5)
+    addr = eng.store.experts.gpu_address(1, 5)
+    assert addr != 0
+    assert eng.generate(PROMPT, max_tokens=10, ignore_eos=True).token_ids == ref_tokens
+    assert eng.store.experts.gpu_address(1, 5) == addr                  # never evicted, same slot
+    assert eng.store.counters()["experts"]["evictions"] > 0             # while others were
+    with pytest.raises(ValueError, match="not a MoE layer"):
+        eng.store.pin_expert(0, 1)

@@ -490,6 +490,16 @@ class PagedWeightStore(WeightStore):
         self._prefetch_next(self.route_points[experts.index])
         return y
 
+    def pin_expert(self, layer: int, expert: int, pinned: bool = True) -> None:
+        """Keeps routed expert ``expert`` of decoder layer ``layer`` in a GPU slot (loading it
+        now), or releases it to the cache policy again."""
+        if layer not in self.moe_index:
+            raise ValueError(f"pin_expert: layer {layer} is not a MoE layer (MoE layers: {self.moe_layers})")
+        if not 0 <= expert < self.config.n_routed_experts:
+            raise ValueError(f"pin_expert: expert {expert} is outside [0, {self.config.n_routed_experts})")
+        compute, transfer, _ = self._stream_handles()
+        self.experts.set_pinned(self.moe_index[layer], expert, pinned, compute, transfer)
+
     # ---- reports ---------------------------------------------------------------------------
     def counters(self) -> Dict[str, object]:
         """Counters for the monitor: per tier and direction, hit rates, prediction accuracy."""
