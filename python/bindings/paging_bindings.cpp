@@ -55,6 +55,16 @@ py::dict counters_dict(const ExpertCounters& c) {
   return d;
 }
 
+py::dict read_counters_dict(const ReadCounters& c) {
+  py::dict d;
+  d["bytes"] = c.bytes;
+  d["device_bytes"] = c.device_bytes;
+  d["reads"] = c.reads;
+  d["direct_reads"] = c.direct_reads;
+  d["seconds"] = c.seconds;
+  return d;
+}
+
 // Runs a Status-returning call without the GIL (it may block on disk reads or events).
 template <typename Fn>
 void nogil(Fn fn) {
@@ -114,16 +124,7 @@ void bind_paging(py::module_& m) {
       .def_property_readonly("num_files", &CheckpointFiles::num_files)
       .def("path", [](const CheckpointFiles& f, int i) { return f.path(i); })
       .def("reset_counters", &CheckpointFiles::reset_counters)
-      .def("counters", [](const CheckpointFiles& f) {
-        const ReadCounters c = f.counters();
-        py::dict d;
-        d["bytes"] = c.bytes;
-        d["device_bytes"] = c.device_bytes;
-        d["reads"] = c.reads;
-        d["direct_reads"] = c.direct_reads;
-        d["seconds"] = c.seconds;
-        return d;
-      });
+      .def("counters", [](const CheckpointFiles& f) { return read_counters_dict(f.counters()); });
 
   py::enum_<CachePolicy>(p, "CachePolicy").value("lru", CachePolicy::kLru).value("lrfu", CachePolicy::kLrfu);
   py::enum_<MissMode>(p, "MissMode")
@@ -252,16 +253,7 @@ void bind_paging(py::module_& m) {
       .def("add_skipped", &ExpertStore::add_skipped)
       .def_property_readonly("gpu_cached", &ExpertStore::gpu_cached)
       .def_property_readonly("host_cached", &ExpertStore::host_cached)
-      .def("files_counters", [](ExpertStore& s) {
-        const ReadCounters c = s.files().counters();
-        py::dict d;
-        d["bytes"] = c.bytes;
-        d["device_bytes"] = c.device_bytes;
-        d["reads"] = c.reads;
-        d["direct_reads"] = c.direct_reads;
-        d["seconds"] = c.seconds;
-        return d;
-      });
+      .def("files_counters", [](ExpertStore& s) { return read_counters_dict(s.files().counters()); });
 
   py::class_<LayerRing>(p, "LayerRing")
       .def(py::init([](int units, int slots, int64_t unit_bytes, std::uintptr_t gpu_base, bool on_device,

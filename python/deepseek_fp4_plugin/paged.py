@@ -45,7 +45,7 @@ from .memory_plan import MemoryPlan, PagingSettings
 from .ops import Fp4Weight
 from .precision import PrecisionPolicy
 from .resident import add_layer_report, nbytes
-from .weights import (AttentionWeights, DenseLinear, ExpertGroups, Fp4Linear, HostPoint, LayerWeights, Linear,
+from .weights import (AttentionWeights, BuiltWeights, DenseLinear, ExpertGroups, Fp4Linear, HostPoint, LayerWeights, Linear,
                       MlpWeights, MoeWeights, RoutedExperts, WeightStore, _ConcatLinear)
 
 _ALIGN = 256
@@ -135,7 +135,7 @@ class PagedRoutedExperts(RoutedExperts):
 # the store
 
 
-class PagedWeightStore(WeightStore):
+class PagedWeightStore(BuiltWeights, WeightStore):
     """Weights paged inside a GPU budget (see the module docstring).
 
     Parameters
@@ -376,18 +376,6 @@ class PagedWeightStore(WeightStore):
             self.route_points.append(RoutePoint(layer, i, k, ids, pred, self.pred_k, nxt, event=ev))
 
     # ---- WeightStore ---------------------------------------------------------------------
-    def embedding(self) -> Tensor:
-        return self._embed
-
-    def final_norm(self) -> Tensor:
-        return self._norm
-
-    def lm_head(self) -> Linear:
-        return self._lm_head
-
-    def acquire_layer(self, layer: int) -> LayerWeights:
-        return self._layers[layer]
-
     @property
     def graph_safe(self) -> bool:
         return self.on_device

@@ -10,10 +10,10 @@ from torch import Tensor
 from .checkpoint import CheckpointSource
 from .conversion import WeightConverter, estimate_bytes  # noqa: F401  (estimate_bytes re-exported)
 from .precision import PrecisionPolicy, resolve_compute_dtype
-from .weights import DenseLinear, LayerWeights, Linear, WeightStore
+from .weights import BuiltWeights, DenseLinear, LayerWeights, Linear, WeightStore
 
 
-class ResidentWeightStore(WeightStore):
+class ResidentWeightStore(BuiltWeights, WeightStore):
     """Every weight resident on ``device``, converted once at load.
 
     Parameters
@@ -45,18 +45,6 @@ class ResidentWeightStore(WeightStore):
         self.formats: Dict[str, str] = conv.formats   # module → runtime format ("fp4" | "dense")
 
     # ---- WeightStore ----
-    def embedding(self) -> Tensor:
-        return self._embed
-
-    def final_norm(self) -> Tensor:
-        return self._norm
-
-    def lm_head(self) -> Linear:
-        return self._lm_head
-
-    def acquire_layer(self, layer: int) -> LayerWeights:
-        return self._layers[layer]
-
     @property
     def graph_safe(self) -> bool:
         return all(lw.moe is None or lw.moe.experts.graph_safe for lw in self._layers)

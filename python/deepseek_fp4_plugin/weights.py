@@ -408,6 +408,28 @@ class WeightStore:
         raise NotImplementedError
 
 
+class BuiltWeights:
+    """The WeightStore accessors of a store that holds its model-wide tensors in ``_embed``,
+    ``_norm``, ``_lm_head`` and one LayerWeights per layer in ``_layers`` (both stores do)."""
+
+    _embed: Tensor
+    _norm: Tensor
+    _lm_head: Linear
+    _layers: List[LayerWeights]
+
+    def embedding(self) -> Tensor:
+        return self._embed
+
+    def final_norm(self) -> Tensor:
+        return self._norm
+
+    def lm_head(self) -> Linear:
+        return self._lm_head
+
+    def acquire_layer(self, layer: int) -> LayerWeights:
+        return self._layers[layer]
+
+
 # ---------------------------------------------------------------------------------------
 # host points
 
