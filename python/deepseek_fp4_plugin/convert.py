@@ -247,6 +247,7 @@ class _Converter:
         return out
 
     def _copy_module(self, m: str) -> Dict[str, Tensor]:
+        self.ck.linear(m, *self.shapes[m])   # checks shapes and scales: never copy a corrupt module
         names = [f"{m}.{s}" for s in _LINEAR_SUFFIXES if self.ck.has(f"{m}.{s}")]
         return {n: self.ck.get_tensor(n) for n in names}
 

@@ -39,6 +39,7 @@ from .precision import PrecisionPolicy, resolve_compute_dtype
 from .resident import ResidentWeightStore
 from .sampling import SamplingParams, sample
 from .tokenizer import IncrementalDecoder, Tokenizer
+from .validation import check_tokenizer_fits
 from .weights import HostPoint, WeightStore, run_host_points
 
 GiB = 1 << 30
@@ -183,6 +184,8 @@ class Engine:
                              f"(max_position_embeddings = {c.max_position_embeddings})")
         _check_int("max_batch_size", max_batch_size, 1)
         _check_int("prefill_chunk", prefill_chunk, 1)
+        if tokenizer is not None:
+            check_tokenizer_fits(tokenizer, c.vocab_size)
         self.store, self.config, self.tokenizer = store, c, tokenizer
         self.device, self.dtype = store.device, store.compute_dtype
         self.max_seq_len, self.max_batch_size, self.prefill_chunk = max_seq_len, max_batch_size, prefill_chunk
