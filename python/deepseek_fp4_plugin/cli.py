@@ -62,6 +62,10 @@ def _run_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    done = engine.last_completion
+    if done is not None and done.finish_reason == "error":
+        print(f"deepseek-fp4 generate: error: {done.error}", file=sys.stderr)
+        return 1
     if args.stats:
         s = engine.last_stats
         print(f"prompt {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s prefill; "
@@ -88,9 +92,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"deepseek-fp4 {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # one line, naming what failed (OSError messages carry the path)
+        print(f"deepseek-fp4 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"deepseek-fp4 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":
