@@ -90,14 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_command(args, args.command)
+
+
+def run_command(args, command: str) -> int:
+    """Runs ``args.func(args)``; errors become one line on stderr and exit status 2."""
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:
         # one line, naming what failed (OSError messages carry the path)
-        print(f"deepseek-fp4 {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"deepseek-fp4 {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"deepseek-fp4 {args.command}: interrupted", file=sys.stderr)
+        print(f"deepseek-fp4 {command}: interrupted", file=sys.stderr)
         return 130
 
 
