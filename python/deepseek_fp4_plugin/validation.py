@@ -1,5 +1,5 @@
 """Checks of untrusted input that would otherwise turn into wrong numbers: quantization scales
-read from a checkpoint, a tokenizer that does not fit the model, an invalid MoE permutation.
+read from a checkpoint, a tokenizer that does not fit the model.
 
 Each check is one cheap pass (or less) over data that is being read anyway, and raises
 ValueError naming the file, tensor or argument.
@@ -72,27 +72,3 @@ def check_tokenizer_fits(tokenizer: "Tokenizer", vocab_size: int) -> None:
         raise ValueError(f"{tokenizer.file}: token ids go up to {top}, beyond the model's vocabulary "
                          f"(config.json vocab_size = {vocab_size}); this tokenizer does not belong to "
                          f"this model")
-
-
-def check_combine_perm(perm: Tensor, row_offsets: Tensor, pairs: int) -> None:
-    """moe_combine's permutation on the CPU: row_offsets[-1] valid rows, each naming a distinct
-    (token, slot) pair in [0, pairs). CUDA tensors are not read here (that would sync the host):
-    the CUDA kernel flags the same errors on the device and returns NaN rows."""
-    if perm.device.type != "cpu":
-        return
-    valid = int(row_offsets[-1]) if row_offsets.numel() else 0
-    if not 0 <= valid <= pairs:
-        raise ValueError(f"moe_combine: row_offsets[-1] = {valid} must be in [0, T·k = {pairs}] "
-                         f"(rows that hold a pair)")
-    p = perm[:valid].long()
-    if valid == 0:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(p))
-    if lo < 0 or hi >= pairs:
-        r = int(torch.nonzero((p < 0) | (p >= pairs))[0])
-        raise ValueError(f"moe_combine: perm[{r}] = {int(p[r])} is outside [0, T·k = {pairs})")
-    counts = torch.bincount(p, minlength=pairs)
-    if int(counts.max()) > 1:
-        dup = int(torch.nonzero(counts > 1)[0])
-        raise ValueError(f"moe_combine: perm names pair {dup} {int(counts[dup])} times (it must be a "
-                         f"permutation)")
