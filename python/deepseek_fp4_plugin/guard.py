@@ -13,7 +13,7 @@ serialize calls.
 Numerical guard
 ---------------
 ``sample_checked`` samples like ``sampling.sample`` and also reports which rows of the logits
-hold NaN or ±inf, from one reduction over [B, V] whose result travels to the host with the
+hold NaN or ±inf, from one reduction over [B, V] whose result travels to the host inside the
 sampled tokens (one copy, no extra synchronization). It runs on the logits a decode step
 returns, outside any captured CUDA graph, and would be capturable itself (no host sync).
 """
@@ -132,5 +132,5 @@ def sample_checked(logits: Tensor, params: SamplingParams,
         # multinomial refuses NaN / inf probabilities: give flagged rows harmless logits
         logits = torch.where(finite[:, None], logits, 0.0)
     tokens = sample(logits, params, generators)                                     # [B] int64
-    both = torch.stack([tokens, finite.to(tokens.dtype)]).tolist()                  # one copy to the host
-    return both[0], [bool(f) for f in both[1]]
+    marked = torch.where(finite, tokens, -1).tolist()   # -1 marks a flagged row; one copy to the host
+    return [max(t, 0) for t in marked], [t >= 0 for t in marked]
