@@ -59,6 +59,16 @@ def _medians_us(fns, device: torch.device, reps: int):
     return [statistics.median(ts) * 1e6 for ts in times]
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -84,7 +94,7 @@ def main() -> None:
     name = gpu_slug() if device.type == "cuda" else "cpu"
     result = {
         "benchmark": "guard", "commit": commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch_threads": torch.get_num_threads(), "vocab": VOCAB, "reps": args.reps, "rows": rows,
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"guard_{name}.json"
