@@ -85,6 +85,24 @@ def test_errors_release_the_engine(engine, reference):
     assert_free(engine, reference)
 
 
+def test_failure_inside_generation_releases(engine, reference, monkeypatch):
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "decode_one_token", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate("The sea", **KW)
+    s = engine.stream("The sea", **KW)
+    with pytest.raises(RuntimeError, match="device lost"):
+        "".join(s)
+    assert len(calls) == 2
+    monkeypatch.undo()
+    assert_free(engine, reference)
+
+
 def test_generate_inside_stream_loop_refused(engine, reference):
     pieces = []
     with pytest.raises(EngineBusyError):
