@@ -149,3 +149,38 @@ def test_tokenizer_that_fits_loads(tiny_bf16, tmp_path):
     build_tokenizer(vocab_size=400).save(str(d / "tokenizer.json"))   # smaller is fine
     eng = Engine.from_pretrained(d, device="cpu")
     assert eng.generate("The sea", max_tokens=3, ignore_eos=True).token_ids
+
+
+# ---- paged experts: read from the files, not through CheckpointSource.linear -----------------
+
+PAGED = dict(device="cpu", dtype="bfloat16", memory_limit=0.02, verbose=False, max_batch_size=1, max_seq_len=128,
+             prefill_chunk=64)
+
+
+def test_tiny_model_pages_under_this_budget(tiny):
+    eng = Engine.from_pretrained(tiny["nvfp4"], **PAGED)
+    assert type(eng.store).__name__ == "PagedWeightStore"
+
+
+@pytest.mark.parametrize("name,edit", [(n, e) for _, n, e in CORRUPTIONS[:6]])
+def test_corrupt_expert_global_scale_refused_when_paged(tiny, tmp_path, name, edit):
+    d, shard = _corrupt(tiny["nvfp4"], tmp_path / "m", name, edit)
+    with pytest.raises(ValueError, match=rf"{shard}: tensor '{name}' = .* must be a finite number > 0"):
+        Engine.from_pretrained(d, **PAGED)
+
+
+def test_nan_expert_block_scales_when_paged_end_in_error(tiny, tmp_path):
+    """Block scales of a paged expert are read when it is paged in, not at open: NaN there is
+    caught by the generation guard instead of flowing out as tokens."""
+    d = shutil.copytree(tiny["nvfp4"], tmp_path / "m")
+    wm = json.loads((d / INDEX_FILE).read_text())["weight_map"]
+    names = [n for n in wm if n.startswith("model.layers.1.mlp.experts.") and n.endswith(".weight_scale")]
+    for shard in {wm[n] for n in names}:
+        tensors = load_file(str(d / shard))
+        for n in names:
+            if wm[n] == shard:
+                tensors[n] = _set_e4m3(tensors[n].clone(), 0x7F)
+        save_file(tensors, str(d / shard), metadata={"format": "pt"})
+    eng = Engine.from_pretrained(d, **PAGED)
+    out = eng.generate("Hello there", max_tokens=4, ignore_eos=True)
+    assert out.finish_reason == "error" and out.token_ids == []

@@ -8,7 +8,9 @@ ValueError naming the file, tensor or argument.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+import os
+import struct
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,12 +24,41 @@ _E4M3_NAN = 0x7F
 _E4M3_NEG_ZERO = 0x80
 
 
+def _bad_global_scale(v: float, name: str, where: str) -> ValueError:
+    return ValueError(f"{where}: tensor {name!r} = {v!r} must be a finite number > 0 (the checkpoint is corrupt)")
+
+
 def check_global_scale(t: Tensor, name: str, where: str) -> None:
     """A float32 scalar scale (``weight_scale_2``, ``input_scale``) must be finite and > 0."""
     v = float(t.reshape(-1)[0]) if t.numel() == 1 else math.nan
     if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{where}: tensor {name!r} = {v!r} must be a finite number > 0 "
-                         f"(the checkpoint is corrupt)")
+        raise _bad_global_scale(v, name, where)
+
+
+def check_expert_global_scales(source, layers: Sequence[int]) -> None:
+    """The routed experts of MoE ``layers`` as a paged store reads them: straight from the
+    safetensors files, never through CheckpointSource.linear. Checks every expert's
+    weight_scale_2 / input_scale at open, one 4-byte read each (an expert's block scales are
+    read only when it is paged in; the generation guard catches what they break)."""
+    c = source.config
+    by_file = {}
+    for layer in layers:
+        for e in range(c.n_routed_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for suffix in ("weight_scale_2", "input_scale"):
+                    name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.{suffix}"
+                    if source.has(name):
+                        info = source.tensor_info(name)
+                        by_file.setdefault(info.file, []).append(info)
+    for path, infos in by_file.items():
+        with open(path, "rb") as f:
+            for info in infos:
+                if info.dtype != torch.float32 or info.nbytes != 4:
+                    raise ValueError(f"{path}: {info.name!r} must be one float32, is {info.dtype} "
+                                     f"{list(info.shape)}")
+                (v,) = struct.unpack("<f", os.pread(f.fileno(), 4, info.offset))
+                if not (math.isfinite(v) and v > 0):
+                    raise _bad_global_scale(v, info.name, str(path))
 
 
 def check_block_scales(t: Tensor, name: str, where: str) -> None:
