@@ -89,20 +89,23 @@ def main() -> None:
             base, guarded, red = _medians_us([lambda: sample(logits, params, gens()).tolist(),
                                               lambda: sample_checked(logits, params, gens()),
                                               lambda: torch.isfinite(logits.sum(dim=-1))], device, args.reps)
-            rows.append({"batch": b, "mode": mode, "baseline_us": round(base, 1), "guarded_us": round(guarded, 1),
-                         "overhead_us": round(guarded - base, 1), "reduction_us": round(red, 1)})
+            rows.append({"batch": b, "mode": mode, "baseline_us": round(base, 1),
+                         "guarded_us": round(guarded, 1), "overhead_us": round(guarded - base, 1),
+                         "reduction_us": round(red, 1)})
     name = gpu_slug() if device.type == "cuda" else "cpu"
     result = {
-        "benchmark": "guard", "commit": commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "benchmark": "guard", "commit": commit(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch_threads": torch.get_num_threads(), "vocab": VOCAB, "reps": args.reps, "rows": rows,
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"guard_{name}.json"
     write_result(result, out)
-    print(f"{'batch':>5} {'mode':>7} {'baseline µs':>12} {'guarded µs':>11} {'overhead µs':>12} {'reduction µs':>13}")
+    print(f"{'batch':>5} {'mode':>7} {'baseline µs':>12} {'guarded µs':>11} {'overhead µs':>12} "
+          f"{'reduction µs':>13}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['mode']:>7} {r['baseline_us']:>12} {r['guarded_us']:>11} {r['overhead_us']:>12} "
-              f"{r['reduction_us']:>13}")
+        print(f"{r['batch']:>5} {r['mode']:>7} {r['baseline_us']:>12} {r['guarded_us']:>11} "
+              f"{r['overhead_us']:>12} {r['reduction_us']:>13}")
     print(f"wrote {out}")
 
 

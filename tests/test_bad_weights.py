@@ -153,8 +153,8 @@ def test_tokenizer_that_fits_loads(tiny_bf16, tmp_path):
 
 # ---- paged experts: read from the files, not through CheckpointSource.linear -----------------
 
-PAGED = dict(device="cpu", dtype="bfloat16", memory_limit=0.02, verbose=False, max_batch_size=1, max_seq_len=128,
-             prefill_chunk=64)
+PAGED = dict(device="cpu", dtype="bfloat16", memory_limit=0.02, verbose=False, max_batch_size=1,
+             max_seq_len=128, prefill_chunk=64)
 
 
 def test_tiny_model_pages_under_this_budget(tiny):

@@ -82,12 +82,14 @@ def test_generate_reports_non_finite_logits(tiny, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     d = shutil.copytree(tiny, tmp_path / "nan")
-    shard = d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]["model.norm.weight"]
+    wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = d / wm["model.norm.weight"]
     t = load_file(str(shard))
     t["model.norm.weight"] = torch.full_like(t["model.norm.weight"], float("nan"))
     save_file(t, str(shard), metadata={"format": "pt"})
     capsys.readouterr()
-    assert main(["generate", "--model", str(d), "--prompt", "Hello", "--max-tokens", "5", "--device", "cpu"]) == 1
+    args = ["generate", "--model", str(d), "--prompt", "Hello", "--max-tokens", "5", "--device", "cpu"]
+    assert main(args) == 1
     err = capsys.readouterr().err
     assert "generate: error: non-finite logits" in err
 

@@ -30,7 +30,8 @@ def engine_with(tensors, edit=None, **kw):
     t = dict(t)
     if edit is not None:
         edit(t)
-    return Engine.from_pretrained(StateDictCheckpoint(cfg, t), device="cpu", max_seq_len=96, max_batch_size=4, **kw)
+    return Engine.from_pretrained(StateDictCheckpoint(cfg, t), device="cpu", max_seq_len=96, max_batch_size=4,
+                                  **kw)
 
 
 def poison_token(t, token):
@@ -43,7 +44,8 @@ def poison_token(t, token):
 # ---- sample_checked ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1)])
+@pytest.mark.parametrize("params", [SamplingParams(),
+                                    SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1)])
 def test_sample_checked_flags_bad_rows(params):
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
     bad = logits.clone()

@@ -197,10 +197,12 @@ class DeepseekV3Config:
             v, lo = getattr(self, name), _INT_MIN[name]
             check(_is_int(v) and v >= lo, f"{name} must be an integer >= {lo}, {got(v)}")
         v = self.q_lora_rank
-        check(v is None or (_is_int(v) and v > 0), f"q_lora_rank must be a positive integer or null, {got(v)}")
+        check(v is None or (_is_int(v) and v > 0),
+              f"q_lora_rank must be a positive integer or null, {got(v)}")
         for name in _FLOAT_FIELDS:
             v = getattr(self, name)
-            check(_is_number(v) and math.isfinite(v) and v > 0, f"{name} must be a finite number > 0, {got(v)}")
+            check(_is_number(v) and math.isfinite(v) and v > 0,
+                  f"{name} must be a finite number > 0, {got(v)}")
         for name in _BOOL_FIELDS:
             v = getattr(self, name)
             check(isinstance(v, bool), f"{name} must be true or false, {got(v)}")
@@ -214,15 +216,18 @@ class DeepseekV3Config:
         v = self.eos_token_id
         ids = v if isinstance(v, (list, tuple)) else [] if v is None else [v]
         check(all(_is_int(t) and 0 <= t < vocab for t in ids),
-              f"eos_token_id must be null, a token id or a list of token ids in [0, vocab_size = {vocab}), {got(v)}")
+              f"eos_token_id must be null, a token id or a list of token ids in "
+              f"[0, vocab_size = {vocab}), {got(v)}")
         self.rope.validate(source, rope_key)
 
         check(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim = {self.qk_rope_head_dim} must be even")
         check(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
-            check(self.intermediate_size > 0, "intermediate_size must be positive (the model has dense layers)")
+            check(self.intermediate_size > 0,
+                  "intermediate_size must be positive (the model has dense layers)")
         if self.n_routed_experts > 0:
-            check(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive (the model has experts)")
+            check(self.moe_intermediate_size > 0,
+                  "moe_intermediate_size must be positive (the model has experts)")
             check(self.scoring_func == "sigmoid",
                   f"scoring_func {self.scoring_func!r} is not supported (DeepSeek-V3 uses 'sigmoid')")
             check(self.topk_method == "noaux_tc",

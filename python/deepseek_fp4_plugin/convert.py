@@ -35,9 +35,11 @@ finished shard damaged since).
 Failures are one-line ``ConvertError`` (a ValueError) messages naming the path: a destination
 that cannot be created or written, a full disk, an unreadable source. Temporary files are
 always removed; a DST this run created is removed too unless it already holds finished shards,
-which are kept so that running the same command again resumes. config.json, hf_quant_config.json and the tokenizer files
-are written after the shards, and ``model.safetensors.index.json`` last, so a DST without the
-index is an unfinished conversion and no reader takes it for a model.
+which are kept so that running the same command again resumes.
+
+config.json, hf_quant_config.json and the tokenizer files are written after the shards, and
+``model.safetensors.index.json`` last, so a DST without the index is an unfinished conversion
+and no reader takes it for a model.
 """
 
 from __future__ import annotations
@@ -487,7 +489,8 @@ def convert_checkpoint(src: Union[str, Path], dst: Union[str, Path], exclude: Op
         return _convert(ck, dst, exclude, progress, input_scale, share_scales, dev)
     except BaseException as e:
         kept = _clean_up(dst, created)
-        note = f"; {kept} finished shard(s) kept in {dst}: run the same command again to resume" if kept else ""
+        note = (f"; {kept} finished shard(s) kept in {dst}: run the same command again to resume"
+                if kept else "")
         if isinstance(e, OSError):
             raise ConvertError(f"{e.filename or dst}: {_reason(e, str(e.filename))}{note}") from e
         if isinstance(e, SafetensorError):   # writes are wrapped where they happen: this is a read
@@ -546,7 +549,8 @@ def _convert(ck: SafetensorsCheckpoint, dst: Path, exclude: Optional[Sequence[st
 def _check_options(input_scale: Any, share_scales: Any, progress: Any) -> None:
     if input_scale is not None and (isinstance(input_scale, bool) or not isinstance(input_scale, (int, float))
                                     or not math.isfinite(input_scale) or input_scale <= 0):
-        raise ValueError(f"input_scale must be a finite number > 0 (or None to write none), got {input_scale!r}")
+        raise ValueError(f"input_scale must be a finite number > 0 (or None to write none), "
+                         f"got {input_scale!r}")
     for name, v in (("share_scales", share_scales), ("progress", progress)):
         if not isinstance(v, bool):
             raise ValueError(f"{name} must be True or False, got {v!r}")

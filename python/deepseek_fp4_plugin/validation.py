@@ -25,7 +25,8 @@ _E4M3_NEG_ZERO = 0x80
 
 
 def _bad_global_scale(v: float, name: str, where: str) -> ValueError:
-    return ValueError(f"{where}: tensor {name!r} = {v!r} must be a finite number > 0 (the checkpoint is corrupt)")
+    return ValueError(f"{where}: tensor {name!r} = {v!r} must be a finite number > 0 "
+                      f"(the checkpoint is corrupt)")
 
 
 def check_global_scale(t: Tensor, name: str, where: str) -> None:

@@ -30,8 +30,8 @@ def engine(tensors, poison=None, graph=True):
         e = t[EMBED].clone()
         e[poison] = float("nan")
         t[EMBED] = e
-    return Engine.from_pretrained(StateDictCheckpoint(cfg, t), device="cuda", max_seq_len=96, max_batch_size=3,
-                                  use_cuda_graph=graph)
+    return Engine.from_pretrained(StateDictCheckpoint(cfg, t), device="cuda", max_seq_len=96,
+                                  max_batch_size=3, use_cuda_graph=graph)
 
 
 def test_sample_checked_cuda():
