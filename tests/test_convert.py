@@ -347,6 +347,27 @@ def test_read_only_destination(small, tmp_path, capsys):
         ro.chmod(0o755)
 
 
+def test_permission_denied_named(small, tmp_path, capsys, monkeypatch):
+    """What a read-only parent gives a non-root user, simulated so that it runs as root too."""
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self == tmp_path / "ro" / "a":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    dst = tmp_path / "ro" / "a" / "b"
+    assert convert_mod.main([str(small), str(dst), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"convert: error: {dst}: cannot create the destination folder (Permission denied: {dst.parent})" in err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
 def _failing_save(after, exc):
     """save_file that writes ``after`` shards, then writes half a file and raises ``exc``."""
     real = convert_mod.save_file
