@@ -71,3 +71,32 @@ def test_console_script_without_model_uses_builtin_tiny(tmp_path):
     eng = Engine.from_pretrained(tmp_path / "cache" / "tiny-v1", device="cpu")
     want = eng.generate("Hello", max_tokens=6)
     assert r.stdout == (want.text + "\n").encode()
+
+
+def test_generate_reports_non_finite_logits(tiny, tmp_path, capsys):
+    """A model that produces NaN: the command says so and fails, rather than printing token 0s."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = shutil.copytree(tiny, tmp_path / "nan")
+    wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = d / wm["model.norm.weight"]
+    t = load_file(str(shard))
+    t["model.norm.weight"] = torch.full_like(t["model.norm.weight"], float("nan"))
+    save_file(t, str(shard), metadata={"format": "pt"})
+    capsys.readouterr()
+    args = ["generate", "--model", str(d), "--prompt", "Hello", "--max-tokens", "5", "--device", "cpu"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "generate: error: non-finite logits" in err
+
+
+def test_errors_are_one_line(tiny, tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_bytes(b"{\xff}")
+    assert main(["generate", "--model", str(tmp_path / "bad"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'bad' / 'config.json'}: not UTF-8" in err

@@ -277,3 +277,210 @@ def test_command_line(small, tmp_path, capsys):
     with open_checkpoint(tmp_path / "out") as ck:
         assert ck.quant.exclude == ["lm_head"]
         assert ck.linear_format("model.layers.1.mlp.gate") == NVFP4
+
+
+# ---- bad options, OS failures, damaged output -------------------------------------------------
+
+
+def _leftovers(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("kw,word", [
+    (dict(input_scale=float("nan")), "input_scale"),
+    (dict(input_scale=float("inf")), "input_scale"),
+    (dict(input_scale=-1.0), "input_scale"),
+    (dict(input_scale=0.0), "input_scale"),
+    (dict(input_scale=True), "input_scale"),
+    (dict(input_scale="1.0"), "input_scale"),
+    (dict(share_scales="yes"), "share_scales"),
+    (dict(device="tpu"), "device"),
+    (dict(device=3), "device"),
+    (dict(exclude="lm_head"), "exclude"),
+])
+def test_bad_options_write_nothing(small, tmp_path, kw, word):
+    with pytest.raises(ValueError, match=word):
+        convert_checkpoint(small, tmp_path / "out", progress=False, **kw)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda(small, tmp_path, capsys):
+    with pytest.raises(ValueError, match="no CUDA device"):
+        convert_checkpoint(small, tmp_path / "out", progress=False, device="cuda")
+    assert convert_mod.main([str(small), str(tmp_path / "out"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_command_line_input_scale(small, tmp_path, capsys, value):
+    assert convert_mod.main([str(small), str(tmp_path / "out"), f"--input-scale={value}"]) == 2
+    assert "input_scale must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_destination_under_a_file(small, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    dst = tmp_path / "afile" / "out"
+    with pytest.raises(convert_mod.ConvertError, match=rf"{dst}: cannot create the destination folder "
+                                                       rf"\(Not a directory"):
+        convert_checkpoint(small, dst, progress=False)
+    assert convert_mod.main([str(small), str(dst), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"convert: error: {dst}: cannot create" in err
+
+
+def test_read_only_destination(small, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        assert convert_mod.main([str(small), str(ro / "a" / "b"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{ro / 'a'}" in err and "Permission denied" in err
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_permission_denied_named(small, tmp_path, capsys, monkeypatch):
+    """What a read-only parent gives a non-root user, simulated so that it runs as root too."""
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self == tmp_path / "ro" / "a":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    dst = tmp_path / "ro" / "a" / "b"
+    assert convert_mod.main([str(small), str(dst), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"convert: error: {dst}: cannot create the destination folder (Permission denied: {dst.parent})" in err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def _failing_save(after, exc):
+    """save_file that writes ``after`` shards, then writes half a file and raises ``exc``."""
+    real = convert_mod.save_file
+    count = []
+
+    def save(tensors, path, metadata=None):
+        if len(count) >= after:
+            with open(path, "wb") as f:
+                f.write(b"half")
+            raise exc(path)
+        count.append(path)
+        real(tensors, path, metadata=metadata)
+    return save
+
+
+DISK_FULL = [
+    lambda tmp: OSError(28, "No space left on device", tmp),
+    lambda tmp: convert_mod.SafetensorError(f"Error while serializing: I/O error: No space left on device "
+                                            f"(os error 28) at path \"{tmp}\""),
+]
+
+
+@pytest.mark.parametrize("exc", DISK_FULL)
+def test_disk_full_on_first_shard_leaves_nothing(small, tmp_path, monkeypatch, exc):
+    dst = tmp_path / "new" / "out"
+    monkeypatch.setattr(convert_mod, "save_file", _failing_save(0, exc))
+    with pytest.raises(convert_mod.ConvertError,
+                       match=rf"^{dst / 'model-00001-of-00003.safetensors'}: cannot write \(.*No space left"):
+        convert_checkpoint(small, dst, progress=False)
+    assert _leftovers(tmp_path) == []   # the folders this run created are gone too
+
+
+@pytest.mark.parametrize("exc", DISK_FULL)
+def test_disk_full_later_keeps_finished_shards_for_resume(small, tmp_path, monkeypatch, exc):
+    reference = _snapshot(convert_checkpoint(small, tmp_path / "ref", progress=False))
+    dst = tmp_path / "out"
+    monkeypatch.setattr(convert_mod, "save_file", _failing_save(1, exc))
+    with pytest.raises(convert_mod.ConvertError, match=r"No space left on device.*1 finished shard\(s\) kept "
+                                                       r".*run the same command again to resume"):
+        convert_checkpoint(small, dst, progress=False)
+    assert not [p for p in dst.iterdir() if p.name.endswith(".partial")]
+    monkeypatch.undo()
+    convert_checkpoint(small, dst, progress=False)
+    assert _snapshot(dst) == reference
+
+
+def test_existing_destination_kept_on_failure(small, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    monkeypatch.setattr(convert_mod, "save_file", _failing_save(0, DISK_FULL[0]))
+    with pytest.raises(convert_mod.ConvertError):
+        convert_checkpoint(small, dst, progress=False)
+    assert dst.is_dir() and list(dst.iterdir()) == []
+
+
+def test_finished_shard_damaged_in_place_is_redone(small, tmp_path):
+    """Same size, one flipped byte in the tensor data: the checksum catches it."""
+    import hashlib
+
+    reference = _snapshot(convert_checkpoint(small, tmp_path / "ref", progress=False))
+    dst = convert_checkpoint(small, tmp_path / "out", progress=False)
+    manifest = json.loads((dst / MANIFEST_FILE).read_text())
+    for name, done in manifest["done"].items():
+        assert done["sha256"] == hashlib.sha256((dst / name).read_bytes()).hexdigest()
+    victim = dst / sorted(manifest["done"])[1]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x40
+    victim.write_bytes(bytes(data))
+    assert _snapshot(dst) != reference
+    convert_checkpoint(small, dst, progress=False)
+    assert _snapshot(dst) == reference
+
+
+def test_manifest_without_checksums_redone(small, tmp_path, monkeypatch):
+    """A manifest of the earlier format (no sha256) is not trusted: its shards are redone."""
+    dst = convert_checkpoint(small, tmp_path / "out", progress=False)
+    manifest = json.loads((dst / MANIFEST_FILE).read_text())
+    for done in manifest["done"].values():
+        del done["sha256"]
+    (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
+    written = []
+    real = convert_mod._save_shard
+    monkeypatch.setattr(convert_mod, "_save_shard", lambda t, p: (written.append(p.name), real(t, p)))
+    convert_checkpoint(small, dst, progress=False)
+    assert sorted(written) == sorted(manifest["done"])
+
+
+def test_unreadable_manifest_named(small, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / MANIFEST_FILE).write_bytes(b"{\xff\xfe}")
+    with pytest.raises(ValueError, match=rf"{dst / MANIFEST_FILE}: not UTF-8.*remove {dst}"):
+        convert_checkpoint(small, dst, progress=False)
+
+
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_corrupt_source_shard(tiny, tmp_path, which):
+    """A corrupt scale in the first shard converted: nothing is left behind; in the last one:
+    the finished shards stay and the message says how to resume."""
+    import shutil
+
+    src = shutil.copytree(tiny["nvfp4"], tmp_path / "src")
+    wm = json.loads((src / INDEX_FILE).read_text())["weight_map"]
+    shard = (min if which == "first" else max)(set(wm.values()))
+    name = next(n for n in sorted(wm) if wm[n] == shard and n.endswith(".weight_scale_2"))
+    t = load_file(str(src / shard))
+    t[name] = torch.tensor(float("nan"))
+    save_file(t, str(src / shard), metadata={"format": "pt"})
+    dst = tmp_path / "dst" / "out"
+    with pytest.raises(ValueError, match=rf"{src / shard}: tensor '{name}' = nan") as info:
+        convert_checkpoint(src, dst, progress=False)
+    if which == "first":
+        assert not (tmp_path / "dst").exists()
+    else:
+        assert "finished shard(s) kept" in str(info.value)
+        assert json.loads((dst / MANIFEST_FILE).read_text())["done"]

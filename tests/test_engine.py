@@ -219,6 +219,10 @@ def test_bad_prompts(engine, id_engine):
         id_engine.generate([5, 6], stop="x")
     with pytest.raises(ValueError, match="token_ids"):
         engine.logits([1.5, 2.0])
+    with pytest.raises(ValueError, match="token_ids"):
+        engine.logits(None)
+    with pytest.raises(ValueError, match="token_ids"):
+        engine.logits(7)
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.logits(list(range(3)) * 1000)
 

@@ -114,6 +114,35 @@ def test_permute_combine_against_loops():
     assert out.dtype == torch.bfloat16
 
 
+def _combine_args(t=5, k=2, e=4, h=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, e, (t, k), generator=gen, dtype=torch.int32)
+    _, offsets, perm = torch.ops.dsfp4.moe_permute(torch.randn(t, h), ids, e)
+    return torch.randn(t * k, h, generator=gen), perm, torch.rand(t, k, generator=gen), offsets
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda p, o: p.__setitem__(3, 10), r"perm\[3\] = 10 is outside \[0, T·k = 10\)"),
+    (lambda p, o: p.__setitem__(0, -1), r"perm\[0\] = -1 is outside"),
+    (lambda p, o: p.__setitem__(4, int(p[5])), r"perm names pair \d+ twice \(rows 4 and 5\)"),
+    (lambda p, o: o.__setitem__(-1, 11), r"row_offsets\[experts\] = 11 is outside \[0, T·k = 10\]"),
+    (lambda p, o: o.__setitem__(-1, -2), r"row_offsets\[experts\] = -2 is outside"),
+])
+def test_combine_rejects_an_invalid_permutation(edit, msg):
+    """Before, an out-of-range entry was an IndexError (CPU) or an out-of-bounds access (CUDA)."""
+    y, perm, w, offsets = _combine_args()
+    perm, offsets = perm.clone(), offsets.clone()
+    edit(perm, offsets)
+    with pytest.raises(ValueError, match=rf"moe_combine: {msg}"):
+        torch.ops.dsfp4.moe_combine(y, perm, w, offsets)
+
+
+def test_combine_needs_row_offsets():
+    y, perm, w, _ = _combine_args()
+    with pytest.raises(ValueError, match=r"row_offsets needs at least 2 entries"):
+        torch.ops.dsfp4.moe_combine(y, perm, w, torch.tensor([10], dtype=torch.int32))
+
+
 def test_silu_mul():
     gu = torch.randn(7, 2 * 48).to(torch.bfloat16)
     out = torch.ops.dsfp4.silu_mul(gu)

@@ -478,3 +478,20 @@ def test_pinned_expert_stays_on_the_gpu(model_dir, reference):
     assert eng.store.counters()["experts"]["evictions"] > 0             # while others were
     with pytest.raises(ValueError, match="not a MoE layer"):
         eng.store.pin_expert(0, 1)
+
+
+def test_corrupt_block_scale_of_a_paged_expert_is_an_error(tmp_path):
+    d = tmp_path / "m"
+    make_tiny(d, seed=4, hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_hidden_layers=5,
+              n_group=8, topk_group=4, num_experts_per_tok=6)
+    eng = paged(d, prefetch_layers=0)
+    src = open_checkpoint(d)
+    layer = eng.store.moe_layers[0]
+    for e in range(eng.config.n_routed_experts):   # every expert of one layer: the prompt must touch one
+        info = src.tensor_info(f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight_scale")
+        with open(info.file, "r+b") as f:
+            f.seek(info.offset + 7)
+            f.write(bytes([0xC0]))                      # e4m3 -2.0
+    src.close()
+    with pytest.raises(ValueError, match=r"experts\.\d+\.up_proj\.weight_scale.*negative block scale"):
+        eng.generate(PROMPT, max_tokens=4, ignore_eos=True)

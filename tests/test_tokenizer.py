@@ -103,3 +103,15 @@ def test_missing_or_broken_files(tmp_path, folder):
         Tokenizer(d)
     with pytest.raises(ValueError, match="string"):
         Tokenizer(folder).encode(123)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "chat_template.jinja"])
+def test_non_utf8_files_named(folder, tmp_path, name):
+    d = tmp_path / "bad"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]   # so chat_template.jinja is read
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / name).write_bytes(b'{"bos_token": "\xff\xfe"}')
+    with pytest.raises(ValueError, match=rf"{d / name}: not UTF-8"):
+        Tokenizer(d)

@@ -6,6 +6,7 @@ from . import moe_ops, ops  # noqa: F401  (register torch.ops.dsfp4.*)
 from ._ext import has_cuda_kernels  # noqa: F401
 from .ops import Fp4Weight  # noqa: F401
 from .engine import Completion, Engine, GenerationStats  # noqa: F401,E402
+from .guard import EngineBusyError, GenerationError  # noqa: F401,E402
 from .inference import DeepseekInference  # noqa: F401,E402
 from .sampling import SamplingParams  # noqa: F401,E402
 from .precision import PrecisionPolicy  # noqa: F401,E402

@@ -9,7 +9,8 @@ the tensors present (so mixed checkpoints work):
   fp8_block   weight float8_e4m3fn [N, K], weight_scale_inv float32 [ceil(N/b), ceil(K/b)]
   dense       weight bfloat16/float16/float32 [N, K]
 
-Shapes and dtypes are checked against the expected [N, K]; errors name the tensor and where
+Shapes and dtypes are checked against the expected [N, K], and scales for being finite and
+non-negative (global scales: positive) when a layer is read; errors name the tensor and where
 it is stored. ``StateDictCheckpoint`` serves tensors from memory (tests, freshly built
 models); the safetensors-backed source lives in loader.py.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import DeepseekV3Config
+from .validation import check_linear_scales
 
 NVFP4 = "nvfp4"
 FP8_BLOCK = "fp8_block"
@@ -113,6 +115,7 @@ class CheckpointSource:
             out.tensors["weight"] = self.get_tensor(w, (n, k), _DENSE_DTYPES)
         if self.has(module + ".bias"):
             out.bias = self.get_tensor(module + ".bias", (n,), _DENSE_DTYPES)
+        check_linear_scales(out, self.where)   # a NaN or negative scale would load and emit garbage
         return out
 
 
@@ -120,6 +123,7 @@ class StateDictCheckpoint(CheckpointSource):
     """Tensors held in memory, keyed by their checkpoint names."""
 
     def __init__(self, config: DeepseekV3Config, tensors: Dict[str, Tensor]):
+        config.validate("state dict config")
         self.config = config
         self._tensors = dict(tensors)
 

@@ -62,6 +62,10 @@ def _run_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    done = engine.last_completion
+    if done is not None and done.finish_reason == "error":
+        print(f"deepseek-fp4 generate: error: {done.error}", file=sys.stderr)
+        return 1
     if args.stats:
         s = engine.last_stats
         print(f"prompt {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s prefill; "
@@ -86,11 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_command(args, args.command)
+
+
+def run_command(args, command: str) -> int:
+    """Runs ``args.func(args)``; errors become one line on stderr and exit status 2."""
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"deepseek-fp4 {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        # one line, naming what failed (OSError messages carry the path)
+        print(f"deepseek-fp4 {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"deepseek-fp4 {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

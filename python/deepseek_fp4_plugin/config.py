@@ -3,11 +3,57 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+
+# config.json fields that change the math, by kind (validate() checks each)
+_INT_MIN = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 0, "moe_intermediate_size": 0,
+    "num_hidden_layers": 1, "num_attention_heads": 1, "n_shared_experts": 0, "n_routed_experts": 0,
+    "kv_lora_rank": 1, "qk_rope_head_dim": 2, "v_head_dim": 1, "qk_nope_head_dim": 0, "n_group": 1,
+    "topk_group": 1, "num_experts_per_tok": 1, "first_k_dense_replace": 0, "max_position_embeddings": 1,
+    "num_nextn_predict_layers": 0,
+}
+_INT_FIELDS = tuple(_INT_MIN)
+_FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps")
+_BOOL_FIELDS = ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings")
+_STR_FIELDS = ("scoring_func", "topk_method", "hidden_act")
+_ROPE_FLOAT_FIELDS = ("theta", "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_json_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """A JSON object from ``path``; every failure (unreadable, not UTF-8, not JSON, not an
+    object) is a ValueError naming the file (FileNotFoundError when it is missing)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no such file") from e
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
 
 
 @dataclass
@@ -22,6 +68,34 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+
+    def validate(self, source: str = "config", key: str = "rope_scaling") -> None:
+        """Type, range and finiteness of the fields the rotary tables use; errors name the
+        config.json field (``key`` is rope_scaling or rope_parameters)."""
+        def check(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"{source}: {msg}")
+
+        def positive(name: str, v: Any, floor: float = 0.0) -> None:
+            check(_is_number(v) and math.isfinite(v) and v > floor,
+                  f"{name} must be a finite number > {floor:g}, got {v!r}")
+
+        check(isinstance(self.rope_type, str) and self.rope_type in ("default", "yarn"),
+              f"{key}.rope_type {self.rope_type!r} is not supported (default or yarn)")
+        # YaRN divides by log(theta)
+        positive("rope_theta", self.theta, 1.0 if self.rope_type == "yarn" else 0.0)
+        if self.rope_type != "yarn":
+            return
+        positive(f"{key}.factor", self.factor)
+        for name in ("beta_fast", "beta_slow"):
+            positive(f"{key}.{name}", getattr(self, name))
+        for name in ("mscale", "mscale_all_dim"):
+            v = getattr(self, name)
+            check(_is_number(v) and math.isfinite(v) and v >= 0,
+                  f"{key}.{name} must be a finite number >= 0, got {v!r}")
+        v = self.original_max_position_embeddings
+        check(v is None or (_is_int(v) and v > 0),
+              f"{key}.original_max_position_embeddings must be a positive integer or null, got {v!r}")
 
 
 @dataclass
@@ -84,41 +158,19 @@ class DeepseekV3Config:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise err(f"unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         cfg = cls()
-        ints = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank", "qk_rope_head_dim",
-                "v_head_dim", "qk_nope_head_dim", "num_experts_per_tok", "first_k_dense_replace",
-                "max_position_embeddings"]
-        for name in ints:
-            if name in d and d[name] is not None:
-                v = d[name]
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise err(f"{name} must be a non-negative integer, got {v!r}")
-                setattr(cfg, name, v)
-        for name in ["n_group", "topk_group"]:
-            v = d.get(name)
-            if v is not None:
-                if not isinstance(v, int) or v < 1:
-                    raise err(f"{name} must be a positive integer, got {v!r}")
-                setattr(cfg, name, v)
-        if "q_lora_rank" in d:
-            v = d["q_lora_rank"]
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise err(f"q_lora_rank must be a positive integer or null, got {v!r}")
-            cfg.q_lora_rank = v
-        for name in ["routed_scaling_factor", "rms_norm_eps"]:
-            if d.get(name) is not None:
-                setattr(cfg, name, float(d[name]))
-        for name in ["norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings"]:
-            if d.get(name) is not None:
-                setattr(cfg, name, bool(d[name]))
-        for name in ["scoring_func", "topk_method", "hidden_act"]:
-            if d.get(name) is not None:
-                setattr(cfg, name, str(d[name]))
+        # values are taken as JSON gives them; validate() checks type, range and finiteness
+        for name in _INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS + _STR_FIELDS + ("q_lora_rank",):
+            if name in d and (d[name] is not None or name == "q_lora_rank"):
+                setattr(cfg, name, d[name])
         cfg.bos_token_id = d.get("bos_token_id", cfg.bos_token_id)
         cfg.eos_token_id = d.get("eos_token_id", cfg.eos_token_id)
-        cfg.num_nextn_predict_layers = int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
-        cfg.rope = _parse_rope(d, err)
-        cfg.validate(source)
+        mtp = d.get("num_nextn_predict_layers", d.get("num_mtp_layers"))
+        cfg.num_nextn_predict_layers = 0 if mtp is None else mtp
+        cfg.rope, rope_key = _parse_rope(d, err)
+        cfg.validate(source, rope_key)
+        for obj, names in ((cfg, _FLOAT_FIELDS), (cfg.rope, _ROPE_FLOAT_FIELDS)):
+            for name in names:
+                setattr(obj, name, float(getattr(obj, name)))
         return cfg
 
     @classmethod
@@ -128,26 +180,54 @@ class DeepseekV3Config:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such config file")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        d = read_json_file(path)
         return cls.from_dict(d, source=str(path))
 
-    def validate(self, source: str = "config") -> None:
+    def validate(self, source: str = "config", rope_key: str = "rope_scaling") -> None:
+        """Checks every field that changes the math: type, range, finiteness, and how the
+        fields fit together. Errors name ``source`` and the config.json field."""
         def check(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"{source}: {msg}")
 
-        check(self.hidden_size > 0 and self.vocab_size > 0 and self.num_hidden_layers > 0,
-              "hidden_size, vocab_size and num_hidden_layers must be positive")
-        check(self.num_attention_heads > 0, "num_attention_heads must be positive")
+        def got(v: Any) -> str:
+            return f"got {v!r}" + ("" if _is_number(v) or v is None else f" ({type(v).__name__})")
+
+        for name in _INT_FIELDS:
+            v, lo = getattr(self, name), _INT_MIN[name]
+            check(_is_int(v) and v >= lo, f"{name} must be an integer >= {lo}, {got(v)}")
+        v = self.q_lora_rank
+        check(v is None or (_is_int(v) and v > 0),
+              f"q_lora_rank must be a positive integer or null, {got(v)}")
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            check(_is_number(v) and math.isfinite(v) and v > 0,
+                  f"{name} must be a finite number > 0, {got(v)}")
+        for name in _BOOL_FIELDS:
+            v = getattr(self, name)
+            check(isinstance(v, bool), f"{name} must be true or false, {got(v)}")
+        for name in _STR_FIELDS:
+            v = getattr(self, name)
+            check(isinstance(v, str), f"{name} must be a string, {got(v)}")
+        vocab = self.vocab_size
+        v = self.bos_token_id
+        check(v is None or (_is_int(v) and 0 <= v < vocab), f"bos_token_id must be null or a token id in "
+              f"[0, vocab_size = {vocab}), {got(v)}")
+        v = self.eos_token_id
+        ids = v if isinstance(v, (list, tuple)) else [] if v is None else [v]
+        check(all(_is_int(t) and 0 <= t < vocab for t in ids),
+              f"eos_token_id must be null, a token id or a list of token ids in "
+              f"[0, vocab_size = {vocab}), {got(v)}")
+        self.rope.validate(source, rope_key)
+
         check(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim = {self.qk_rope_head_dim} must be even")
-        check(self.kv_lora_rank > 0, "kv_lora_rank must be positive")
         check(self.hidden_act == "silu", f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
+            check(self.intermediate_size > 0,
+                  "intermediate_size must be positive (the model has dense layers)")
         if self.n_routed_experts > 0:
+            check(self.moe_intermediate_size > 0,
+                  "moe_intermediate_size must be positive (the model has experts)")
             check(self.scoring_func == "sigmoid",
                   f"scoring_func {self.scoring_func!r} is not supported (DeepSeek-V3 uses 'sigmoid')")
             check(self.topk_method == "noaux_tc",
@@ -158,8 +238,6 @@ class DeepseekV3Config:
             check(1 <= self.topk_group <= self.n_group, f"topk_group = {self.topk_group} must be in [1, n_group]")
             check(1 <= self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
                   f"num_experts_per_tok = {self.num_experts_per_tok} exceeds the experts of topk_group groups")
-        check(self.rope.rope_type in ("default", "yarn"),
-              f"rope type {self.rope.rope_type!r} is not supported (default or yarn)")
 
     def to_dict(self) -> Dict[str, Any]:
         """config.json form (the HF DeepseekV3 field names)."""
@@ -180,28 +258,25 @@ class DeepseekV3Config:
         return d
 
 
-def _parse_rope(d: Dict[str, Any], err) -> RopeScaling:
-    """Reads rope_theta + rope_scaling (v4 configs) or rope_parameters (v5 configs)."""
+def _parse_rope(d: Dict[str, Any], err) -> "tuple[RopeScaling, str]":
+    """Reads rope_theta + rope_scaling (v4 configs) or rope_parameters (v5 configs). Returns
+    the RopeScaling (values as given; RopeScaling.validate checks them) and the key used."""
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
-    src = params if isinstance(params, dict) and params else (scaling if isinstance(scaling, dict) else {})
-    if not isinstance(src, dict):
-        raise err("rope_scaling / rope_parameters must be an object")
+    for key, v in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if v is not None and not isinstance(v, dict):
+            raise err(f"{key} must be an object or null, got {v!r}")
+    key, src = ("rope_parameters", params) if params else ("rope_scaling", scaling or {})
     r = RopeScaling()
-    theta = src.get("rope_theta", d.get("rope_theta", r.theta))
-    r.theta = float(theta)
+    r.theta = src.get("rope_theta", d.get("rope_theta", r.theta))
     rtype = src.get("rope_type", src.get("type", "default")) or "default"
-    r.rope_type = str(rtype)
+    r.rope_type = rtype
     if r.rope_type == "yarn":
-        try:
-            r.factor = float(src["factor"])
-        except KeyError as e:
-            raise err("yarn rope scaling needs 'factor'") from e
-        orig = src.get("original_max_position_embeddings")
-        r.original_max_position_embeddings = int(orig) if orig is not None else None
+        if src.get("factor") is None:
+            raise err(f"{key}: yarn rope scaling needs 'factor'")
+        r.factor = src["factor"]
+        r.original_max_position_embeddings = src.get("original_max_position_embeddings")
         for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
             if src.get(name) is not None:
-                setattr(r, name, float(src[name]))
-        if r.factor <= 0:
-            raise err(f"rope scaling factor must be positive, got {r.factor}")
-    return r
+                setattr(r, name, src[name])
+    return r, key

@@ -28,16 +28,26 @@ config.json says ``num_nextn_predict_layers: 0``.
 
 Output shards mirror the source shards. Each is built in memory from tensors read one at a
 time from the memory-mapped source, written to a temporary file in DST and renamed into place;
-a progress manifest (``.convert-progress.json``) records finished shards, so a rerun after an
-interruption redoes only the rest. config.json, hf_quant_config.json and the tokenizer files
-are written after the shards, and ``model.safetensors.index.json`` last, so a DST without the
-index is an unfinished conversion and no reader takes it for a model.
+a progress manifest (``.convert-progress.json``) records finished shards with their size and
+SHA-256, so a rerun after an interruption verifies them and redoes only the rest (and any
+finished shard damaged since).
+
+Failures are one-line ``ConvertError`` (a ValueError) messages naming the path: a destination
+that cannot be created or written, a full disk, an unreadable source. Temporary files are
+always removed; a DST this run created is removed too unless it already holds finished shards,
+which are kept so that running the same command again resumes.
+
+config.json, hf_quant_config.json and the tokenizer files are written after the shards, and
+``model.safetensors.index.json`` last, so a DST without the index is an unfinished conversion
+and no reader takes it for a model.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -46,13 +56,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from . import __version__, ops
 from .checkpoint import FP8_BLOCK, NVFP4
+from .config import read_json_file
 from .loader import (CONFIG_FILE, HF_QUANT_CONFIG_FILE, INDEX_FILE, NVFP4_GROUP_SIZE, SafetensorsCheckpoint,
                      exclude_match, linear_shapes, open_checkpoint, shared_input_groups)
 
@@ -60,6 +71,19 @@ DEFAULT_EXCLUDE = ("lm_head", "model.layers.*.mlp.gate")
 MANIFEST_FILE = ".convert-progress.json"
 MODELOPT_LAYOUT_VERSION = "0.23.0"   # the ModelOpt export layout these files follow
 _PARTIAL_SUFFIX = ".partial"
+MANIFEST_FORMAT = 2   # 2: finished shards carry a sha256
+
+
+class ConvertError(ValueError):
+    """The converter could not read or write a file; the message names it."""
+
+
+def _reason(e: BaseException, hide: Optional[str] = None) -> str:
+    """Short cause of an OS or safetensors error (without the temporary file's name)."""
+    if isinstance(e, OSError) and e.strerror:
+        other = e.filename if e.filename and str(e.filename) != hide else None
+        return e.strerror + (f": {other}" if other else "")
+    return " ".join(str(e).split())
 _LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale", "weight_scale_inv", "bias")
 
 
@@ -247,6 +271,7 @@ class _Converter:
         return out
 
     def _copy_module(self, m: str) -> Dict[str, Tensor]:
+        self.ck.linear(m, *self.shapes[m])   # checks shapes and scales: never copy a corrupt module
         names = [f"{m}.{s}" for s in _LINEAR_SUFFIXES if self.ck.has(f"{m}.{s}")]
         return {n: self.ck.get_tensor(n) for n in names}
 
@@ -310,9 +335,11 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise ConvertError(f"{path}: cannot write ({_reason(e, tmp)})") from e
         raise
     _fsync_dir(path.parent)
 
@@ -324,6 +351,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _save_shard(tensors: Dict[str, Tensor], path: Path) -> None:
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 23)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
 
 
 def _shard_keys(path: Path) -> Optional[List[str]]:
@@ -347,14 +384,16 @@ def _prepare_dst(dst: Path, fingerprint: Dict[str, Any]) -> Dict[str, Any]:
     """Creates DST or resumes the unfinished conversion in it; removes temporary files a crash left."""
     manifest_path = dst / MANIFEST_FILE
     if dst.exists() and not dst.is_dir():
-        raise ValueError(f"{dst}: exists and is not a folder")
-    dst.mkdir(parents=True, exist_ok=True)
+        raise ConvertError(f"{dst}: exists and is not a folder")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"{dst}: cannot create the destination folder ({_reason(e)})") from e
     if manifest_path.is_file():
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{manifest_path}: unreadable progress manifest ({e}); "
-                             f"remove {dst} and convert again") from e
+            manifest = read_json_file(manifest_path)
+        except ValueError as e:
+            raise ConvertError(f"{e}; unreadable progress manifest: remove {dst} and convert again") from e
         if {k: manifest.get(k) for k in fingerprint} != fingerprint:
             raise ValueError(f"{dst}: holds a conversion of another source or with other options "
                              f"(see {manifest_path}); remove it or choose another destination")
@@ -364,7 +403,7 @@ def _prepare_dst(dst: Path, fingerprint: Dict[str, Any]) -> Dict[str, Any]:
             shown = ", ".join(sorted(leftovers)[:3]) + (", ..." if len(leftovers) > 3 else "")
             raise ValueError(f"{dst}: is not empty and holds no unfinished conversion ({shown}); "
                              f"choose an empty or new destination")
-        manifest = dict(fingerprint, format=1, done={}, complete=False)
+        manifest = dict(fingerprint, format=MANIFEST_FORMAT, done={}, complete=False)
     for p in dst.iterdir():
         if p.name.startswith(".") and p.name.endswith(_PARTIAL_SUFFIX) and p.is_file():
             p.unlink()
@@ -432,57 +471,131 @@ def convert_checkpoint(src: Union[str, Path], dst: Union[str, Path], exclude: Op
     Raises
     ------
     FileNotFoundError, ValueError
-        bad source (see ``open_checkpoint``), a destination that holds something else, or a
-        module that cannot be quantized; raised before anything is written when the source is bad.
+        bad options, a bad source (see ``open_checkpoint``), a destination that holds something
+        else, or a module that cannot be quantized; raised before anything is written when the
+        source is bad.
+    ConvertError (a ValueError)
+        a file that cannot be created, written or read, named in the message. Temporary files
+        are removed, and DST too when this run created it and finished no shard.
     """
+    _check_options(input_scale, share_scales, progress)
+    dev = _resolve_device(device)
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: destination is the source folder")
     ck = open_checkpoint(src)
+    created = _missing_folders(dst)
     try:
-        excl = _resolve_exclude(ck, exclude)
-        shards = _plan(ck, share_scales)
-        manifest = _prepare_dst(dst, _fingerprint(ck, excl, input_scale, share_scales))
-        conv = _Converter(ck, excl, input_scale, device)
-        weight_map: Dict[str, str] = {}
-        total_bytes = 0
-        with tqdm(total=sum(s.src_bytes for s in shards), unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="convert", disable=not progress) as bar:
-            for shard in shards:
-                path = dst / shard.name
-                done = manifest["done"].get(shard.name)
-                intact = done and path.is_file() and path.stat().st_size == done["size"]
-                keys = _shard_keys(path) if intact else None
-                if keys is None or len(keys) != done["tensors"]:
-                    bar.set_postfix_str(shard.name)
-                    tensors: Dict[str, Tensor] = {}
-                    for u in shard.units:
-                        tensors.update(conv.unit(u))
-                        bar.update(u.src_bytes)
-                    _save_shard(tensors, path)
-                    keys = list(tensors)
-                    done = {"size": path.stat().st_size, "tensors": len(keys),
-                            "data_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-                    del tensors
-                    manifest["done"][shard.name] = done
-                    _write_json(dst / MANIFEST_FILE, manifest)
-                else:
-                    bar.update(shard.src_bytes)
-                total_bytes += done["data_bytes"]
-                weight_map.update({k: shard.name for k in keys})
-
-        _write_metadata_files(ck, dst, excl)
-        _write_json(dst / INDEX_FILE, {"metadata": {"total_size": total_bytes},
-                                       "weight_map": dict(sorted(weight_map.items()))})
-        manifest["complete"] = True
-        _write_json(dst / MANIFEST_FILE, manifest)
+        return _convert(ck, dst, exclude, progress, input_scale, share_scales, dev)
+    except BaseException as e:
+        kept = _clean_up(dst, created)
+        note = (f"; {kept} finished shard(s) kept in {dst}: run the same command again to resume"
+                if kept else "")
+        if isinstance(e, OSError):
+            raise ConvertError(f"{e.filename or dst}: {_reason(e, str(e.filename))}{note}") from e
+        if isinstance(e, SafetensorError):   # writes are wrapped where they happen: this is a read
+            raise ConvertError(f"{src}: cannot read the source ({_reason(e)}){note}") from e
+        if isinstance(e, ValueError) and note:
+            raise (ConvertError if isinstance(e, ConvertError) else ValueError)(f"{e}{note}") from e
+        raise
     finally:
         ck.close()
+
+
+def _convert(ck: SafetensorsCheckpoint, dst: Path, exclude: Optional[Sequence[str]], progress: bool,
+             input_scale: Optional[float], share_scales: bool, device: torch.device) -> Path:
+    excl = _resolve_exclude(ck, exclude)
+    shards = _plan(ck, share_scales)
+    manifest = _prepare_dst(dst, _fingerprint(ck, excl, input_scale, share_scales))
+    conv = _Converter(ck, excl, input_scale, device)
+    weight_map: Dict[str, str] = {}
+    total_bytes = 0
+    with tqdm(total=sum(s.src_bytes for s in shards), unit="B", unit_scale=True, unit_divisor=1024,
+              desc="convert", disable=not progress) as bar:
+        for shard in shards:
+            path = dst / shard.name
+            done = manifest["done"].get(shard.name)
+            intact = done and path.is_file() and path.stat().st_size == done["size"]
+            keys = _shard_keys(path) if intact else None
+            if keys is not None and done.get("sha256") != _sha256(path):
+                keys = None   # damaged since it was written: redo it
+            if keys is None or len(keys) != done["tensors"]:
+                bar.set_postfix_str(shard.name)
+                tensors: Dict[str, Tensor] = {}
+                for u in shard.units:
+                    tensors.update(conv.unit(u))
+                    bar.update(u.src_bytes)
+                _save_shard(tensors, path)
+                keys = list(tensors)
+                done = {"size": path.stat().st_size, "tensors": len(keys),
+                        "data_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                        "sha256": _sha256(path)}
+                del tensors
+                manifest["done"][shard.name] = done
+                _write_json(dst / MANIFEST_FILE, manifest)
+            else:
+                bar.update(shard.src_bytes)
+            total_bytes += done["data_bytes"]
+            weight_map.update({k: shard.name for k in keys})
+
+    _write_metadata_files(ck, dst, excl)
+    _write_json(dst / INDEX_FILE, {"metadata": {"total_size": total_bytes},
+                                   "weight_map": dict(sorted(weight_map.items()))})
+    manifest["complete"] = True
+    _write_json(dst / MANIFEST_FILE, manifest)
     return dst
 
 
+def _check_options(input_scale: Any, share_scales: Any, progress: Any) -> None:
+    if input_scale is not None and (isinstance(input_scale, bool) or not isinstance(input_scale, (int, float))
+                                    or not math.isfinite(input_scale) or input_scale <= 0):
+        raise ValueError(f"input_scale must be a finite number > 0 (or None to write none), "
+                         f"got {input_scale!r}")
+    for name, v in (("share_scales", share_scales), ("progress", progress)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
+
+
+def _resolve_device(device: Any) -> torch.device:
+    from .engine import resolve_device   # the engine's rules: cpu, cuda[:N] with CUDA kernels, auto
+
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    return resolve_device(device)
+
+
+def _missing_folders(dst: Path) -> List[Path]:
+    """DST and its ancestors that do not exist yet, outermost first."""
+    out = []
+    p = dst.absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out[::-1]
+
+
+def _clean_up(dst: Path, created: List[Path]) -> int:
+    """After a failure: removes the folders this run created unless DST holds finished shards
+    (a progress manifest), which stay for a resume. Returns the number of shards kept."""
+    manifest = dst / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            return len(read_json_file(manifest).get("done") or {})
+        except ValueError:
+            return 0
+    if not created:
+        return 0
+    shutil.rmtree(created[-1], ignore_errors=True)   # DST itself: everything in it is this run's
+    for folder in reversed(created[:-1]):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+    return 0
+
+
 def _write_metadata_files(ck: SafetensorsCheckpoint, dst: Path, exclude: List[str]) -> None:
-    cfg = json.loads((ck.path / CONFIG_FILE).read_text())
+    cfg = read_json_file(ck.path / CONFIG_FILE)
     hf, qc = modelopt_quant_configs(exclude, ck.quant.kv_cache_quant_algo)
     cfg["quantization_config"] = qc
     if cfg.get("num_nextn_predict_layers"):
@@ -535,7 +648,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m deepseek_fp4_plugin.convert SRC DST [options]``"""
     args = add_convert_arguments(argparse.ArgumentParser(prog="python -m deepseek_fp4_plugin.convert",
                                                          description=_DESCRIPTION)).parse_args(argv)
-    return args.func(args)
+    from .cli import run_command
+
+    return run_command(args, "convert")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ from torch import Tensor
 
 from ._ext import _C, has_cuda_kernels
 from .checkpoint import CheckpointSource
+from .guard import Occupancy, exclusive, exclusive_iter, nonfinite_message, sample_checked
 from .memory_plan import MemoryPlan, PagingSettings, plan_memory
 from .model import DeepseekV3, KVCache, rms_norm
 from .paged import PagedWeightStore, RoutePoint
 from .precision import PrecisionPolicy, resolve_compute_dtype
 from .resident import ResidentWeightStore
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
+from .validation import check_tokenizer_fits
 from .weights import HostPoint, WeightStore, run_host_points
 
 GiB = 1 << 30
@@ -56,15 +58,18 @@ class Completion:
 
     text : the generated text (special tokens skipped; cut before a matched stop string)
     token_ids : generated ids (an EOS / stop token that ended generation is not included)
-    finish_reason : "eos" (EOS or a stop token id), "stop" (a stop string) or "length"
-        (max_tokens, or the context is full)
+    finish_reason : "eos" (EOS or a stop token id), "stop" (a stop string), "length"
+        (max_tokens, or the context is full) or "error" (the model produced NaN or inf logits;
+        ``error`` says where, and text / token_ids hold what came before)
     prompt_tokens : number of prompt tokens (BOS and chat template included)
+    error : why generation failed (finish_reason "error"), else None
     """
 
     text: str
     token_ids: List[int]
     finish_reason: str
     prompt_tokens: int
+    error: Optional[str] = None
 
 
 @dataclass
@@ -183,6 +188,8 @@ class Engine:
                              f"(max_position_embeddings = {c.max_position_embeddings})")
         _check_int("max_batch_size", max_batch_size, 1)
         _check_int("prefill_chunk", prefill_chunk, 1)
+        if tokenizer is not None:
+            check_tokenizer_fits(tokenizer, c.vocab_size)
         self.store, self.config, self.tokenizer = store, c, tokenizer
         self.device, self.dtype = store.device, store.compute_dtype
         self.max_seq_len, self.max_batch_size, self.prefill_chunk = max_seq_len, max_batch_size, prefill_chunk
@@ -197,6 +204,7 @@ class Engine:
         self.set_use_cuda_graph(use_cuda_graph)
         self.last_stats = GenerationStats()
         self.last_completion: Optional[Completion] = None   # set by stream()
+        self._occupancy = Occupancy()   # one generation at a time (guard.py)
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -297,6 +305,7 @@ class Engine:
             enabled = False
         self.use_cuda_graph = enabled
 
+    @exclusive   # not under a running generation's feet
     def reconfigure_paging(self, **changes) -> None:
         """Changes paging knobs that need no new memory plan (see PagedWeightStore.reconfigure)."""
         if not isinstance(self.store, PagedWeightStore):
@@ -448,6 +457,7 @@ class Engine:
         return _DecodeGraph(self, batch, kv_len, tokens, positions, self._graph_pool)
 
     # ---- public API ----------------------------------------------------------------------
+    @exclusive
     @torch.inference_mode()
     def logits(self, token_ids: Union[Sequence[int], Tensor]) -> Tensor:
         """Float32 logits [T, V] for every position of ``token_ids``, run exactly as given
@@ -461,6 +471,7 @@ class Engine:
             self.store.begin_step(len(ids))
             return self.model.logits(self.model.forward(tokens, positions, causal=True))[0]   # [T, V]
 
+    @exclusive
     def generate(self, prompts: Union[PromptLike, Sequence[PromptLike]], max_tokens: int = DEFAULT_MAX_TOKENS,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
                  stop: Union[None, str, Sequence[str]] = None, stop_token_ids: Optional[Sequence[int]] = None,
@@ -504,7 +515,10 @@ class Engine:
         """Like ``generate`` for one prompt, yielding text pieces as they are decoded. Their
         concatenation equals ``generate(...).text``; text that may begin a stop string is held
         back until it is known not to. Needs a tokenizer. After the loop, ``last_completion``
-        holds the Completion."""
+        holds the Completion (check its finish_reason: "error" ends the stream early). The
+        stream holds the engine from its first piece until it ends, is closed or dropped;
+        meanwhile other calls on this engine raise EngineBusyError."""
+        self._occupancy.check("stream()")
         single, ids = self._prompts(prompt, chat, add_bos)
         if not single:
             raise ValueError("stream takes one prompt; use generate for a list")
@@ -522,7 +536,7 @@ class Engine:
                     self.last_completion = done
             self.last_stats = stats
 
-        return pieces()
+        return exclusive_iter(self._occupancy, "stream()", pieces())
 
     # ---- input checking --------------------------------------------------------------------
     def _check_ids(self, ids: Union[Sequence[int], Tensor], name: str) -> List[int]:
@@ -530,7 +544,7 @@ class Engine:
             if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise ValueError(f"{name} must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
             ids = ids.tolist()
-        if isinstance(ids, (str, bytes)) or not all(_is_int(t) for t in ids):
+        if not isinstance(ids, (list, tuple, range)) or not all(_is_int(t) for t in ids):
             raise ValueError(f"{name} must be a sequence of integer token ids")
         ids = list(ids)
         if not ids:
@@ -632,7 +646,7 @@ class Engine:
         positions = list(lengths)   # where each sequence's next token goes
         first = True
         while True:
-            next_tokens = sample(logits, plan.params, gens).tolist()                      # [B]
+            next_tokens, finite = sample_checked(logits, plan.params, gens)               # [B], [B]
             t1 = time.perf_counter()
             if first:
                 stats.prefill_s += t1 - t0
@@ -645,7 +659,8 @@ class Engine:
             for b, s in enumerate(seqs):
                 if s.done:
                     continue
-                delta = s.accept(next_tokens[b], room=self.max_seq_len - positions[b])
+                delta = (s.accept(next_tokens[b], room=self.max_seq_len - positions[b]) if finite[b]
+                         else s.fail(nonfinite_message(len(s.tokens))))
                 if delta or s.done:
                     yield s.index, delta, s.completion() if s.done else None
             if all(s.done for s in seqs):
@@ -702,6 +717,7 @@ class _Sequence:
         self.text = ""        # decoded text so far (cut at a stop string once matched)
         self.emitted = 0      # characters of text already handed out
         self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
 
     @property
     def done(self) -> bool:
@@ -724,6 +740,12 @@ class _Sequence:
             self.finish_reason = "length"
             return self._finish_text()
         return self._take(len(self.text) - self._held_back())
+
+    def fail(self, message: str) -> str:
+        """Ends the sequence with finish_reason "error"; returns the text still held back."""
+        piece = self._finish_text()
+        self.finish_reason, self.error = "error", message
+        return piece
 
     def _add_text(self, piece: str) -> None:
         if not piece:
@@ -762,7 +784,8 @@ class _Sequence:
         return piece
 
     def completion(self) -> Completion:
-        return Completion(self.text, list(self.tokens), self.finish_reason or "length", self.prompt_len)
+        return Completion(self.text, list(self.tokens), self.finish_reason or "length", self.prompt_len,
+                          self.error)
 
 
 class _DecodeGraph:

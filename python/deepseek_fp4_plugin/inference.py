@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import torch
 
 from .engine import Engine, GenerationStats
+from .guard import stream_or_raise, text_or_raise
 from .memory_plan import PagingSettings
 from .paged import PagedWeightStore
 
@@ -264,16 +265,19 @@ class DeepseekInference:
     def generate(self, prompt: Union[str, List[str]], max_tokens: int = 1024, temperature: float = 0.7,
                  top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None, stop=None,
                  chat: bool = False) -> Union[str, List[str]]:
-        """Generated text for a prompt (or a list of prompts). See ``Engine.generate``."""
+        """Generated text for a prompt (or a list of prompts). See ``Engine.generate``. Raises
+        GenerationError when a sequence ends on invalid numbers (finish_reason "error")."""
         out = self.engine.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                    top_k=top_k, seed=seed, stop=stop, chat=chat)
-        return [c.text for c in out] if isinstance(out, list) else out.text
+        return [text_or_raise(c) for c in out] if isinstance(out, list) else text_or_raise(out)
 
     def stream(self, prompt: str, max_tokens: int = 1024, temperature: float = 0.7, top_p: float = 1.0,
                top_k: int = 0, seed: Optional[int] = None, stop=None, chat: bool = False) -> Iterator[str]:
-        """Text pieces as they are generated. See ``Engine.stream``."""
-        return self.engine.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, seed=seed, stop=stop, chat=chat)
+        """Text pieces as they are generated. See ``Engine.stream``; raises GenerationError
+        after the last piece when generation ended on invalid numbers."""
+        return stream_or_raise(self.engine, self.engine.stream(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop=stop, chat=chat))
 
     @property
     def stats(self) -> GenerationStats:

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .checkpoint import DENSE, FP8_BLOCK, NVFP4, CheckpointSource, LinearTensors
-from .config import DeepseekV3Config
+from .config import DeepseekV3Config, read_json_file
 
 CONFIG_FILE = "config.json"
 HF_QUANT_CONFIG_FILE = "hf_quant_config.json"
@@ -291,15 +291,7 @@ def _fp8_block(q: Dict[str, Any], src: Path) -> QuantConfig:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return d
+    return read_json_file(path)
 
 
 # ---------------------------------------------------------------------------------------

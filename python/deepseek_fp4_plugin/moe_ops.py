@@ -168,7 +168,10 @@ def _(row_offsets, max_groups):
 @torch.library.custom_op("dsfp4::moe_combine", mutates_args=())
 def moe_combine(y_perm: Tensor, perm: Tensor, topk_weights: Tensor, row_offsets: Tensor) -> Tensor:
     """out[t] = Σ_j topk_weights[t, j] · y_perm[row of pair (t, j)], accumulated in float32,
-    returned in y_perm's dtype. Pairs outside every group (dropped ids) contribute nothing."""
+    returned in y_perm's dtype. Pairs outside every group (dropped ids) contribute nothing.
+    An invalid perm (row_offsets[-1] outside [0, T·k], an entry outside [0, T·k), an entry
+    repeated) raises ValueError on the CPU; on CUDA, where checking would sync the host, the
+    kernel never follows it out of bounds and returns all-NaN output instead."""
     _check_tensor(y_perm, "y_perm", dtype=(torch.bfloat16, torch.float32), dim=2)
     _check_device(y_perm, "y_perm")
     _check_tensor(perm, "perm", dtype=torch.int32, dim=1, device=y_perm.device)

@@ -45,7 +45,9 @@ from .memory_plan import MemoryPlan, PagingSettings
 from .ops import Fp4Weight
 from .precision import PrecisionPolicy
 from .resident import add_layer_report, nbytes
-from .weights import (AttentionWeights, BuiltWeights, DenseLinear, ExpertGroups, Fp4Linear, HostPoint, LayerWeights, Linear,
+from .validation import check_expert_global_scales
+from .weights import (AttentionWeights, BuiltWeights, DenseLinear, ExpertGroups, Fp4Linear, HostPoint, LayerWeights,
+                      Linear,
                       MlpWeights, MoeWeights, RoutedExperts, WeightStore, _ConcatLinear)
 
 _ALIGN = 256
@@ -174,6 +176,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         self.moe_layers = [layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer)]
         self.moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self._check_experts_nvfp4(source)
+        check_expert_global_scales(source, self.moe_layers)   # experts are read from the files, not linear()
         E = c.n_routed_experts
         nm = max(1, len(self.moe_layers))
         unit = self.layout["bytes"]

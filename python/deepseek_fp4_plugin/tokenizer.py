@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from .config import read_json_file
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -53,12 +55,7 @@ class Tokenizer:
         cfg: Dict[str, Any] = {}
         cfg_file = self.path / TOKENIZER_CONFIG_FILE
         if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
-            if not isinstance(cfg, dict):
-                raise ValueError(f"{cfg_file}: expected a JSON object")
+            cfg = read_json_file(cfg_file)
         self.config = cfg
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
@@ -81,11 +78,27 @@ class Tokenizer:
         if isinstance(t, str) and t:
             return t
         f = self.path / CHAT_TEMPLATE_FILE
-        return f.read_text() if f.is_file() else None
+        if not f.is_file():
+            return None
+        try:
+            return f.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f}: not UTF-8 text (byte {e.start})") from e
+        except OSError as e:
+            raise ValueError(f"{f}: cannot be read ({e.strerror or e})") from e
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
+
+    @property
+    def file(self) -> Path:
+        """The tokenizer.json this tokenizer was read from."""
+        return self.path / TOKENIZER_FILE
+
+    def max_token_id(self) -> int:
+        """The largest id encoding can produce (added tokens included)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     # ---- encode / decode ----
     def encode(self, text: str, add_bos: Optional[bool] = None) -> List[int]:

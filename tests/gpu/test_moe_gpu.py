@@ -59,3 +59,64 @@ def test_compact_groups_cuda_equals_cpu(t, k, e):
     a = torch.ops.dsfp4.moe_compact_groups(offs.cuda(), g)
     b = torch.ops.dsfp4.moe_compact_groups(offs, g)
     assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])
+
+
+def _combine_inputs(t=9, k=4, e=16, h=256):
+    ids = torch.randint(0, e, (t, k), dtype=torch.int32)
+    _, offs, perm = torch.ops.dsfp4.moe_permute(torch.randn(t, 16), ids, e)
+    yp = torch.randn(t * k, h).to(torch.bfloat16)
+    return yp, perm, torch.rand(t, k), offs
+
+
+def _bad_perm(kind, perm, offs):
+    perm, offs = perm.clone(), offs.clone()
+    if kind == "out_of_range":
+        perm[1] = 1 << 30
+    elif kind == "negative":
+        perm[0] = -5
+    elif kind == "duplicate":
+        perm[2] = perm[3]
+    elif kind == "row_count":
+        offs[-1] = perm.numel() + 100
+    return perm, offs
+
+
+@pytest.mark.parametrize("kind", ["out_of_range", "negative", "duplicate", "row_count"])
+def test_combine_invalid_perm_cuda_is_nan_not_a_crash(kind):
+    """An invalid permutation on CUDA is never followed out of bounds (run under compute-sanitizer);
+    it turns the whole output into NaN, and the next valid call is unaffected."""
+    yp, perm, w, offs = _combine_inputs()
+    bad_perm, bad_offs = _bad_perm(kind, perm, offs)
+    with pytest.raises(ValueError, match="moe_combine"):
+        torch.ops.dsfp4.moe_combine(yp, bad_perm, w, bad_offs)          # the CPU refuses it
+    out = torch.ops.dsfp4.moe_combine(yp.cuda(), bad_perm.cuda(), w.cuda(), bad_offs.cuda())
+    torch.cuda.synchronize()
+    assert torch.isnan(out.float()).all()
+    good = torch.ops.dsfp4.moe_combine(yp.cuda(), perm.cuda(), w.cuda(), offs.cuda())
+    ref = torch.ops.dsfp4.moe_combine(yp, perm, w, offs)
+    torch.testing.assert_close(good.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_combine_invalid_perm_under_cuda_graph():
+    """The check lives on the device: a graph replayed with a bad permutation in its static
+    buffer gives NaN, and with a good one again the right values (the flag is reset each replay)."""
+    yp, perm, w, offs = (x.cuda() for x in _combine_inputs())
+    ref = torch.ops.dsfp4.moe_combine(yp, perm, w, offs).clone()
+    s_perm, s_offs = perm.clone(), offs.clone()
+    torch.ops.dsfp4.moe_combine(yp, s_perm, w, s_offs)   # warm-up
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.dsfp4.moe_combine(yp, s_perm, w, s_offs)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+    bad_perm, _ = _bad_perm("out_of_range", perm, offs)
+    s_perm.copy_(bad_perm)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(out.float()).all()
+    s_perm.copy_(perm)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)

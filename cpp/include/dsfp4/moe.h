@@ -62,6 +62,10 @@ Status moe_compact_groups_cpu(const int32_t* row_offsets, int experts, int max_g
 
 // out[t] = Σ_j topk_weights[t, j] · y_perm[row of pair (t, j)], accumulated in float32.
 // y_perm, out: bfloat16 or float32 [., hidden]. workspace: moe_combine_workspace_bytes().
+// Rows r < row_offsets[experts] hold pair perm[r]. An invalid permutation (a row count outside
+// [0, tokens·top_k], a pair outside [0, tokens·top_k), a pair named twice) is kInvalidArgument
+// on the CPU; the CUDA kernel never follows it out of bounds and makes every output NaN instead
+// (checking it on the host would need a sync).
 size_t moe_combine_workspace_bytes(int64_t tokens, int top_k);
 Status moe_combine_cuda(const void* y_perm, DType dtype, const int32_t* perm, const float* topk_weights,
                         const int32_t* row_offsets, int experts, int64_t tokens, int top_k, int64_t hidden,

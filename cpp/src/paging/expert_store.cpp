@@ -246,6 +246,20 @@ Status fill_host_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst, std::ve
       return InvalidArgument(c.files->path(e.part[3 * i + 2].file) + ": " + e.part[3 * i + 2].name +
                              " must be finite and positive, got " + std::to_string(gs[i]));
   }
+  // block scales are read here for the first time: NaN or negative ones would decode to wrong
+  // values without any error (-0, which an all-zero block may store, is allowed)
+  for (int i = 0; i < 3; ++i) {
+    const TensorRange& r = e.part[3 * i + 1];
+    const uint8_t* sc = raw[3 * i + 1];
+    for (int64_t j = 0; j < r.nbytes; ++j) {
+      const uint8_t b = sc[j];
+      if ((b & 0x7F) == 0x7F || (b > 0x80))
+        return InvalidArgument(c.files->path(r.file) + ": " + r.name + " holds a " +
+                               ((b & 0x7F) == 0x7F ? "NaN" : "negative") + " block scale (byte " +
+                               std::to_string(j) + " = 0x" + "0123456789abcdef"[b >> 4] +
+                               "0123456789abcdef"[b & 15] + "): the file is corrupt");
+    }
+  }
   ModeloptLinear lin[3];
   for (int i = 0; i < 3; ++i) lin[i] = {raw[3 * i], raw[3 * i + 1], gs[i]};
   return expert_unit_from_modelopt(*c.layout, lin[0], lin[1], lin[2], dst, c.opt->repack_threads);

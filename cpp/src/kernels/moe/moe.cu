@@ -178,10 +178,22 @@ __global__ void compact_groups_kernel(const int32_t* __restrict__ offsets, int e
   group_offsets[max_groups] = end;
 }
 
+// inv[pair] = the row holding it. Never reads or writes out of bounds, whatever perm and
+// row_offsets hold; a row count outside [0, pairs], a pair outside [0, pairs) or a pair named
+// twice sets *bad (the memset leaves -1 for "none"), and combine_kernel then writes NaN: an
+// error visible downstream without a host sync, so the op stays graph-safe.
 __global__ void inverse_perm_kernel(const int32_t* __restrict__ perm, const int32_t* __restrict__ row_offsets,
-                                    int experts, int32_t* __restrict__ inv) {
+                                    int experts, int64_t pairs, int32_t* __restrict__ inv, int32_t* bad) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < row_offsets[experts]) inv[perm[r]] = static_cast<int32_t>(r);
+  const int64_t valid = row_offsets[experts];
+  if (r == 0 && (valid < 0 || valid > pairs)) *bad = 1;
+  if (r >= pairs || r >= valid) return;
+  const int32_t p = perm[r];
+  if (p < 0 || p >= pairs) {
+    *bad = 1;
+    return;
+  }
+  if (atomicExch(&inv[p], static_cast<int32_t>(r)) != -1) *bad = 1;
 }
 
 template <typename T>
@@ -200,15 +212,17 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return
 // One block per token; pairs summed in slot order j = 0..top_k-1 (deterministic).
 template <typename T>
 __global__ void combine_kernel(const T* __restrict__ y_perm, const int32_t* __restrict__ inv,
-                               const float* __restrict__ w, int top_k, int64_t hidden, T* __restrict__ out) {
+                               const int32_t* __restrict__ bad, const float* __restrict__ w, int top_k,
+                               int64_t hidden, T* __restrict__ out) {
   const int64_t t = blockIdx.x;
+  const bool invalid = *bad != -1;
   for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) {
     float acc = 0.0f;
     for (int j = 0; j < top_k; ++j) {
       const int32_t r = inv[t * top_k + j];
       if (r >= 0) acc += w[t * top_k + j] * to_f(y_perm[static_cast<int64_t>(r) * hidden + h]);
     }
-    out[t * hidden + h] = from_f<T>(acc);
+    out[t * hidden + h] = from_f<T>(invalid ? __int_as_float(0x7fc00000) : acc);
   }
 }
 
@@ -269,7 +283,9 @@ Status moe_compact_groups_cuda(const int32_t* row_offsets, int experts, int max_
   return cuda_status(cudaGetLastError(), "moe_compact_groups: kernel launch");
 }
 
-size_t moe_combine_workspace_bytes(int64_t tokens, int top_k) { return static_cast<size_t>(tokens * top_k * 4); }
+size_t moe_combine_workspace_bytes(int64_t tokens, int top_k) {
+  return static_cast<size_t>((tokens * top_k + 1) * 4);   // inverse permutation + the "bad" flag
+}
 
 Status moe_combine_cuda(const void* y_perm, DType dtype, const int32_t* perm, const float* topk_weights,
                         const int32_t* row_offsets, int experts, int64_t tokens, int top_k, int64_t hidden,
@@ -283,16 +299,19 @@ Status moe_combine_cuda(const void* y_perm, DType dtype, const int32_t* perm, co
   auto s = static_cast<cudaStream_t>(stream);
   auto* inv = static_cast<int32_t*>(workspace);
   const int64_t pairs = tokens * top_k;
-  DSFP4_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(inv, 0xFF, pairs * 4, s), "moe_combine: memset"));
-  inverse_perm_kernel<<<static_cast<unsigned>((pairs + 255) / 256), 256, 0, s>>>(perm, row_offsets, experts, inv);
+  int32_t* bad = inv + pairs;
+  DSFP4_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(inv, 0xFF, (pairs + 1) * 4, s), "moe_combine: memset"));
+  inverse_perm_kernel<<<static_cast<unsigned>((pairs + 255) / 256), 256, 0, s>>>(perm, row_offsets, experts, pairs,
+                                                                                  inv, bad);
   DSFP4_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "moe_combine: inverse kernel"));
   const int threads = hidden >= 1024 ? 256 : 128;
   if (dtype == DType::kBFloat16)
     combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(tokens), threads, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(y_perm), inv, topk_weights, top_k, hidden, static_cast<__nv_bfloat16*>(out));
+        static_cast<const __nv_bfloat16*>(y_perm), inv, bad, topk_weights, top_k, hidden,
+        static_cast<__nv_bfloat16*>(out));
   else
     combine_kernel<float><<<static_cast<unsigned>(tokens), threads, 0, s>>>(
-        static_cast<const float*>(y_perm), inv, topk_weights, top_k, hidden, static_cast<float*>(out));
+        static_cast<const float*>(y_perm), inv, bad, topk_weights, top_k, hidden, static_cast<float*>(out));
   return cuda_status(cudaGetLastError(), "moe_combine: kernel launch");
 }
 

@@ -138,12 +138,20 @@ Status moe_combine_cpu(const void* y_perm, DType dtype, const int32_t* perm, con
     return InvalidArgument("moe_combine: null pointer");
   const int64_t pairs = tokens * top_k;
   const int64_t valid = row_offsets[experts];
+  const std::string bound = "T·k = " + std::to_string(pairs);
   if (valid < 0 || valid > pairs)
-    return InvalidArgument("moe_combine: row_offsets[experts] = " + std::to_string(valid) + " is outside [0, T·k]");
+    return InvalidArgument("moe_combine: row_offsets[experts] = " + std::to_string(valid) + " is outside [0, " +
+                           bound + "]");
   std::vector<int64_t> row_of(static_cast<size_t>(pairs), -1);
   for (int64_t r = 0; r < valid; ++r) {
-    if (perm[r] < 0 || perm[r] >= pairs) return InvalidArgument("moe_combine: perm[" + std::to_string(r) + "] out of range");
-    row_of[perm[r]] = r;
+    const int64_t p = perm[r];
+    if (p < 0 || p >= pairs)
+      return InvalidArgument("moe_combine: perm[" + std::to_string(r) + "] = " + std::to_string(p) +
+                             " is outside [0, " + bound + ")");
+    if (row_of[p] >= 0)  // the CUDA kernel flags this too: a pair held by two rows is not a permutation
+      return InvalidArgument("moe_combine: perm names pair " + std::to_string(p) + " twice (rows " +
+                             std::to_string(row_of[p]) + " and " + std::to_string(r) + ")");
+    row_of[p] = r;
   }
   const bool bf16 = dtype == DType::kBFloat16;
   auto load = [&](int64_t i) {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "dsfp4/moe.h"
 #include "dsfp4/moe_experts.h"
 #include "dsfp4/nvfp4.h"
 
@@ -54,7 +55,7 @@ inline ExpertsWorkspace experts_workspace(const MoeExpertsParams& p, bool from_u
   w.gate_up = take(P * 2 * p.inter * 2);
   w.h = take(P * p.inter * 2);
   w.y_perm = take(P * p.hidden * 2);
-  w.combine = take(P * 4);
+  w.combine = take(static_cast<int64_t>(moe_combine_workspace_bytes(p.tokens, p.top_k)));
   if (from_units) {
     const PartSizes gu = part_sizes(2 * p.inter, p.hidden), dn = part_sizes(p.hidden, p.inter);
     const int64_t slot = gu.slot() > dn.slot() ? gu.slot() : dn.slot();
