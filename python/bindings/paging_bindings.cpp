@@ -23,10 +23,10 @@ py::dict layout_dict(const ExpertUnitLayout& l) {
   d["inter"] = l.inter;
   d["gate_up_qweight"] = l.gate_up_qweight;
   d["gate_up_qscale"] = l.gate_up_qscale;
-  d["gate_up_scale"] = l.gate_up_scale;
+  d["gate_up_scale"] = l.gate_up_global_scale;  // per 16-row tile, as the units GEMM reads it
   d["down_qweight"] = l.down_qweight;
   d["down_qscale"] = l.down_qscale;
-  d["down_scale"] = l.down_scale;
+  d["down_scale"] = l.down_global_scale;
   d["bytes"] = l.bytes;
   return d;
 }

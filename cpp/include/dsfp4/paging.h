@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "dsfp4/common.h"
+#include "dsfp4/expert_source.h"
 
 namespace dsfp4 {
 namespace paging {
@@ -43,15 +44,10 @@ constexpr int64_t kUnitAlign = 256;  // byte alignment of every part of a unit
 // ---------------------------------------------------------------------------------------
 // expert units
 
-// Byte offsets of the parts of one expert unit: gate_up is the [2·inter, hidden] weight (gate
-// rows, then up rows), down is [hidden, inter]; both in the tiled layout with one float32
-// global scale per 16-row tile (gate and up keep their own weight_scale_2).
-struct ExpertUnitLayout {
-  int64_t hidden = 0, inter = 0;
-  int64_t gate_up_qweight = 0, gate_up_qscale = 0, gate_up_scale = 0;
-  int64_t down_qweight = 0, down_qscale = 0, down_scale = 0;
-  int64_t bytes = 0;  // whole unit, a multiple of kUnitAlign
-};
+// The store's expert unit (dsfp4::ExpertUnitLayout, expert_source.h): gate_up is the
+// [2·inter, hidden] weight (gate rows, then up rows), down is [hidden, inter]; both in the
+// tiled layout with one float32 global scale per 16-row tile (gate and up keep their own
+// weight_scale_2), every part kUnitAlign-aligned, bytes a multiple of kUnitAlign.
 Status expert_unit_layout(int64_t hidden, int64_t inter, ExpertUnitLayout* out);
 
 // One NVFP4 linear as ModelOpt stores it: packed uint8 [n, k/2], scale e4m3 [n, k/16],

@@ -5,6 +5,7 @@
 
 #include "dsfp4/moe.h"
 #include "dsfp4/moe_experts.h"
+#include "dsfp4/nvfp4.h"
 #include "kernels/moe/moe_experts_common.h"
 
 namespace dsfp4 {
@@ -41,6 +42,20 @@ Status check_expert_unit_layout(const ExpertUnitLayout& l, int64_t hidden, int64
     if (part.off < 0 || part.off % part.align != 0)
       return InvalidArgument(std::string("expert unit layout: ") + part.name + " offset " + std::to_string(part.off) +
                              " must be non-negative and " + std::to_string(part.align) + "-byte aligned");
+  if (l.bytes < 0) return InvalidArgument("expert unit layout: bytes = " + std::to_string(l.bytes) + " is negative");
+  if (l.bytes == 0) return Status::Ok();
+  const int64_t gu_tiles = l.gate_up_scale_per_tile ? (2 * inter + 15) / 16 : 1;
+  const int64_t dn_tiles = l.down_scale_per_tile ? (hidden + 15) / 16 : 1;
+  const int64_t ends[6] = {l.gate_up_qweight + static_cast<int64_t>(tiled_weight_bytes(2 * inter, hidden)),
+                           l.gate_up_qscale + static_cast<int64_t>(tiled_scale_bytes(2 * inter, hidden)),
+                           l.gate_up_global_scale + 4 * gu_tiles,
+                           l.down_qweight + static_cast<int64_t>(tiled_weight_bytes(hidden, inter)),
+                           l.down_qscale + static_cast<int64_t>(tiled_scale_bytes(hidden, inter)),
+                           l.down_global_scale + 4 * dn_tiles};
+  for (int i = 0; i < 6; ++i)
+    if (ends[i] > l.bytes)
+      return InvalidArgument(std::string("expert unit layout: ") + parts[i].name + " ends at byte " +
+                             std::to_string(ends[i]) + ", past the unit's " + std::to_string(l.bytes) + " bytes");
   return Status::Ok();
 }
 
