@@ -337,7 +337,7 @@ int main() {
     DeviceBuffer<float> gu_gs(L.gu_gs), dn_gs(L.dn_gs);
     const auto gu = Layer::grouped(gu_qw.p, gu_qs.p, gu_gs.p, L.gu_words, L.gu_bytes, 2 * I, H);
     const auto dn = Layer::grouped(dn_qw.p, dn_qs.p, dn_gs.p, L.dn_words, L.dn_bytes, H, I);
-    DeviceBuffer<uint8_t> ws(dsfp4::moe_experts_workspace_bytes(mp, true));
+    DeviceBuffer<uint8_t> ws(dsfp4::moe_experts_workspace_bytes(mp));
     ok(dsfp4::moe_experts_cuda(mp, gu, dn, d_x.p, d_w.p, d_ids.p, d_out.p, ws.p, ws.n, s), "moe_experts_cuda");
     cudaStreamSynchronize(s);
     const auto out_gpu = d_out.host();

@@ -168,6 +168,35 @@ inline int64_t count_mismatches(const std::vector<uint16_t>& got, const std::vec
   return bad;
 }
 
+// The experts as units in host memory: gate_up with per-tile global scales, down with one
+// (a layout other than the paging store's); returns the E units back to back.
+inline std::vector<uint8_t> pack_units(const Experts& ex, dsfp4::ExpertUnitLayout* layout) {
+  auto al = [](int64_t v) { return (v + 255) / 256 * 256; };
+  dsfp4::ExpertUnitLayout& L = *layout;
+  L = dsfp4::ExpertUnitLayout();
+  L.hidden = ex.hidden;
+  L.inter = ex.inter;
+  L.gate_up_scale_per_tile = true;
+  L.gate_up_qweight = 0;
+  L.gate_up_qscale = al(ex.gu_words * 4);
+  L.gate_up_global_scale = L.gate_up_qscale + al(ex.gu_sbytes);
+  L.down_qweight = L.gate_up_global_scale + al(ex.gu_tiles * 4);
+  L.down_qscale = L.down_qweight + al(ex.dn_words * 4);
+  L.down_global_scale = L.down_qscale + al(ex.dn_sbytes);
+  L.bytes = L.down_global_scale + 256;
+  std::vector<uint8_t> host(L.bytes * ex.experts, 0);
+  for (int e = 0; e < ex.experts; ++e) {
+    uint8_t* u = host.data() + e * L.bytes;
+    std::memcpy(u + L.gate_up_qweight, ex.gu_qw.data() + e * ex.gu_words, ex.gu_words * 4);
+    std::memcpy(u + L.gate_up_qscale, ex.gu_qs.data() + e * ex.gu_sbytes, ex.gu_sbytes);
+    std::memcpy(u + L.gate_up_global_scale, ex.gu_gs.data() + e * ex.gu_tiles, ex.gu_tiles * 4);
+    std::memcpy(u + L.down_qweight, ex.dn_qw.data() + e * ex.dn_words, ex.dn_words * 4);
+    std::memcpy(u + L.down_qscale, ex.dn_qs.data() + e * ex.dn_sbytes, ex.dn_sbytes);
+    std::memcpy(u + L.down_global_scale, &ex.dn_gs[e], 4);
+  }
+  return host;
+}
+
 #if defined(DSFP4_WITH_CUDA)
 // Serves experts from one device buffer of units, as a paging store serves resident ones.
 // acquire() reads the requested ids back (a store decides residency on the host) and records them.
@@ -175,28 +204,8 @@ class DeviceExpertSource : public dsfp4::ExpertSource {
  public:
   bool init(const Experts& ex) {
     experts_ = ex.experts;
-    auto al = [](int64_t v) { return (v + 255) / 256 * 256; };
-    dsfp4::ExpertUnitLayout& L = layout_;
-    L.hidden = ex.hidden;
-    L.inter = ex.inter;
-    L.gate_up_scale_per_tile = true;
-    L.gate_up_qweight = 0;
-    L.gate_up_qscale = al(ex.gu_words * 4);
-    L.gate_up_global_scale = L.gate_up_qscale + al(ex.gu_sbytes);
-    L.down_qweight = L.gate_up_global_scale + al(ex.gu_tiles * 4);
-    L.down_qscale = L.down_qweight + al(ex.dn_words * 4);
-    L.down_global_scale = L.down_qscale + al(ex.dn_sbytes);
-    unit_bytes_ = L.down_global_scale + 256;
-    std::vector<uint8_t> host(unit_bytes_ * experts_, 0);
-    for (int e = 0; e < experts_; ++e) {
-      uint8_t* u = host.data() + e * unit_bytes_;
-      std::memcpy(u + L.gate_up_qweight, ex.gu_qw.data() + e * ex.gu_words, ex.gu_words * 4);
-      std::memcpy(u + L.gate_up_qscale, ex.gu_qs.data() + e * ex.gu_sbytes, ex.gu_sbytes);
-      std::memcpy(u + L.gate_up_global_scale, ex.gu_gs.data() + e * ex.gu_tiles, ex.gu_tiles * 4);
-      std::memcpy(u + L.down_qweight, ex.dn_qw.data() + e * ex.dn_words, ex.dn_words * 4);
-      std::memcpy(u + L.down_qscale, ex.dn_qs.data() + e * ex.dn_sbytes, ex.dn_sbytes);
-      std::memcpy(u + L.down_global_scale, &ex.dn_gs[e], 4);
-    }
+    const std::vector<uint8_t> host = pack_units(ex, &layout_);
+    unit_bytes_ = layout_.bytes;
     if (cudaMalloc(&units_, host.size()) != cudaSuccess) return false;
     if (cudaMalloc(&table_, experts_ * 8) != cudaSuccess) return false;
     std::vector<uint64_t> addr(experts_);
