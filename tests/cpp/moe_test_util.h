@@ -47,6 +47,9 @@ struct Experts {
   std::vector<uint8_t> gu_qs, dn_qs;
   std::vector<float> gu_gs, dn_gs;        // [E][gu_tiles], [E]
   std::vector<float> gu_dense, dn_dense;  // [E][2I][H], [E][H][I]
+  // The ModelOpt tensors (what a checkpoint stores), [E·3 + part] for part gate, up, down.
+  std::vector<std::vector<uint8_t>> mo_packed, mo_scale;
+  std::vector<float> mo_global;
 
   dsfp4::Fp4GroupedWeight gate_up() const {
     dsfp4::Fp4GroupedWeight w;
@@ -73,12 +76,14 @@ struct Experts {
   }
 };
 
-// Quantizes w [rows, cols] and appends its tiled form and dense copy; returns false on error.
+// Quantizes w [rows, cols] into its tiled form and dense copy, keeping the ModelOpt tensors in
+// packed and scale; returns false on error.
 inline bool quantize_into(const std::vector<float>& w, int64_t rows, int64_t cols, uint32_t* qw, uint8_t* qs,
-                          float* gs, float* dense) {
+                          float* gs, float* dense, std::vector<uint8_t>& packed, std::vector<uint8_t>& scale) {
   dsfp4::MatrixSource src;
   src.data = w.data();
-  std::vector<uint8_t> packed(rows * cols / 2), scale(rows * cols / 16);
+  packed.assign(rows * cols / 2, 0);
+  scale.assign(rows * cols / 16, 0);
   if (!dsfp4::nvfp4_quantize_cpu(src, rows, cols, nullptr, packed.data(), scale.data(), gs).ok()) return false;
   if (!dsfp4::nvfp4_repack_cpu(packed.data(), scale.data(), rows, cols, qw, qs).ok()) return false;
   return dsfp4::nvfp4_dequantize_cpu(packed.data(), scale.data(), *gs, rows, cols, dense, dsfp4::DType::kFloat32).ok();
@@ -101,6 +106,9 @@ inline bool make_experts(Experts& ex, int experts, int64_t hidden, int64_t inter
   ex.dn_gs.assign(experts, 0.0f);
   ex.gu_dense.assign(experts * 2 * inter * hidden, 0.0f);
   ex.dn_dense.assign(experts * hidden * inter, 0.0f);
+  ex.mo_packed.assign(experts * 3, {});
+  ex.mo_scale.assign(experts * 3, {});
+  ex.mo_global.assign(experts * 3, 0.0f);
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist(0.0f, 1.0f);
   const int64_t part_words = ex.gu_words / 2, part_sbytes = ex.gu_sbytes / 2;  // I % 16 == 0: whole tiles
@@ -109,18 +117,21 @@ inline bool make_experts(Experts& ex, int experts, int64_t hidden, int64_t inter
       std::vector<float> w(inter * hidden);
       const float spread = 0.05f * (1 + e % 3) * (part ? 3.0f : 1.0f);
       for (auto& v : w) v = dist(rng) * spread;
-      float gs = 0.0f;
+      float& gs = ex.mo_global[e * 3 + part];
       if (!quantize_into(w, inter, hidden, ex.gu_qw.data() + e * ex.gu_words + part * part_words,
                          ex.gu_qs.data() + e * ex.gu_sbytes + part * part_sbytes, &gs,
-                         ex.gu_dense.data() + (e * 2 + part) * inter * hidden))
+                         ex.gu_dense.data() + (e * 2 + part) * inter * hidden, ex.mo_packed[e * 3 + part],
+                         ex.mo_scale[e * 3 + part]))
         return false;
       for (int64_t t = 0; t < inter / 16; ++t) ex.gu_gs[e * ex.gu_tiles + part * (inter / 16) + t] = gs;
     }
     std::vector<float> w(hidden * inter);
     for (auto& v : w) v = dist(rng) * 0.05f;
     if (!quantize_into(w, hidden, inter, ex.dn_qw.data() + e * ex.dn_words, ex.dn_qs.data() + e * ex.dn_sbytes,
-                       &ex.dn_gs[e], ex.dn_dense.data() + e * hidden * inter))
+                       &ex.dn_gs[e], ex.dn_dense.data() + e * hidden * inter, ex.mo_packed[e * 3 + 2],
+                       ex.mo_scale[e * 3 + 2]))
       return false;
+    ex.mo_global[e * 3 + 2] = ex.dn_gs[e];
   }
   return true;
 }
