@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Dict, List, Tuple
 
 import torch
+from safetensors.torch import save_file
 
 from deepseek_fp4_plugin import Fp4Weight
+from deepseek_fp4_plugin._ext import _C
 from trt_driver import Field, f32, i8, i32, i64, text
 
 
@@ -39,17 +42,22 @@ def routing_fields(e=16, g=4, tg=2, k=4, scale=2.5, norm=None) -> Dict[str, Fiel
 
 class Experts:
     """E experts: gate_up [2I, H] (gate and up with their own global scales: per tile) and
-    down [H, I], stacked like Fp4RoutedExperts."""
+    down [H, I], stacked like Fp4RoutedExperts; `modelopt` keeps the checkpoint tensors."""
 
     def __init__(self, e: int, hidden: int, inter: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.e, self.hidden, self.inter = e, hidden, inter
         gus, dns = [], []
+        self.modelopt: List[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []  # [e][gate, up, down]
         for i in range(e):
-            gate = Fp4Weight.from_float(torch.randn(inter, hidden, generator=g) * 0.05 * (1 + i % 3))
-            up = Fp4Weight.from_float(torch.randn(inter, hidden, generator=g) * 0.15)
+            q = [torch.ops.dsfp4.nvfp4_quantize(w) for w in (
+                torch.randn(inter, hidden, generator=g) * 0.05 * (1 + i % 3),
+                torch.randn(inter, hidden, generator=g) * 0.15,
+                torch.randn(hidden, inter, generator=g) * 0.05)]
+            self.modelopt.append(q)
+            gate, up = Fp4Weight.from_modelopt(*q[0]), Fp4Weight.from_modelopt(*q[1])
             gus.append(Fp4Weight.concat_rows([gate, up]))
-            dns.append(Fp4Weight.from_float(torch.randn(hidden, inter, generator=g) * 0.05))
+            dns.append(Fp4Weight.from_modelopt(*q[2]))
         tiles = -(-2 * inter // 16)
         self.gu_qw = torch.stack([w.qweight for w in gus])                                 # [E, words]
         self.gu_qs = torch.stack([w.qscale for w in gus])                                  # [E, bytes]
@@ -83,6 +91,27 @@ class Experts:
         f.update(store_handle=i64(handle), layer=i32(layer))
         return f
 
+    def write_checkpoint(self, path, layer: int = 3) -> List[List[Tuple[int, int, int, str]]]:
+        """Writes the experts as a ModelOpt NVFP4 safetensors file (the names of MoE layer
+        `layer` of a DeepSeek-V3 checkpoint); returns, per expert, the 9 (file, offset, nbytes,
+        name) ranges paging.ExpertStore reads: gate, up, down × weight, weight_scale, weight_scale_2."""
+        tensors, names = {}, []
+        for e, parts in enumerate(self.modelopt):
+            for proj, (packed, scale, gs) in zip(("gate_proj", "up_proj", "down_proj"), parts):
+                base = f"model.layers.{layer}.mlp.experts.{e}.{proj}."
+                for suffix, t in (("weight", packed), ("weight_scale", scale), ("weight_scale_2", gs)):
+                    tensors[base + suffix] = t.reshape(()) if suffix == "weight_scale_2" else t.contiguous()
+                    names.append(base + suffix)
+        save_file(tensors, str(path))
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        ranges = []
+        for name in names:
+            begin, end = header[name]["data_offsets"]
+            ranges.append((0, 8 + n + begin, end - begin, name))
+        return [ranges[9 * e:9 * e + 9] for e in range(self.e)]
+
     def reference(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The expert FFN composed from the torch ops (as the model runs it)."""
         t, k = ids.shape
@@ -93,6 +122,19 @@ class Experts:
         h = torch.ops.dsfp4.silu_mul(gu)
         y = torch.ops.dsfp4.fp4_grouped_gemm(h, go, ge, self.dn_qw, self.dn_qs, self.dn_gs, self.hidden, self.inter, t)
         return torch.ops.dsfp4.moe_combine(y, perm, w, offs)
+
+
+def expert_store(path, stored, ex: Experts, gpu_base: int, slots: int, host_slots: int, miss_mode: str,
+                 on_device: bool):
+    """A one-layer paging.ExpertStore over the checkpoint ex.write_checkpoint(path) wrote: `slots`
+    expert slots at gpu_base (host memory when not on_device) and a host cache of host_slots units."""
+    P = _C.paging
+    opts = dict(layers=1, experts=ex.e, hidden=ex.hidden, inter=ex.inter, gpu_slots=slots, gpu_base=gpu_base,
+                host_slots=host_slots, pinned=on_device, on_device=on_device, gpu_policy=P.CachePolicy.lrfu,
+                host_policy=P.CachePolicy.lru, lam=0.05, miss_mode=getattr(P.MissMode, miss_mode),
+                io_threads=2, repack_threads=1, direct_io=True, async_copy=True, max_prefetch_units=-1,
+                prefetch_min_accuracy=0.0)
+    return P.ExpertStore(opts, P.CheckpointFiles([str(path)], True), stored)
 
 
 def shapes_of(ts) -> List[Tuple[int, ...]]:

@@ -366,6 +366,59 @@ def test_prefetch_bookkeeping():
         del store
 
 
+@pytest.mark.parametrize("miss_mode", ["copy", "auto"])
+def test_expert_store_source_serves_the_units_gemm(tmp_path, miss_mode):
+    """ExpertStoreSource (the store as the plugins' ExpertSource) in CPU mode: each acquire hands
+    out the layer's table row, and the expert FFN over it equals the torch ops over resident
+    experts, over steps that reuse 4 slots and a host cache of 10 units for 16 experts."""
+    from plugin_fixtures import Experts, expert_store
+    e, h, i, k, slots = 16, 128, 64, 2, 4
+    ex = Experts(e, h, i, seed=21)
+    stored = ex.write_checkpoint(tmp_path / "experts.safetensors")
+    lay = P.expert_unit_layout(h, i)
+    gpu = torch.empty(slots * lay["bytes"], dtype=torch.uint8)
+    tables = torch.zeros(1, e, dtype=torch.int64)
+    store = expert_store(tmp_path / "experts.safetensors", stored, ex, gpu.data_ptr(), slots, 10, miss_mode,
+                         on_device=False)
+    source = P.ExpertStoreSource(store)
+    ids = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="set_device_tables"):
+        source.acquire(0, ids.data_ptr(), 2, 0)
+    store.set_device_tables(tables.data_ptr())
+    with pytest.raises(ValueError, match="layer 1 is outside"):
+        source.acquire(1, ids.data_ptr(), 2, 0)
+    assert source.address != 0
+
+    def units_ffn(x, w, ids):
+        t = ids.shape[0]
+        xp, offs, perm = torch.ops.dsfp4.moe_permute(x, ids, e)
+        ge, go = torch.ops.dsfp4.moe_compact_groups(offs, min(e, ids.numel()))
+        gu = torch.ops.dsfp4.fp4_grouped_gemm_units(xp, go, ge, tables[0], lay["gate_up_qweight"],
+                                                    lay["gate_up_qscale"], lay["gate_up_scale"], 2 * i, h, t)
+        hh = torch.ops.dsfp4.silu_mul(gu)
+        y = torch.ops.dsfp4.fp4_grouped_gemm_units(hh, go, ge, tables[0], lay["down_qweight"],
+                                                   lay["down_qscale"], lay["down_scale"], h, i, t)
+        return torch.ops.dsfp4.moe_combine(y, perm, w, offs)
+
+    g = torch.Generator().manual_seed(0)
+    for step, t in enumerate([1, 6, 3, 9, 2, 7]):
+        n = slots if miss_mode == "copy" else 8   # copy: every expert of a step needs a slot
+        subset = [(5 * step + j) % e for j in range(n)]
+        ids = torch.tensor([[subset[(j * k + m) % n] for m in range(k)] for j in range(t)], dtype=torch.int32)
+        if t > 1:
+            ids[1, 0] = -1
+        x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+        w = torch.rand(t, k, generator=g) + 0.1
+        store.begin_step()
+        assert source.acquire(0, ids.data_ptr(), ids.numel(), 0) == tables.data_ptr()
+        assert torch.equal(units_ffn(x, w, ids), ex.reference(x, w, ids)), step
+        source.release(0, 0)
+    assert source.acquired == 6
+    c = store.counters()
+    assert c["evictions"] > 0 and c["ssd_reads"] > 10   # slots and host cache both reused
+    assert (c["zero_copy"] > 0) == (miss_mode == "auto")
+
+
 def test_read_error_fails_the_request_and_the_engine_recovers(model_dir, reference):
     ref_tokens, _ = reference
     eng = paged(model_dir, prefetch_layers=0)

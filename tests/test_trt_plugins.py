@@ -228,7 +228,7 @@ def test_experts_store_handle_fields(experts):
     assert p.roundtrip().same_fields(p)
     ws_store = p.workspace([(64, H), (64, K), (64, K)], 1)
     ws_fields = drv.create("Dsfp4MoeExperts", experts.fields(K)).workspace([(64, H), (64, K), (64, K)], 1)
-    assert ws_store > ws_fields  # room to stage experts read from units
+    assert ws_store == ws_fields  # the grouped GEMMs read the units in place: no staging room
 
 
 def test_experts_bad_fields(experts):

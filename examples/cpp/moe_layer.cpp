@@ -1,14 +1,21 @@
 // A DeepSeek-style MoE layer (noaux_tc routing + routed NVFP4 experts) through the dsfp4 C++
 // API, linked from the installed package.
-//   With a GPU: the CUDA entry points, experts resident and served by an ExpertSource (as the
-//   paging store serves them), plus the TensorRT plugins when built with them; every result is
-//   checked against the CPU reference.
-//   Without one: the CPU references, checked against a plain loop written here.
+//   CPU references, checked against a plain loop written here.
+//   Paged experts: the experts are written to a safetensors checkpoint (ModelOpt NVFP4 layout)
+//   in a temporary folder and served by the paging store (dsfp4::paging::ExpertStore) through
+//   an ExpertStoreSource, with fewer expert slots than experts; on a GPU the slots are device
+//   memory, without one the store runs in CPU mode. Checked against the CPU reference.
+//   With a GPU: the CUDA entry points (experts resident and paged), plus the TensorRT plugins
+//   when built with them (Dsfp4MoeExperts also in store mode, over the same paging store).
 // Exits non-zero on any mismatch.
+#include <stdlib.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -18,6 +25,7 @@
 #include "dsfp4/moe.h"
 #include "dsfp4/moe_experts.h"
 #include "dsfp4/nvfp4.h"
+#include "dsfp4/paging.h"
 
 #if defined(DSFP4_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -85,6 +93,7 @@ struct Layer {
   std::vector<uint8_t> gu_qs, dn_qs;
   std::vector<float> gu_gs, dn_gs;        // [E] each: one global scale per weight
   std::vector<float> gu_dense, dn_dense;  // [E][2I][H], [E][H][I]
+  std::vector<uint8_t> gu_packed, gu_scale, dn_packed, dn_scale;  // the ModelOpt tensors, [E][...]
 
   dsfp4::Fp4GroupedWeight gate_up() const { return grouped(gu_qw.data(), gu_qs.data(), gu_gs.data(), gu_words, gu_bytes, 2 * I, H); }
   dsfp4::Fp4GroupedWeight down() const { return grouped(dn_qw.data(), dn_qs.data(), dn_gs.data(), dn_words, dn_bytes, H, I); }
@@ -102,15 +111,14 @@ struct Layer {
   }
 };
 
-bool quantize(const std::vector<float>& w, int64_t rows, int64_t cols, uint32_t* qw, uint8_t* qs, float* gs,
-              float* dense) {
+// ModelOpt tensors (packed, scale, *gs), the tiled form (qw, qs) and a dense copy of w.
+bool quantize(const std::vector<float>& w, int64_t rows, int64_t cols, uint8_t* packed, uint8_t* scale, uint32_t* qw,
+              uint8_t* qs, float* gs, float* dense) {
   dsfp4::MatrixSource src;
   src.data = w.data();
-  std::vector<uint8_t> packed(rows * cols / 2), scale(rows * cols / 16);
-  return ok(dsfp4::nvfp4_quantize_cpu(src, rows, cols, nullptr, packed.data(), scale.data(), gs), "quantize") &&
-         ok(dsfp4::nvfp4_repack_cpu(packed.data(), scale.data(), rows, cols, qw, qs), "repack") &&
-         ok(dsfp4::nvfp4_dequantize_cpu(packed.data(), scale.data(), *gs, rows, cols, dense, dsfp4::DType::kFloat32),
-            "dequantize");
+  return ok(dsfp4::nvfp4_quantize_cpu(src, rows, cols, nullptr, packed, scale, gs), "quantize") &&
+         ok(dsfp4::nvfp4_repack_cpu(packed, scale, rows, cols, qw, qs), "repack") &&
+         ok(dsfp4::nvfp4_dequantize_cpu(packed, scale, *gs, rows, cols, dense, dsfp4::DType::kFloat32), "dequantize");
 }
 
 Layer make_layer(std::mt19937& rng) {
@@ -132,15 +140,160 @@ Layer make_layer(std::mt19937& rng) {
   L.dn_gs.resize(E);
   L.gu_dense.resize(E * 2 * I * H);
   L.dn_dense.resize(E * H * I);
+  L.gu_packed.resize(E * 2 * I * H / 2);
+  L.gu_scale.resize(E * 2 * I * H / 16);
+  L.dn_packed.resize(E * H * I / 2);
+  L.dn_scale.resize(E * H * I / 16);
   for (int e = 0; e < E; ++e) {
     std::vector<float> gu(2 * I * H), dn(H * I);
     for (auto& v : gu) v = n01(rng) * 0.05f;
     for (auto& v : dn) v = n01(rng) * 0.05f;
-    quantize(gu, 2 * I, H, &L.gu_qw[e * L.gu_words], &L.gu_qs[e * L.gu_bytes], &L.gu_gs[e], &L.gu_dense[e * 2 * I * H]);
-    quantize(dn, H, I, &L.dn_qw[e * L.dn_words], &L.dn_qs[e * L.dn_bytes], &L.dn_gs[e], &L.dn_dense[e * H * I]);
+    quantize(gu, 2 * I, H, &L.gu_packed[e * I * H], &L.gu_scale[e * I * H / 8], &L.gu_qw[e * L.gu_words],
+             &L.gu_qs[e * L.gu_bytes], &L.gu_gs[e], &L.gu_dense[e * 2 * I * H]);
+    quantize(dn, H, I, &L.dn_packed[e * H * I / 2], &L.dn_scale[e * H * I / 16], &L.dn_qw[e * L.dn_words],
+             &L.dn_qs[e * L.dn_bytes], &L.dn_gs[e], &L.dn_dense[e * H * I]);
   }
   return L;
 }
+
+// ---- the experts as a checkpoint, paged -----------------------------------------------------
+
+// Writes the layer's experts as one safetensors file (8-byte little-endian header length, JSON
+// header, data) under the names a DeepSeek-V3 NVFP4 checkpoint uses, for MoE layer 3:
+// model.layers.3.mlp.experts.<e>.{gate,up,down}_proj.{weight, weight_scale, weight_scale_2}.
+// gate and up are the two halves of gate_up, sharing its global scale. Fills where each
+// expert's tensors lie, in the order the store reads them.
+bool write_checkpoint(const Layer& L, const std::string& path, std::vector<dsfp4::paging::StoredExpert>* stored) {
+  struct Tensor {
+    std::string name, dtype, shape;
+    const void* data;
+    int64_t nbytes;
+  };
+  std::vector<Tensor> tensors;
+  for (int e = 0; e < E; ++e) {
+    const std::string base = "model.layers.3.mlp.experts." + std::to_string(e) + ".";
+    for (int part = 0; part < 3; ++part) {  // gate, up, down
+      const char* proj = part == 0 ? "gate_proj." : part == 1 ? "up_proj." : "down_proj.";
+      const int64_t rows = part < 2 ? I : H, cols = part < 2 ? H : I;
+      const uint8_t* packed = part < 2 ? &L.gu_packed[(e * 2 + part) * I * H / 2] : &L.dn_packed[e * H * I / 2];
+      const uint8_t* scale = part < 2 ? &L.gu_scale[(e * 2 + part) * I * H / 16] : &L.dn_scale[e * H * I / 16];
+      const float* gs = part < 2 ? &L.gu_gs[e] : &L.dn_gs[e];
+      const std::string r = std::to_string(rows) + ",";
+      tensors.push_back({base + proj + "weight", "U8", r + std::to_string(cols / 2), packed, rows * cols / 2});
+      tensors.push_back({base + proj + "weight_scale", "F8_E4M3", r + std::to_string(cols / 16), scale, rows * cols / 16});
+      tensors.push_back({base + proj + "weight_scale_2", "F32", "", gs, 4});
+    }
+  }
+  std::string header = "{";
+  int64_t at = 0;
+  for (const Tensor& t : tensors) {
+    header += (at ? ",\"" : "\"") + t.name + "\":{\"dtype\":\"" + t.dtype + "\",\"shape\":[" + t.shape +
+              "],\"data_offsets\":[" + std::to_string(at) + "," + std::to_string(at + t.nbytes) + "]}";
+    at += t.nbytes;
+  }
+  header += "}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(header.size()) >> (8 * i));
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) return false;
+  bool written = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(header.data(), 1, header.size(), f) == header.size();
+  for (const Tensor& t : tensors)
+    written = written && std::fwrite(t.data, 1, t.nbytes, f) == static_cast<size_t>(t.nbytes);
+  written = std::fclose(f) == 0 && written;
+  stored->assign(E, dsfp4::paging::StoredExpert());
+  int64_t offset = 8 + static_cast<int64_t>(header.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    dsfp4::paging::TensorRange& r = (*stored)[i / 9].part[i % 9];
+    r.file = 0;
+    r.offset = offset;
+    r.nbytes = tensors[i].nbytes;
+    r.name = tensors[i].name;
+    offset += tensors[i].nbytes;
+  }
+  return written;
+}
+
+// The paging store over that checkpoint: kSlots expert slots (device memory on a GPU, host
+// memory in CPU mode) and a host cache; missed experts that do not win a slot are read in
+// place from the host cache (zero-copy). The source hands the store's tables to the runner.
+constexpr int kSlots = 4;
+struct PagedExperts {
+  std::unique_ptr<dsfp4::paging::ExpertStore> store;
+  std::unique_ptr<dsfp4::paging::ExpertStoreSource> source;
+  std::vector<uint8_t> host_slots;  // CPU mode: the "device" memory
+  std::vector<uint64_t> host_tables;
+  void* device_memory = nullptr;    // GPU: slots, then the expert table
+
+  bool open(const std::string& path, std::vector<dsfp4::paging::StoredExpert> stored, bool on_device) {
+    namespace pg = dsfp4::paging;
+    dsfp4::ExpertUnitLayout layout;
+    if (!ok(pg::expert_unit_layout(H, I, &layout), "expert_unit_layout")) return false;
+    std::unique_ptr<pg::CheckpointFiles> files;
+    if (!ok(pg::CheckpointFiles::open({path}, true, &files), "CheckpointFiles::open")) return false;
+    pg::ExpertStoreOptions o;
+    o.layers = 1;
+    o.experts = E;
+    o.hidden = H;
+    o.inter = I;
+    o.gpu_slots = kSlots;
+    o.host_slots = E;  // a step may use every expert; host memory holds them all here
+    o.on_device = on_device;
+    o.pinned = on_device;
+    o.miss_mode = pg::MissMode::kAuto;
+    o.io_threads = 2;
+    uint64_t* tables = nullptr;
+    if (on_device) {
+#if defined(DSFP4_WITH_CUDA)
+      if (cudaMalloc(&device_memory, kSlots * layout.bytes + E * 8) != cudaSuccess) return false;
+      o.gpu_base = device_memory;
+      tables = reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(device_memory) + kSlots * layout.bytes);
+#endif
+    } else {
+      host_slots.resize(kSlots * layout.bytes + 256);
+      o.gpu_base = host_slots.data() + (256 - reinterpret_cast<uintptr_t>(host_slots.data()) % 256) % 256;
+      host_tables.assign(E, 0);
+      tables = host_tables.data();
+    }
+    if (!ok(pg::ExpertStore::create(o, std::shared_ptr<pg::CheckpointFiles>(std::move(files)), std::move(stored),
+                                    &store),
+            "ExpertStore::create"))
+      return false;
+    store->set_device_tables(tables);
+    return ok(pg::ExpertStoreSource::create(store.get(), &source), "ExpertStoreSource::create");
+  }
+  ~PagedExperts() {
+    source.reset();
+    store.reset();
+#if defined(DSFP4_WITH_CUDA)
+    if (device_memory) cudaFree(device_memory);
+#endif
+  }
+  void report() const {
+    const dsfp4::paging::ExpertCounters c = store->counters(-1);
+    std::printf("  store: %llu expert requests, %llu slot hits, %llu copies into %d slots, %llu read in place,\n"
+                "         %llu evictions, %llu units read from the checkpoint\n",
+                static_cast<unsigned long long>(c.requests), static_cast<unsigned long long>(c.gpu_hits),
+                static_cast<unsigned long long>(c.copies), kSlots, static_cast<unsigned long long>(c.zero_copy),
+                static_cast<unsigned long long>(c.evictions), static_cast<unsigned long long>(c.ssd_reads));
+  }
+};
+
+// A scratch folder for the checkpoint, removed on exit.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    const char* base = std::getenv("TMPDIR");
+    std::string tmpl = std::string(base && *base ? base : "/tmp") + "/dsfp4_moe_layer_XXXXXX";
+    if (mkdtemp(&tmpl[0]) != nullptr) path = tmpl;
+  }
+  ~TempDir() {
+    if (!path.empty()) {
+      std::remove((path + "/experts.safetensors").c_str());
+      rmdir(path.c_str());
+    }
+  }
+};
 
 // ---- plain reference, written from the definitions ----------------------------------------
 
@@ -219,59 +372,6 @@ struct DeviceBuffer {
   }
 };
 
-// Serves the experts from one device buffer of units, the way a paging store serves the
-// experts it holds: the runner asks for the step's experts and gets their unit addresses.
-class DeviceExpertStore : public dsfp4::ExpertSource {
- public:
-  explicit DeviceExpertStore(const Layer& L) {
-    auto al = [](int64_t v) { return (v + 255) / 256 * 256; };
-    layout_.hidden = H;
-    layout_.inter = I;
-    layout_.gate_up_qweight = 0;
-    layout_.gate_up_qscale = al(L.gu_words * 4);
-    layout_.gate_up_global_scale = layout_.gate_up_qscale + al(L.gu_bytes);
-    layout_.down_qweight = layout_.gate_up_global_scale + 256;
-    layout_.down_qscale = layout_.down_qweight + al(L.dn_words * 4);
-    layout_.down_global_scale = layout_.down_qscale + al(L.dn_bytes);
-    unit_ = layout_.down_global_scale + 256;
-    std::vector<uint8_t> host(unit_ * E, 0);
-    for (int e = 0; e < E; ++e) {
-      uint8_t* u = &host[e * unit_];
-      std::memcpy(u + layout_.gate_up_qweight, &L.gu_qw[e * L.gu_words], L.gu_words * 4);
-      std::memcpy(u + layout_.gate_up_qscale, &L.gu_qs[e * L.gu_bytes], L.gu_bytes);
-      std::memcpy(u + layout_.gate_up_global_scale, &L.gu_gs[e], 4);
-      std::memcpy(u + layout_.down_qweight, &L.dn_qw[e * L.dn_words], L.dn_words * 4);
-      std::memcpy(u + layout_.down_qscale, &L.dn_qs[e * L.dn_bytes], L.dn_bytes);
-      std::memcpy(u + layout_.down_global_scale, &L.dn_gs[e], 4);
-    }
-    cudaMalloc(&units_ptr_, host.size());
-    cudaMemcpy(units_ptr_, host.data(), host.size(), cudaMemcpyHostToDevice);
-    std::vector<uint64_t> addr(E);
-    for (int e = 0; e < E; ++e) addr[e] = reinterpret_cast<uint64_t>(units_ptr_ + e * unit_);
-    cudaMalloc(&table_ptr_, E * 8);
-    cudaMemcpy(table_ptr_, addr.data(), E * 8, cudaMemcpyHostToDevice);
-  }
-  ~DeviceExpertStore() override {
-    cudaFree(units_ptr_);
-    cudaFree(table_ptr_);
-  }
-  dsfp4::Status acquire(int, const int32_t*, int64_t, dsfp4::Stream, dsfp4::ExpertTable* table) override {
-    ++acquired;  // everything is resident here; a paging store would fetch the named experts
-    table->unit_addr = table_ptr_;
-    table->num_experts = E;
-    table->layout = layout_;
-    return dsfp4::Status::Ok();
-  }
-  dsfp4::Status release(int, dsfp4::Stream) override { return dsfp4::Status::Ok(); }
-  int acquired = 0;
-
- private:
-  uint8_t* units_ptr_ = nullptr;
-  uint64_t* table_ptr_ = nullptr;
-  int64_t unit_ = 0;
-  dsfp4::ExpertUnitLayout layout_;
-};
-
 bool have_gpu() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
@@ -316,6 +416,39 @@ int main() {
   check(ids == pids && weights_close, "routing equals the plain loop");
   check(close(out_cpu, plain_experts(L, x, w, ids), 1e-2), "experts equal the plain loop");
 
+  // The experts as a checkpoint, for the paging store.
+  TempDir tmp;
+  const std::string ckpt = tmp.path + "/experts.safetensors";
+  std::vector<dsfp4::paging::StoredExpert> stored;
+  const bool wrote = !tmp.path.empty() && write_checkpoint(L, ckpt, &stored);
+  check(wrote, "experts written to a safetensors checkpoint");
+  bool gpu = false;
+#if defined(DSFP4_WITH_CUDA)
+  gpu = have_gpu();
+#endif
+  if (wrote && !gpu) {
+    std::printf("Paged experts, CPU mode (%d slots for %d experts):\n", kSlots, E);
+    PagedExperts paged;
+    if (paged.open(ckpt, stored, false)) {
+      // Decode (one token per step), then the whole batch as one step.
+      auto step = [&](int64_t t0, int64_t n, std::vector<uint16_t>& out) {
+        paged.store->begin_step();
+        dsfp4::ExpertTable table;
+        const dsfp4::MoeExpertsParams p{n, H, I, E, K};
+        return ok(paged.source->acquire(0, &ids[t0 * K], n * K, nullptr, &table), "acquire") &&
+               ok(dsfp4::moe_experts_units_cpu(p, table, &x[t0 * H], &w[t0 * K], &ids[t0 * K], &out[t0 * H]),
+                  "moe_experts_units_cpu") &&
+               ok(paged.source->release(0, nullptr), "release");
+      };
+      std::vector<uint16_t> decode(T * H, 0xFFFF), batch(T * H, 0xFFFF);  // NaN-poisoned
+      bool ran = true;
+      for (int64_t t = 0; t < T; ++t) ran = ran && step(t, 1, decode);
+      check(ran && decode == out_cpu, "paged, one token per step, equals the CPU reference");
+      check(step(0, T, batch) && batch == out_cpu, "paged, the whole batch, equals the CPU reference");
+      paged.report();
+    }
+  }
+
 #if defined(DSFP4_WITH_CUDA)
   if (have_gpu()) {
     std::printf("GPU:\n");
@@ -337,23 +470,43 @@ int main() {
     DeviceBuffer<float> gu_gs(L.gu_gs), dn_gs(L.dn_gs);
     const auto gu = Layer::grouped(gu_qw.p, gu_qs.p, gu_gs.p, L.gu_words, L.gu_bytes, 2 * I, H);
     const auto dn = Layer::grouped(dn_qw.p, dn_qs.p, dn_gs.p, L.dn_words, L.dn_bytes, H, I);
-    DeviceBuffer<uint8_t> ws(dsfp4::moe_experts_workspace_bytes(mp, true));
+    DeviceBuffer<uint8_t> ws(dsfp4::moe_experts_workspace_bytes(mp));
     ok(dsfp4::moe_experts_cuda(mp, gu, dn, d_x.p, d_w.p, d_ids.p, d_out.p, ws.p, ws.n, s), "moe_experts_cuda");
     cudaStreamSynchronize(s);
     const auto out_gpu = d_out.host();
     check(close(out_gpu, out_cpu, 2e-2), "moe_experts_cuda (resident) equals the CPU reference");
 
-    // The same experts served by a store through ExpertSource.
-    DeviceExpertStore store(L);
-    dsfp4::ExpertTable table;
-    cudaMemsetAsync(d_out.p, 0xFF, T * H * 2, s);
-    if (ok(store.acquire(0, d_ids.p, T * K, s, &table), "acquire")) {
-      ok(dsfp4::moe_experts_units_cuda(mp, table, d_x.p, d_w.p, d_ids.p, d_out.p, ws.p, ws.n, s),
-         "moe_experts_units_cuda");
-      ok(store.release(0, s), "release");
+    // The same experts paged from the checkpoint through the store: decode (one token per
+    // step), then the whole batch as one step.
+    std::unique_ptr<PagedExperts> paged;
+    if (wrote) {
+      std::printf("Paged experts on the GPU (%d slots for %d experts):\n", kSlots, E);
+      paged.reset(new PagedExperts());
+      if (!paged->open(ckpt, stored, true)) paged.reset();
     }
-    cudaStreamSynchronize(s);
-    check(close(d_out.host(), out_cpu, 2e-2), "moe_experts_units_cuda (from a store) equals the CPU");
+    if (paged) {
+      DeviceBuffer<uint16_t> d_paged(T * H);
+      auto step = [&](int64_t t0, int64_t n) {
+        paged->store->begin_step();
+        dsfp4::ExpertTable table;
+        const dsfp4::MoeExpertsParams p{n, H, I, E, K};
+        return ok(paged->source->acquire(0, d_ids.p + t0 * K, n * K, s, &table), "acquire") &&
+               ok(dsfp4::moe_experts_units_cuda(p, table, d_x.p + t0 * H, d_w.p + t0 * K, d_ids.p + t0 * K,
+                                                d_paged.p + t0 * H, ws.p, ws.n, s),
+                  "moe_experts_units_cuda") &&
+               ok(paged->source->release(0, s), "release");
+      };
+      cudaMemsetAsync(d_paged.p, 0xFF, T * H * 2, s);  // NaN-poisoned
+      bool ran = true;
+      for (int64_t t = 0; t < T; ++t) ran = ran && step(t, 1);
+      cudaStreamSynchronize(s);
+      check(ran && close(d_paged.host(), out_cpu, 2e-2), "paged, one token per step, equals the CPU reference");
+      cudaMemsetAsync(d_paged.p, 0xFF, T * H * 2, s);
+      ran = step(0, T);
+      cudaStreamSynchronize(s);
+      check(ran && d_paged.host() == out_gpu, "paged, the whole batch, equals moe_experts_cuda (resident)");
+      paged->report();
+    }
 
 #if defined(DSFP4_EXAMPLE_WITH_PLUGINS)
     // The same layer through the TensorRT plugins, invoked directly (no engine is built here).
@@ -422,6 +575,32 @@ int main() {
       cudaStreamSynchronize(s);
       check(ran && p_ids.host() == d_ids.host() && p_w.host() == gw, "Dsfp4MoeRouting equals moe_route_cuda");
       check(ran && p_out.host() == out_gpu, "Dsfp4MoeExperts equals moe_experts_cuda");
+
+      // Dsfp4MoeExperts in store mode, over the paging store registered under a handle.
+      const int64_t handle = 7;
+      const int32_t layer = 0;
+      const char* store = "store";
+      std::vector<PluginField> sf = {{"num_experts", &e, PluginFieldType::kINT32, 1},
+                                     {"hidden", &h, PluginFieldType::kINT32, 1},
+                                     {"inter", &inter, PluginFieldType::kINT32, 1},
+                                     {"top_k", &k, PluginFieldType::kINT32, 1},
+                                     {"weight_source", store, PluginFieldType::kCHAR, 6},
+                                     {"store_handle", &handle, PluginFieldType::kINT64, 1},
+                                     {"layer", &layer, PluginFieldType::kINT32, 1}};
+      PluginFieldCollection sfc{static_cast<int32_t>(sf.size()), sf.data()};
+      IPluginV3* paged_experts = creator("Dsfp4MoeExperts")->createPlugin("paged", &sfc, TensorRTPhase::kRUNTIME);
+      if (paged && paged_experts && dsfp4_trt_set_expert_source(handle, paged->source.get()) == 0) {
+        cudaMemsetAsync(p_out.p, 0xFF, T * H * 2, s);
+        paged->store->begin_step();
+        const bool ran_store = rt(paged_experts)->onShapeChange(ein, 3, eout, 1) == 0 &&
+                               rt(paged_experts)->enqueue(ein, eout, ein_p, eout_p, ws.p, s) == 0;
+        cudaStreamSynchronize(s);
+        check(ran_store && p_out.host() == out_gpu, "Dsfp4MoeExperts (store: the paging store) equals it too");
+        dsfp4_trt_set_expert_source(handle, nullptr);
+      } else {
+        check(false, "Dsfp4MoeExperts in store mode set up");
+      }
+      delete paged_experts;
     }
     delete routing;
     delete experts;

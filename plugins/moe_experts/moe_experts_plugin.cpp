@@ -213,7 +213,7 @@ bool MoeExpertsPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::Dy
 size_t MoeExpertsPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                                           const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept {
   if (nbInputs < 1 || inputs[0].max.nbDims != 2) return 0;
-  return moe_experts_workspace_bytes(params(inputs[0].max.d[0]), source_ == Source::kStore);
+  return moe_experts_workspace_bytes(params(inputs[0].max.d[0]));
 }
 
 std::string MoeExpertsPlugin::check_io(const nvinfer1::PluginTensorDesc* in, const nvinfer1::PluginTensorDesc* out) const {
@@ -269,7 +269,7 @@ int32_t MoeExpertsPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDesc,
       if (inputs[i] == nullptr) return fail("enqueue: input " + std::to_string(i) + " is null");
     if (outputs[0] == nullptr) return fail("enqueue: output 0 is null");
     const MoeExpertsParams p = params(tokens);
-    const size_t ws_bytes = moe_experts_workspace_bytes(p, source_ == Source::kStore);
+    const size_t ws_bytes = moe_experts_workspace_bytes(p);
     if (workspace == nullptr) return fail("enqueue: workspace is null");
     const auto* w = static_cast<const float*>(inputs[1]);
     const auto* ids = static_cast<const int32_t*>(inputs[2]);

@@ -23,10 +23,10 @@ py::dict layout_dict(const ExpertUnitLayout& l) {
   d["inter"] = l.inter;
   d["gate_up_qweight"] = l.gate_up_qweight;
   d["gate_up_qscale"] = l.gate_up_qscale;
-  d["gate_up_scale"] = l.gate_up_scale;
+  d["gate_up_scale"] = l.gate_up_global_scale;  // per 16-row tile, as the units GEMM reads it
   d["down_qweight"] = l.down_qweight;
   d["down_qscale"] = l.down_qscale;
-  d["down_scale"] = l.down_scale;
+  d["down_scale"] = l.down_global_scale;
   d["bytes"] = l.bytes;
   return d;
 }
@@ -254,6 +254,34 @@ void bind_paging(py::module_& m) {
       .def_property_readonly("gpu_cached", &ExpertStore::gpu_cached)
       .def_property_readonly("host_cached", &ExpertStore::host_cached)
       .def("files_counters", [](ExpertStore& s) { return read_counters_dict(s.files().counters()); });
+
+  // The store as a dsfp4::ExpertSource, e.g. for Dsfp4MoeExperts plugins: `address` is the
+  // ExpertSource* to pass to dsfp4_trt_set_expert_source (the object stays owned here).
+  py::class_<ExpertStoreSource>(p, "ExpertStoreSource")
+      .def(py::init([](ExpertStore& store) {
+             std::unique_ptr<ExpertStoreSource> s;
+             throw_if_error(ExpertStoreSource::create(&store, &s));
+             return s;
+           }),
+           py::arg("store"), py::keep_alive<1, 2>())
+      .def_property_readonly(
+          "address",
+          [](ExpertStoreSource& s) { return reinterpret_cast<std::uintptr_t>(static_cast<ExpertSource*>(&s)); })
+      .def_property_readonly("acquired", &ExpertStoreSource::acquired)
+      .def(
+          "acquire",
+          [](ExpertStoreSource& s, int layer, std::uintptr_t ids, int64_t count, std::uintptr_t stream_) {
+            ExpertTable t;
+            nogil([&] { return s.acquire(layer, ptr<const int32_t>(ids), count, stream(stream_), &t); });
+            return reinterpret_cast<std::uintptr_t>(t.unit_addr);
+          },
+          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("stream"))
+      .def(
+          "release",
+          [](ExpertStoreSource& s, int layer, std::uintptr_t stream_) {
+            throw_if_error(s.release(layer, stream(stream_)));
+          },
+          py::arg("layer"), py::arg("stream"));
 
   py::class_<LayerRing>(p, "LayerRing")
       .def(py::init([](int units, int slots, int64_t unit_bytes, std::uintptr_t gpu_base, bool on_device,

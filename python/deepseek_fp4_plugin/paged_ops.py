@@ -2,8 +2,9 @@
 
 Like ``fp4_grouped_gemm``, but group g's weight is the expert unit at byte address
 ``unit_table[slot_of_group[g]]`` (a GPU slot, or pinned host memory the kernel reads in place;
-0 skips the group), its parts at the given byte offsets (paging.h ExpertUnitLayout), with one
-global scale per 16-row tile. On the CPU the addresses are host addresses.
+0 or a misaligned address skips the group), its parts at the given byte offsets (the store's
+ExpertUnitLayout, expert_source.h), with one global scale per 16-row tile. On the CPU the
+addresses are host addresses.
 """
 
 from __future__ import annotations

@@ -47,6 +47,9 @@ struct Experts {
   std::vector<uint8_t> gu_qs, dn_qs;
   std::vector<float> gu_gs, dn_gs;        // [E][gu_tiles], [E]
   std::vector<float> gu_dense, dn_dense;  // [E][2I][H], [E][H][I]
+  // The ModelOpt tensors (what a checkpoint stores), [E·3 + part] for part gate, up, down.
+  std::vector<std::vector<uint8_t>> mo_packed, mo_scale;
+  std::vector<float> mo_global;
 
   dsfp4::Fp4GroupedWeight gate_up() const {
     dsfp4::Fp4GroupedWeight w;
@@ -73,12 +76,14 @@ struct Experts {
   }
 };
 
-// Quantizes w [rows, cols] and appends its tiled form and dense copy; returns false on error.
+// Quantizes w [rows, cols] into its tiled form and dense copy, keeping the ModelOpt tensors in
+// packed and scale; returns false on error.
 inline bool quantize_into(const std::vector<float>& w, int64_t rows, int64_t cols, uint32_t* qw, uint8_t* qs,
-                          float* gs, float* dense) {
+                          float* gs, float* dense, std::vector<uint8_t>& packed, std::vector<uint8_t>& scale) {
   dsfp4::MatrixSource src;
   src.data = w.data();
-  std::vector<uint8_t> packed(rows * cols / 2), scale(rows * cols / 16);
+  packed.assign(rows * cols / 2, 0);
+  scale.assign(rows * cols / 16, 0);
   if (!dsfp4::nvfp4_quantize_cpu(src, rows, cols, nullptr, packed.data(), scale.data(), gs).ok()) return false;
   if (!dsfp4::nvfp4_repack_cpu(packed.data(), scale.data(), rows, cols, qw, qs).ok()) return false;
   return dsfp4::nvfp4_dequantize_cpu(packed.data(), scale.data(), *gs, rows, cols, dense, dsfp4::DType::kFloat32).ok();
@@ -101,6 +106,9 @@ inline bool make_experts(Experts& ex, int experts, int64_t hidden, int64_t inter
   ex.dn_gs.assign(experts, 0.0f);
   ex.gu_dense.assign(experts * 2 * inter * hidden, 0.0f);
   ex.dn_dense.assign(experts * hidden * inter, 0.0f);
+  ex.mo_packed.assign(experts * 3, {});
+  ex.mo_scale.assign(experts * 3, {});
+  ex.mo_global.assign(experts * 3, 0.0f);
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist(0.0f, 1.0f);
   const int64_t part_words = ex.gu_words / 2, part_sbytes = ex.gu_sbytes / 2;  // I % 16 == 0: whole tiles
@@ -109,18 +117,21 @@ inline bool make_experts(Experts& ex, int experts, int64_t hidden, int64_t inter
       std::vector<float> w(inter * hidden);
       const float spread = 0.05f * (1 + e % 3) * (part ? 3.0f : 1.0f);
       for (auto& v : w) v = dist(rng) * spread;
-      float gs = 0.0f;
+      float& gs = ex.mo_global[e * 3 + part];
       if (!quantize_into(w, inter, hidden, ex.gu_qw.data() + e * ex.gu_words + part * part_words,
                          ex.gu_qs.data() + e * ex.gu_sbytes + part * part_sbytes, &gs,
-                         ex.gu_dense.data() + (e * 2 + part) * inter * hidden))
+                         ex.gu_dense.data() + (e * 2 + part) * inter * hidden, ex.mo_packed[e * 3 + part],
+                         ex.mo_scale[e * 3 + part]))
         return false;
       for (int64_t t = 0; t < inter / 16; ++t) ex.gu_gs[e * ex.gu_tiles + part * (inter / 16) + t] = gs;
     }
     std::vector<float> w(hidden * inter);
     for (auto& v : w) v = dist(rng) * 0.05f;
     if (!quantize_into(w, hidden, inter, ex.dn_qw.data() + e * ex.dn_words, ex.dn_qs.data() + e * ex.dn_sbytes,
-                       &ex.dn_gs[e], ex.dn_dense.data() + e * hidden * inter))
+                       &ex.dn_gs[e], ex.dn_dense.data() + e * hidden * inter, ex.mo_packed[e * 3 + 2],
+                       ex.mo_scale[e * 3 + 2]))
       return false;
+    ex.mo_global[e * 3 + 2] = ex.dn_gs[e];
   }
   return true;
 }
@@ -168,6 +179,35 @@ inline int64_t count_mismatches(const std::vector<uint16_t>& got, const std::vec
   return bad;
 }
 
+// The experts as units in host memory: gate_up with per-tile global scales, down with one
+// (a layout other than the paging store's); returns the E units back to back.
+inline std::vector<uint8_t> pack_units(const Experts& ex, dsfp4::ExpertUnitLayout* layout) {
+  auto al = [](int64_t v) { return (v + 255) / 256 * 256; };
+  dsfp4::ExpertUnitLayout& L = *layout;
+  L = dsfp4::ExpertUnitLayout();
+  L.hidden = ex.hidden;
+  L.inter = ex.inter;
+  L.gate_up_scale_per_tile = true;
+  L.gate_up_qweight = 0;
+  L.gate_up_qscale = al(ex.gu_words * 4);
+  L.gate_up_global_scale = L.gate_up_qscale + al(ex.gu_sbytes);
+  L.down_qweight = L.gate_up_global_scale + al(ex.gu_tiles * 4);
+  L.down_qscale = L.down_qweight + al(ex.dn_words * 4);
+  L.down_global_scale = L.down_qscale + al(ex.dn_sbytes);
+  L.bytes = L.down_global_scale + 256;
+  std::vector<uint8_t> host(L.bytes * ex.experts, 0);
+  for (int e = 0; e < ex.experts; ++e) {
+    uint8_t* u = host.data() + e * L.bytes;
+    std::memcpy(u + L.gate_up_qweight, ex.gu_qw.data() + e * ex.gu_words, ex.gu_words * 4);
+    std::memcpy(u + L.gate_up_qscale, ex.gu_qs.data() + e * ex.gu_sbytes, ex.gu_sbytes);
+    std::memcpy(u + L.gate_up_global_scale, ex.gu_gs.data() + e * ex.gu_tiles, ex.gu_tiles * 4);
+    std::memcpy(u + L.down_qweight, ex.dn_qw.data() + e * ex.dn_words, ex.dn_words * 4);
+    std::memcpy(u + L.down_qscale, ex.dn_qs.data() + e * ex.dn_sbytes, ex.dn_sbytes);
+    std::memcpy(u + L.down_global_scale, &ex.dn_gs[e], 4);
+  }
+  return host;
+}
+
 #if defined(DSFP4_WITH_CUDA)
 // Serves experts from one device buffer of units, as a paging store serves resident ones.
 // acquire() reads the requested ids back (a store decides residency on the host) and records them.
@@ -175,28 +215,8 @@ class DeviceExpertSource : public dsfp4::ExpertSource {
  public:
   bool init(const Experts& ex) {
     experts_ = ex.experts;
-    auto al = [](int64_t v) { return (v + 255) / 256 * 256; };
-    dsfp4::ExpertUnitLayout& L = layout_;
-    L.hidden = ex.hidden;
-    L.inter = ex.inter;
-    L.gate_up_scale_per_tile = true;
-    L.gate_up_qweight = 0;
-    L.gate_up_qscale = al(ex.gu_words * 4);
-    L.gate_up_global_scale = L.gate_up_qscale + al(ex.gu_sbytes);
-    L.down_qweight = L.gate_up_global_scale + al(ex.gu_tiles * 4);
-    L.down_qscale = L.down_qweight + al(ex.dn_words * 4);
-    L.down_global_scale = L.down_qscale + al(ex.dn_sbytes);
-    unit_bytes_ = L.down_global_scale + 256;
-    std::vector<uint8_t> host(unit_bytes_ * experts_, 0);
-    for (int e = 0; e < experts_; ++e) {
-      uint8_t* u = host.data() + e * unit_bytes_;
-      std::memcpy(u + L.gate_up_qweight, ex.gu_qw.data() + e * ex.gu_words, ex.gu_words * 4);
-      std::memcpy(u + L.gate_up_qscale, ex.gu_qs.data() + e * ex.gu_sbytes, ex.gu_sbytes);
-      std::memcpy(u + L.gate_up_global_scale, ex.gu_gs.data() + e * ex.gu_tiles, ex.gu_tiles * 4);
-      std::memcpy(u + L.down_qweight, ex.dn_qw.data() + e * ex.dn_words, ex.dn_words * 4);
-      std::memcpy(u + L.down_qscale, ex.dn_qs.data() + e * ex.dn_sbytes, ex.dn_sbytes);
-      std::memcpy(u + L.down_global_scale, &ex.dn_gs[e], 4);
-    }
+    const std::vector<uint8_t> host = pack_units(ex, &layout_);
+    unit_bytes_ = layout_.bytes;
     if (cudaMalloc(&units_, host.size()) != cudaSuccess) return false;
     if (cudaMalloc(&table_, experts_ * 8) != cudaSuccess) return false;
     std::vector<uint64_t> addr(experts_);

@@ -1,5 +1,7 @@
-// The expert FFN runner: CPU reference against a plain token-by-token loop (bit-exact), and
-// where a GPU is present the CUDA runner (resident and from an ExpertSource) against the CPU.
+// The expert FFN runner: CPU reference against a plain token-by-token loop (bit-exact), the
+// CPU runner over units against it (bit-exact), and where a GPU is present the CUDA runner
+// (resident and from an ExpertSource) against the CPU.
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -66,6 +68,45 @@ void test_cpu_equals_plain(const Case& c) {
   CHECK(dsfp4_test::count_mismatches(out, want, 0.0) == 0);
 }
 
+// The runner over units (host memory here) equals the runner over stacked experts bit for bit;
+// an expert whose address is 0 or misaligned contributes zero.
+void test_units_cpu_equals_resident(const Case& c) {
+  dsfp4_test::Experts ex;
+  CHECK(dsfp4_test::make_experts(ex, c.experts, c.hidden, c.inter, 13));
+  const Inputs in = make_inputs(c, 7);
+  dsfp4::MoeExpertsParams p{c.tokens, c.hidden, c.inter, c.experts, c.top_k};
+  dsfp4::ExpertTable table;
+  const std::vector<uint8_t> units = dsfp4_test::pack_units(ex, &table.layout);
+  std::vector<uint64_t> addr(c.experts);
+  for (int e = 0; e < c.experts; ++e) addr[e] = reinterpret_cast<uint64_t>(units.data() + e * table.layout.bytes);
+  table.unit_addr = addr.data();
+  table.num_experts = c.experts;
+  std::vector<uint16_t> want(c.tokens * c.hidden), got(want.size(), 0xFFFF);  // NaN-poisoned
+  CHECK(dsfp4::moe_experts_cpu(p, ex.gate_up(), ex.down(), in.x.data(), in.w.data(), in.ids.data(), want.data()).ok());
+  CHECK(dsfp4::moe_experts_units_cpu(p, table, in.x.data(), in.w.data(), in.ids.data(), got.data()).ok());
+  CHECK(got == want);
+
+  const int gone = in.ids[0];                                            // token 0's first expert
+  const int skewed = c.tokens > 1 && in.ids[c.top_k] != gone ? in.ids[c.top_k] : -1;  // token 1's first
+  std::vector<int32_t> ids2 = in.ids;
+  for (auto& id : ids2)
+    if (id == gone || (skewed >= 0 && id == skewed)) id = -1;
+  addr[gone] = 0;
+  if (skewed >= 0) addr[skewed] += 8;
+  CHECK(dsfp4::moe_experts_cpu(p, ex.gate_up(), ex.down(), in.x.data(), in.w.data(), ids2.data(), want.data()).ok());
+  std::fill(got.begin(), got.end(), 0xFFFF);
+  CHECK(dsfp4::moe_experts_units_cpu(p, table, in.x.data(), in.w.data(), in.ids.data(), got.data()).ok());
+  CHECK(got == want);
+
+  table.num_experts = c.experts + 1;
+  auto st = dsfp4::moe_experts_units_cpu(p, table, in.x.data(), in.w.data(), in.ids.data(), got.data());
+  CHECK(!st.ok() && st.message().find("expert table holds") != std::string::npos);
+  table.num_experts = c.experts;
+  table.layout.bytes = table.layout.down_global_scale;  // the down scale would lie past the unit
+  st = dsfp4::moe_experts_units_cpu(p, table, in.x.data(), in.w.data(), in.ids.data(), got.data());
+  CHECK(!st.ok() && st.message().find("down_global_scale ends at byte") != std::string::npos);
+}
+
 void test_bad_arguments() {
   dsfp4::MoeExpertsParams p{4, 40, 32, 8, 2};  // hidden not a multiple of 16
   auto st = dsfp4::moe_experts_check(p);
@@ -111,7 +152,7 @@ void test_cuda_equals_cpu(const Case& c) {
   dn.qweight = upload(ex.dn_qw);
   dn.qscale = upload(ex.dn_qs);
   dn.global_scale = upload(ex.dn_gs);
-  const size_t ws_bytes = dsfp4::moe_experts_workspace_bytes(p, true);
+  const size_t ws_bytes = dsfp4::moe_experts_workspace_bytes(p);
   void *ws = nullptr, *dout = nullptr;
   CHECK(cudaMalloc(&ws, ws_bytes) == cudaSuccess);
   CHECK(cudaMalloc(&dout, want.size() * 2) == cudaSuccess);
@@ -170,6 +211,7 @@ bool have_gpu() {
 int main() {
   const Case cases[] = {{1, 64, 32, 8, 2}, {7, 96, 48, 16, 4}, {33, 128, 64, 12, 3}};
   for (const Case& c : cases) test_cpu_equals_plain(c);
+  for (const Case& c : cases) test_units_cpu_equals_resident(c);
   test_bad_arguments();
 #if defined(DSFP4_WITH_CUDA)
   if (have_gpu()) {

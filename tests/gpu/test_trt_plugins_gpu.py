@@ -8,7 +8,8 @@ import torch
 
 import deepseek_fp4_plugin  # noqa: F401
 import trt_driver as td
-from plugin_fixtures import Experts, gemm_fields, gemm_weight, routing_fields
+from deepseek_fp4_plugin._ext import _C
+from plugin_fixtures import Experts, expert_store, gemm_fields, gemm_weight, routing_fields
 from trt_driver import BF16, FLOAT, INT8, INT32
 
 drv = td.driver()
@@ -181,6 +182,69 @@ def test_experts_from_store_handle(e, h, i, k, t):
     assert created.enqueue([x, w, ids], [BF16, FLOAT, INT32], [out], [BF16], ws.data_ptr(), stream()) != 0
     assert f"store_handle = {handle}" in drv.log()
     del units
+
+
+def routed_to(subset, h, k, t, seed):
+    """t tokens over the experts of `subset` in turn (k distinct per token), one pair dropped (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    n = len(subset)
+    ids = torch.tensor([[subset[(j * k + m) % n] for m in range(k)] for j in range(t)], dtype=torch.int32)
+    w = torch.rand(t, k, generator=g) + 0.1
+    if t > 1:
+        ids[1, 0] = -1
+    return x.cuda(), w.cuda(), ids.cuda()
+
+
+@pytest.mark.parametrize("miss_mode", ["copy", "auto"])
+def test_experts_from_paging_store(tmp_path, miss_mode):
+    """Store mode over the real paging store: experts read from a safetensors checkpoint into 4
+    GPU slots of 16 experts (auto: the others read in place from pinned host memory), several
+    steps with moving routings, each equal to the torch ops over resident experts."""
+    e, h, i, k, slots = 16, 128, 64, 2, 4
+    ex = Experts(e, h, i, seed=21)
+    stored = ex.write_checkpoint(tmp_path / "experts.safetensors")
+    ex.to("cuda")
+    lay = _C.paging.expert_unit_layout(h, i)
+    gpu = torch.empty(slots * lay["bytes"], dtype=torch.uint8, device="cuda")
+    tables = torch.zeros(1, e, dtype=torch.int64, device="cuda")
+    store = expert_store(tmp_path / "experts.safetensors", stored, ex, gpu.data_ptr(), slots, 10, miss_mode,
+                         on_device=True)
+    store.set_device_tables(tables.data_ptr())
+    source = _C.paging.ExpertStoreSource(store)
+    handle = 5150 + len(miss_mode)
+    assert drv.lib.drv_set_source(handle, source.address) == 0
+    try:
+        p = drv.create("Dsfp4MoeExperts", ex.store_fields(k, handle, 0))
+        assert p is not None, drv.log()
+        ws = workspace(p, [(9, h), (9, k), (9, k)], 1)
+        for step, t in enumerate([1, 6, 3, 9, 2, 7]):
+            n = slots if miss_mode == "copy" else 8   # copy: every expert of a step needs a slot
+            x, w, ids = routed_to([(5 * step + j) % e for j in range(n)], h, k, t, seed=step)
+            store.begin_step()
+            out = torch.full((t, h), float("nan"), dtype=torch.bfloat16, device="cuda")
+            run(p, [x, w, ids], [BF16, FLOAT, INT32], [out], [BF16], ws)
+            assert torch.equal(out, ex.reference(x, w, ids)), step
+        assert source.acquired == 6
+        c = store.counters()
+        assert c["evictions"] > 0 and c["ssd_reads"] > 10     # slots and host cache both reused
+        if miss_mode == "auto":
+            assert c["zero_copy"] > 0
+        else:  # more experts than slots: enqueue fails with the store's reason, and the store goes on
+            x, w, ids = routed_to(list(range(slots + 2)), h, k, slots + 2, seed=9)
+            store.begin_step()
+            out = torch.empty(slots + 2, h, dtype=torch.bfloat16, device="cuda")
+            drv.clear_log()
+            assert p.enqueue([x, w, ids], [BF16, FLOAT, INT32], [out], [BF16], ws.data_ptr(), stream()) != 0
+            assert "GPU cache too small" in drv.log()
+            x, w, ids = routed_to([3, 7], h, k, 2, seed=10)
+            store.begin_step()
+            out = torch.full((2, h), float("nan"), dtype=torch.bfloat16, device="cuda")
+            run(p, [x, w, ids], [BF16, FLOAT, INT32], [out], [BF16], ws)
+            assert torch.equal(out, ex.reference(x, w, ids))
+    finally:
+        drv.lib.drv_set_source(handle, None)
+    del source, store
 
 
 def test_experts_enqueue_under_cuda_graph_capture():

@@ -14,7 +14,9 @@
 
 namespace dsfp4 {
 
-// Byte offsets of an expert's parts from the start of its unit.
+// Byte offsets of an expert's parts from the start of its unit. The paging store
+// (paging.h: expert_unit_layout) lays its units out this way, with per-tile scales for both
+// weights (gate and up keep their own global scales).
 struct ExpertUnitLayout {
   int64_t hidden = 0;                // H; gate_up is [2·inter, H], down is [H, inter]
   int64_t inter = 0;                 // I
@@ -26,10 +28,11 @@ struct ExpertUnitLayout {
   int64_t down_qscale = 0;           // tiled_scale_bytes(H, I) bytes, 16-byte aligned
   int64_t down_global_scale = 0;     // float32 [1], or [ceil(H/16)] when per tile
   bool down_scale_per_tile = false;
+  int64_t bytes = 0;                 // the whole unit, when the source states it (0: unstated)
 };
 
-// Checks alignments and that the layout is for [hidden, inter] experts; the message names
-// the offending member.
+// Checks alignments, that the layout is for [hidden, inter] experts and, when bytes is set,
+// that every part lies inside the unit; the message names the offending member.
 Status check_expert_unit_layout(const ExpertUnitLayout& layout, int64_t hidden, int64_t inter);
 
 // The experts of one step. unit_addr[e] is the GPU-visible address of expert e's unit

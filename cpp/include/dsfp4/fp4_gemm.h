@@ -43,12 +43,13 @@ struct Fp4GroupedWeight {
   int64_t qscale_slot_stride = 0;        // bytes; ≥ tiled_scale_bytes(n,k)
   int64_t n = 0;
   int64_t k = 0;
-  // Paged units (paging.h): when unit_addr is set, slot s is the unit at byte address
-  // unit_addr[s] (device memory or mapped pinned host memory; 0 skips the group), the
-  // fields above but n, k are unused, and the parts sit at these byte offsets of a unit
-  // (16-byte aligned) with one global scale per 16-row tile.
+  // Expert units (expert_source.h): when unit_addr is set, slot s is the unit at byte address
+  // unit_addr[s] (device memory or mapped pinned host memory; 0, or an address that is not
+  // 16-byte aligned, skips the group), the fields above but n, k are unused, and the parts
+  // sit at these byte offsets of a unit (16-byte aligned; the scales 4-byte aligned).
   const uint64_t* unit_addr = nullptr;   // device array [num_slots]
   int64_t unit_qweight = 0, unit_qscale = 0, unit_scale = 0;
+  bool unit_scale_per_tile = true;       // float32 [ceil(n/16)] at unit_scale, else one float
 };
 
 enum class Fp4GemmPath : int { kAuto = 0, kFused = 1, kDequant = 2 };

@@ -27,9 +27,9 @@ struct MoeExpertsParams {
 
 Status moe_experts_check(const MoeExpertsParams& p);
 
-// Workspace for T = p.tokens (enough for any smaller T). from_units: moe_experts_units_cuda,
-// which also stages the experts it reads.
-size_t moe_experts_workspace_bytes(const MoeExpertsParams& p, bool from_units);
+// Workspace of moe_experts_cuda and moe_experts_units_cuda for T = p.tokens (enough for any
+// smaller T); 0 when p is invalid.
+size_t moe_experts_workspace_bytes(const MoeExpertsParams& p);
 
 // Resident experts: expert e in slot e of gate_up (n = 2I, k = H) and down (n = H, k = I).
 // x [T, H] bf16, topk_weights [T, top_k] float32, topk_ids [T, top_k] int32 (ids outside
@@ -39,9 +39,10 @@ Status moe_experts_cuda(const MoeExpertsParams& p, const Fp4GroupedWeight& gate_
                         const void* x, const float* topk_weights, const int32_t* topk_ids, void* out,
                         void* workspace, size_t workspace_bytes, Stream stream);
 
-// Experts read from units (ExpertSource). The experts a step uses are staged into the
-// workspace, a few at a time, before each grouped GEMM (until the grouped GEMM reads units
-// in place). An expert whose unit address is zero or misaligned contributes zero.
+// Experts read from units (ExpertSource): the same pipeline, each grouped GEMM reading the
+// experts in place through table.unit_addr (expert e is slot e). An expert whose unit address
+// is zero or not 16-byte aligned contributes zero. The table must not change while the work
+// queued here runs (both GEMMs must see the same addresses).
 Status moe_experts_units_cuda(const MoeExpertsParams& p, const ExpertTable& table, const void* x,
                               const float* topk_weights, const int32_t* topk_ids, void* out, void* workspace,
                               size_t workspace_bytes, Stream stream);
@@ -49,5 +50,10 @@ Status moe_experts_units_cuda(const MoeExpertsParams& p, const ExpertTable& tabl
 // CPU reference of moe_experts_cuda (the same composition of the CPU references); host pointers.
 Status moe_experts_cpu(const MoeExpertsParams& p, const Fp4GroupedWeight& gate_up, const Fp4GroupedWeight& down,
                        const void* x, const float* topk_weights, const int32_t* topk_ids, void* out);
+
+// CPU reference of moe_experts_units_cuda; host pointers, table.unit_addr a host array of host
+// addresses (a paging store in CPU mode serves such tables).
+Status moe_experts_units_cpu(const MoeExpertsParams& p, const ExpertTable& table, const void* x,
+                             const float* topk_weights, const int32_t* topk_ids, void* out);
 
 }  // namespace dsfp4

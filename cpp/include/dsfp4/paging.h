@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "dsfp4/common.h"
+#include "dsfp4/expert_source.h"
 
 namespace dsfp4 {
 namespace paging {
@@ -43,15 +44,10 @@ constexpr int64_t kUnitAlign = 256;  // byte alignment of every part of a unit
 // ---------------------------------------------------------------------------------------
 // expert units
 
-// Byte offsets of the parts of one expert unit: gate_up is the [2·inter, hidden] weight (gate
-// rows, then up rows), down is [hidden, inter]; both in the tiled layout with one float32
-// global scale per 16-row tile (gate and up keep their own weight_scale_2).
-struct ExpertUnitLayout {
-  int64_t hidden = 0, inter = 0;
-  int64_t gate_up_qweight = 0, gate_up_qscale = 0, gate_up_scale = 0;
-  int64_t down_qweight = 0, down_qscale = 0, down_scale = 0;
-  int64_t bytes = 0;  // whole unit, a multiple of kUnitAlign
-};
+// The store's expert unit (dsfp4::ExpertUnitLayout, expert_source.h): gate_up is the
+// [2·inter, hidden] weight (gate rows, then up rows), down is [hidden, inter]; both in the
+// tiled layout with one float32 global scale per 16-row tile (gate and up keep their own
+// weight_scale_2), every part kUnitAlign-aligned, bytes a multiple of kUnitAlign.
 Status expert_unit_layout(int64_t hidden, int64_t inter, ExpertUnitLayout* out);
 
 // One NVFP4 linear as ModelOpt stores it: packed uint8 [n, k/2], scale e4m3 [n, k/16],
@@ -287,6 +283,7 @@ class ExpertStore {
   // Device table of layer l: [experts] uint64 unit addresses, written by resolve(); the caller
   // owns the device memory (layers × experts × 8 bytes) and passes it here once.
   void set_device_tables(uint64_t* device_tables) { device_tables_ = device_tables; }
+  uint64_t* device_tables() const { return device_tables_; }
   // Host mirror of the tables (pinned): current address of every expert (GPU slot, host
   // unit if mapped, or 0).
   const uint64_t* host_tables() const { return tables_; }
@@ -341,6 +338,45 @@ class ExpertStore {
   std::shared_ptr<CheckpointFiles> files_;
   uint64_t* tables_ = nullptr;         // host mirror, pinned when possible
   uint64_t* device_tables_ = nullptr;  // caller's device memory
+};
+
+// ---------------------------------------------------------------------------------------
+// expert source
+
+// An ExpertStore as the ExpertSource (expert_source.h) of the expert runner
+// (moe_experts_units_cuda, or moe_experts_units_cpu in CPU mode) and of Dsfp4MoeExperts
+// plugins with weight_source = "store" (register it with dsfp4_trt_set_expert_source). Layer
+// l of the source is MoE layer l of the store. The store's owner still sets its device tables
+// (acquire hands out their rows) and calls begin_step() once per step. Every acquire must use
+// the same stream (or streams ordered with each other): the store orders slot reuse by events
+// recorded on the stream of the latest resolve. One thread drives it, as it drives the store.
+class ExpertStoreSource : public ExpertSource {
+ public:
+  // `store` is not owned and must outlive the adapter. For a device store this creates the
+  // non-blocking stream that the store's host → GPU copies run on.
+  static Status create(ExpertStore* store, std::unique_ptr<ExpertStoreSource>* out);
+  ~ExpertStoreSource() override;
+  ExpertStoreSource(const ExpertStoreSource&) = delete;
+  ExpertStoreSource& operator=(const ExpertStoreSource&) = delete;
+
+  // Reads the ids to the host (device store: a copy on `stream`, then waits for `stream`, so
+  // not under CUDA graph capture; CPU mode: they are host pointers), resolves them with
+  // `stream` as the compute stream and returns the layer's row of the device tables with the
+  // store's layout (per-tile scales).
+  Status acquire(int layer, const int32_t* expert_ids, int64_t count, Stream stream, ExpertTable* table) override;
+  // Records nothing: the store keeps the experts of its latest resolve until the next one,
+  // and refills a slot or host unit only after an event recorded on the compute stream at a
+  // later resolve, which follows every read queued before it on that stream.
+  Status release(int layer, Stream stream) override;
+
+  int acquired() const { return acquired_; }  // acquire calls that succeeded
+
+ private:
+  ExpertStoreSource() = default;
+  ExpertStore* store_ = nullptr;
+  Stream copy_ = nullptr;      // device store: the store's copy stream
+  std::vector<int32_t> ids_;   // host copy of the ids
+  int acquired_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------

@@ -145,6 +145,38 @@ Status event_sync(void* event, bool on_device) {
 #endif
 }
 
+Status stream_create(Stream* stream, bool on_device) {
+  *stream = nullptr;
+  if (!on_device) return Status::Ok();
+#if defined(DSFP4_WITH_CUDA)
+  cudaStream_t s = nullptr;
+  DSFP4_RETURN_IF_ERROR(cuda_error(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"));
+  *stream = s;
+  return Status::Ok();
+#else
+  return Unsupported("paging: streams need a CUDA build");
+#endif
+}
+
+void stream_destroy(Stream stream, bool on_device) {
+#if defined(DSFP4_WITH_CUDA)
+  if (on_device && stream != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
+#else
+  (void)stream;
+  (void)on_device;
+#endif
+}
+
+Status stream_sync(Stream stream, bool on_device) {
+  if (!on_device) return Status::Ok();
+#if defined(DSFP4_WITH_CUDA)
+  return cuda_error(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+#else
+  (void)stream;
+  return Status::Ok();
+#endif
+}
+
 }  // namespace dev
 }  // namespace paging
 }  // namespace dsfp4

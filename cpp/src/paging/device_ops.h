@@ -28,6 +28,11 @@ Status event_record(void* event, Stream stream, bool on_device);
 Status stream_wait(Stream stream, void* event, bool on_device);
 Status event_sync(void* event, bool on_device);
 
+// A non-blocking stream (null in CPU mode), and a host wait for all work queued on one.
+Status stream_create(Stream* stream, bool on_device);
+void stream_destroy(Stream stream, bool on_device);
+Status stream_sync(Stream stream, bool on_device);
+
 }  // namespace dev
 }  // namespace paging
 }  // namespace dsfp4

@@ -101,13 +101,15 @@ Status expert_unit_layout(int64_t hidden, int64_t inter, ExpertUnitLayout* out) 
   off = align_up(off + static_cast<int64_t>(tiled_weight_bytes(2 * inter, hidden)));
   l.gate_up_qscale = off;
   off = align_up(off + static_cast<int64_t>(tiled_scale_bytes(2 * inter, hidden)));
-  l.gate_up_scale = off;
+  l.gate_up_global_scale = off;
+  l.gate_up_scale_per_tile = true;
   off = align_up(off + 4 * tiles(2 * inter));
   l.down_qweight = off;
   off = align_up(off + static_cast<int64_t>(tiled_weight_bytes(hidden, inter)));
   l.down_qscale = off;
   off = align_up(off + static_cast<int64_t>(tiled_scale_bytes(hidden, inter)));
-  l.down_scale = off;
+  l.down_global_scale = off;
+  l.down_scale_per_tile = true;
   off = align_up(off + 4 * tiles(hidden));
   l.bytes = off;
   *out = l;
@@ -162,10 +164,10 @@ Status expert_unit_from_modelopt(const ExpertUnitLayout& l, const ModeloptLinear
   }
   for (const Status& st : results) DSFP4_RETURN_IF_ERROR(st);
 
-  float* gs = reinterpret_cast<float*>(unit + l.gate_up_scale);
+  float* gs = reinterpret_cast<float*>(unit + l.gate_up_global_scale);
   for (int64_t t = 0; t < tiles(I); ++t) gs[t] = gate.global_scale;
   for (int64_t t = 0; t < tiles(I); ++t) gs[tiles(I) + t] = up.global_scale;
-  float* ds = reinterpret_cast<float*>(unit + l.down_scale);
+  float* ds = reinterpret_cast<float*>(unit + l.down_global_scale);
   for (int64_t t = 0; t < tiles(H); ++t) ds[t] = down.global_scale;
   return Status::Ok();
 }

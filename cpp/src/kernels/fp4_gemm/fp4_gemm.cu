@@ -357,7 +357,7 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight& w, int num_groups, const in
   a.unit_qweight = w.unit_qweight;
   a.unit_qscale = w.unit_qscale;
   a.unit_scale = w.unit_scale;
-  if (units) a.gs_per_tile = 1;
+  if (units) a.gs_per_tile = w.unit_scale_per_tile ? 1 : 0;
   a.x = static_cast<const __nv_bfloat16*>(x);
   a.ldx = ldx;
   a.y = static_cast<__nv_bfloat16*>(y);

@@ -92,11 +92,12 @@ Status fp4_grouped_gemm_cpu(const Fp4GroupedWeight& w, int num_slots, int num_gr
     Fp4Weight sw;
     if (units) {
       const uint64_t unit = w.unit_addr[slot];
-      if (unit == 0) continue;  // a skipped group: its rows stay as the caller set them
+      // a skipped group (as on the GPU): its rows stay as the caller set them
+      if (unit == 0 || unit % 16 != 0) continue;
       sw.qweight = reinterpret_cast<const uint32_t*>(unit + w.unit_qweight);
       sw.qscale = reinterpret_cast<const uint8_t*>(unit + w.unit_qscale);
       sw.global_scale = reinterpret_cast<const float*>(unit + w.unit_scale);
-      sw.global_scale_per_tile = true;
+      sw.global_scale_per_tile = w.unit_scale_per_tile;
     } else {
       sw.qweight = w.qweight + slot * w.qweight_slot_stride;
       sw.qscale = w.qscale + slot * w.qscale_slot_stride;

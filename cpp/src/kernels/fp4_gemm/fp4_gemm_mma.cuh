@@ -31,8 +31,9 @@ struct FusedGemmArgs {
   int64_t qweight_slot_stride;  // uint4 units
   int64_t qscale_slot_stride;   // bytes
   const int32_t* slot_of_group; // null: slot = group
-  // Paged units: slot s lives at byte address unit_addr[s] (device memory or mapped host
-  // memory; 0 skips the group), its parts at these byte offsets; scales are per row tile.
+  // Expert units: slot s lives at byte address unit_addr[s] (device memory or mapped host
+  // memory; 0 or a misaligned address skips the group), its parts at these byte offsets;
+  // gs_per_tile says whether the unit holds one global scale per row tile or one in all.
   const uint64_t* unit_addr;    // null: slots are qweight/qscale + s·stride
   int64_t unit_qweight, unit_qscale, unit_scale;
   const int32_t* row_offsets;   // null: dense, rows [0, m)
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
   const float* gscale;
   if (a.unit_addr != nullptr) {
     const uint64_t unit = a.unit_addr[slot];
-    if (unit == 0) return;  // block-uniform
+    if (unit == 0 || unit % 16 != 0) return;  // block-uniform; a misaligned unit would fault
     wbase = reinterpret_cast<const uint4*>(unit + a.unit_qweight);
     sbase = reinterpret_cast<const uint8_t*>(unit + a.unit_qscale);
     gscale = reinterpret_cast<const float*>(unit + a.unit_scale);
