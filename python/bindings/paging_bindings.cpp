@@ -2,7 +2,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <tuple>
 
 #include "dsfp4/fp4_gemm.h"
@@ -157,27 +159,43 @@ void bind_paging(py::module_& m) {
   py::class_<ExpertStore>(p, "ExpertStore")
       .def(py::init([](py::dict o, std::shared_ptr<CheckpointFiles> files,
                        const std::vector<std::vector<std::tuple<int, int64_t, int64_t, std::string>>>& stored) {
+             // keys left out keep ExpertStoreOptions' defaults
              ExpertStoreOptions opt;
-             opt.layers = o["layers"].cast<int>();
-             opt.experts = o["experts"].cast<int>();
-             opt.hidden = o["hidden"].cast<int64_t>();
-             opt.inter = o["inter"].cast<int64_t>();
-             opt.gpu_slots = o["gpu_slots"].cast<int>();
-             opt.gpu_base = ptr<void>(o["gpu_base"].cast<std::uintptr_t>());
-             opt.host_slots = o["host_slots"].cast<int>();
-             opt.pinned = o["pinned"].cast<bool>();
-             opt.on_device = o["on_device"].cast<bool>();
-             opt.gpu_policy = o["gpu_policy"].cast<CachePolicy>();
-             opt.host_policy = o["host_policy"].cast<CachePolicy>();
-             opt.lambda = o["lam"].cast<double>();
-             opt.miss_mode = o["miss_mode"].cast<MissMode>();
-             opt.io_threads = o["io_threads"].cast<int>();
-             opt.repack_threads = o["repack_threads"].cast<int>();
-             opt.direct_io = o["direct_io"].cast<bool>();
-             opt.async_copy = o["async_copy"].cast<bool>();
-             opt.max_prefetch_units = o["max_prefetch_units"].cast<int>();
-             opt.prefetch_min_accuracy = o["prefetch_min_accuracy"].cast<double>();
-             opt.max_step_copies = o["max_step_copies"].cast<int>();
+             auto get = [&o](const char* key, auto& field) {
+               if (o.contains(key)) field = o[key].cast<std::decay_t<decltype(field)>>();
+             };
+             std::uintptr_t gpu_base = 0;
+             get("layers", opt.layers);
+             get("experts", opt.experts);
+             get("hidden", opt.hidden);
+             get("inter", opt.inter);
+             get("gpu_slots", opt.gpu_slots);
+             get("gpu_base", gpu_base);
+             opt.gpu_base = ptr<void>(gpu_base);
+             get("host_slots", opt.host_slots);
+             get("pinned", opt.pinned);
+             get("on_device", opt.on_device);
+             get("gpu_policy", opt.gpu_policy);
+             get("host_policy", opt.host_policy);
+             get("lam", opt.lambda);
+             get("miss_mode", opt.miss_mode);
+             get("io_threads", opt.io_threads);
+             get("repack_threads", opt.repack_threads);
+             get("direct_io", opt.direct_io);
+             get("async_copy", opt.async_copy);
+             get("max_prefetch_units", opt.max_prefetch_units);
+             get("prefetch_min_accuracy", opt.prefetch_min_accuracy);
+             get("max_step_copies", opt.max_step_copies);
+             for (auto item : o) {
+               static const char* known[] = {"layers", "experts", "hidden", "inter", "gpu_slots", "gpu_base",
+                                              "host_slots", "pinned", "on_device", "gpu_policy", "host_policy",
+                                              "lam", "miss_mode", "io_threads", "repack_threads", "direct_io",
+                                              "async_copy", "max_prefetch_units", "prefetch_min_accuracy",
+                                              "max_step_copies"};
+               const std::string k = py::str(item.first);
+               if (std::find(std::begin(known), std::end(known), k) == std::end(known))
+                 throw py::value_error("ExpertStore: unknown option '" + k + "'");
+             }
              std::vector<StoredExpert> ex;
              ex.reserve(stored.size());
              for (const auto& parts : stored) {
