@@ -106,6 +106,7 @@ struct ExpertStore::Impl {
   std::vector<std::vector<int32_t>> predicted;   // per layer: experts predicted for its next resolve
   std::vector<std::vector<int32_t>> prefetched;  // per layer: experts copied speculatively
   std::vector<double> accuracy;                  // per layer: running prediction accuracy
+  std::vector<int64_t> pending;                  // keys whose host fill is in flight (pinned), oldest first
   std::vector<int32_t> stamp;                    // dedupe scratch
   int32_t stamp_gen = 0;
   std::atomic<uint64_t> ssd_bytes{0};
@@ -277,20 +278,42 @@ static void start_fill(const Ctx& c, int64_t key, int h, int64_t cur_seq, bool u
   if (hs.last_zero_copy >= 0 && hs.last_zero_copy < cur_seq) waits.push_back(cev(c, cur_seq));
   hs.last_copy_tag = -1;
   hs.last_zero_copy = -1;
-  // a fill of the unit's previous key may still be running (an evicted prefetch): it was
-  // queued earlier, so it is running or done by the time this one starts
-  std::shared_future<Status> previous = hs.job;
+  // the unit stays pinned while its fill is in flight, so no other key is given the slot
+  // (and no I/O thread ever waits for another job)
+  m.host.set_pinned(key, true);
+  m.pending.push_back(key);
   auto prom = std::make_shared<std::promise<Status>>();
   hs.job = prom->get_future().share();
   const StoredExpert* e = &m.stored[static_cast<size_t>(key)];
   uint8_t* dst = host_unit_ptr(c, h);
   Ctx cc = c;
-  m.pool->submit(
-      [cc, e, dst, waits, prom, previous] {
-        if (previous.valid()) previous.wait();
-        prom->set_value(fill_host_unit(cc, *e, dst, waits));
-      },
-      urgent);
+  m.pool->submit([cc, e, dst, waits, prom] { prom->set_value(fill_host_unit(cc, *e, dst, waits)); }, urgent);
+}
+
+// Waits for a pending host fill of `key`; on failure the key leaves the host cache.
+static Status finish_host(const Ctx& c, int64_t key) {
+  ExpertStore::Impl& m = *c.m;
+  const int h = m.host.slot_of(key);
+  if (h < 0) return Status(StatusCode::kInternal, "expert not in the host cache");
+  HostSlot& hs = m.hslot[h];
+  if (!hs.job.valid()) return Status::Ok();
+  Status st = hs.job.get();
+  hs.job = std::shared_future<Status>();
+  m.host.set_pinned(key, false);
+  m.pending.erase(std::find(m.pending.begin(), m.pending.end(), key));
+  if (!st.ok()) m.host.erase(key);
+  return st;
+}
+
+// Finishes the fills that are done (errors surface when a layer needs that expert again).
+static void sweep_host(const Ctx& c) {
+  ExpertStore::Impl& m = *c.m;
+  std::vector<int64_t> done;
+  for (int64_t key : m.pending) {
+    const HostSlot& hs = m.hslot[m.host.slot_of(key)];
+    if (hs.job.wait_for(std::chrono::seconds(0)) == std::future_status::ready) done.push_back(key);
+  }
+  for (int64_t key : done) finish_host(c, key);
 }
 
 // Puts `key` in the host cache (or finds it there). Returns false if no host slot is free.
@@ -303,7 +326,13 @@ static bool ensure_host(const Ctx& c, int64_t key, int64_t cur_seq, bool demand,
     if (v < 0 || m.host.priority(v) >= m.host.now()) return false;
   }
   int64_t ev = -1;
-  const int h = m.host.insert(key, &ev);
+  int h = m.host.insert(key, &ev);
+  while (h < 0 && demand && !m.pending.empty()) {
+    // every unit is held or still being filled: a demand read waits for the oldest fill
+    const int64_t oldest = m.pending.front();
+    finish_host(c, oldest);
+    h = m.host.insert(key, &ev);
+  }
   if (h < 0) return false;
   if (ev >= 0 && m.gpu.slot_of(ev) < 0) c.tables[ev] = 0;  // it was only readable in host memory
   start_fill(c, key, h, cur_seq, demand);
@@ -312,19 +341,6 @@ static bool ensure_host(const Ctx& c, int64_t key, int64_t cur_seq, bool demand,
   ct.ssd_bytes += static_cast<uint64_t>(c.layout->bytes);
   if (demand) ++ct.demand_ssd_reads;
   return true;
-}
-
-// Waits for a pending host fill of `key`; on failure the key leaves the host cache.
-static Status finish_host(const Ctx& c, int64_t key) {
-  ExpertStore::Impl& m = *c.m;
-  const int h = m.host.slot_of(key);
-  if (h < 0) return Status(StatusCode::kInternal, "expert not in the host cache");
-  HostSlot& hs = m.hslot[h];
-  if (!hs.job.valid()) return Status::Ok();
-  Status st = hs.job.get();
-  hs.job = std::shared_future<Status>();
-  if (!st.ok()) m.host.erase(key);
-  return st;
 }
 
 // Copies host unit of `key` into a GPU slot. Returns the slot, or -1 if none can be freed.
@@ -393,6 +409,7 @@ Status ExpertStore::resolve(int layer, const int32_t* ids, int64_t count, Stream
   DSFP4_RETURN_IF_ERROR(dev::event_record(cev(c, seq), compute, opt_.on_device));
   m.gpu.release_holds();
   m.host.release_holds();
+  sweep_host(c);
   ExpertCounters& ct = m.counters[static_cast<size_t>(layer)];
 
   // the distinct experts, in ascending order
@@ -528,6 +545,7 @@ Status ExpertStore::prefetch(int layer, const int32_t* ids, int64_t count, Strea
   const Ctx c{&m, &opt_, &layout_, files_.get(), tables_};
   const int64_t seq = m.seq;
   if (seq == 0) DSFP4_RETURN_IF_ERROR(dev::event_record(cev(c, 0), compute, opt_.on_device));
+  sweep_host(c);
   std::vector<int32_t>& pred = m.predicted[static_cast<size_t>(layer)];
   pred.clear();
   if (++m.stamp_gen == INT32_MAX) {
@@ -615,7 +633,7 @@ Status ExpertStore::load_host(int layer, const int32_t* ids, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     if (ids[i] < 0 || ids[i] >= opt_.experts) return InvalidArgument("load_host: expert id out of range");
     const int64_t key = base + ids[i];
-    if (!ensure_host(c, key, m.seq, false, layer))
+    if (!ensure_host(c, key, m.seq, true, layer))
       return Status(StatusCode::kOutOfMemory, "load_host: the host cache is full of held units");
     keys.push_back(key);
   }
