@@ -548,3 +548,14 @@ def test_corrupt_block_scale_of_a_paged_expert_is_an_error(tmp_path):
     src.close()
     with pytest.raises(ValueError, match=r"experts\.\d+\.up_proj\.weight_scale.*negative block scale"):
         eng.generate(PROMPT, max_tokens=4, ignore_eos=True)
+
+
+def test_prefill_in_groups_equals_resident(model_dir, reference):
+    """A prefill longer than the plan's prefill_group_tokens runs in consecutive layer-major
+    groups and still equals the resident engine."""
+    ref_tokens, ref_logits = reference
+    eng = paged(model_dir)
+    assert eng.memory_plan.prefill_group_tokens == 128     # max_seq_len: the 39-token prompt is one group
+    eng.store.plan.prefill_group_tokens = 32             # 32-token chunks: two groups of one chunk
+    assert eng.generate(PROMPT, max_tokens=10, ignore_eos=True).token_ids == ref_tokens
+    assert torch.equal(eng.logits(PROMPT[:30]), ref_logits)

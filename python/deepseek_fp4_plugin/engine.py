@@ -365,29 +365,43 @@ class Engine:
     def _prefill_layer_major(self, tokens: Tensor, lengths: Sequence[int], cache: KVCache) -> Tensor:
         """Paged prefill: every chunk runs through layer l before any runs through l+1, so a
         layer's weights and experts are brought in once for the whole prompt (a chunk is
-        prefill_chunk tokens over the batch; later chunks find the layer's experts cached)."""
+        prefill_chunk tokens over the batch; later chunks find the layer's experts cached).
+        The float32 residuals of the chunks wait between layers; beyond the plan's
+        prefill_group_tokens, consecutive groups of chunks run one after the other (each
+        layer-major), which keeps the causal order of the cache."""
         B, T = tokens.shape
         m, store = self.model, self.store
         step = max(1, self.prefill_chunk // B)
         chunks = [(s, min(s + step, T)) for s in range(0, T, step)]
+        limit = max(B * step, getattr(store.plan, "prefill_group_tokens", 0) or B * T)
+        groups, cur, held = [], [], 0
+        for ch in chunks:
+            n = B * (ch[1] - ch[0])
+            if cur and held + n > limit:
+                groups.append(cur)
+                cur, held = [], 0
+            cur.append(ch)
+            held += n
+        groups.append(cur)
         positions = torch.arange(T, device=self.device).expand(B, T)              # [B, T]
-        store.begin_step(B * min(step, T))
-        xs = [store.embedding()[tokens[:, s:e]].float() for s, e in chunks]       # [B, t, D] f32 each
-        try:
-            for layer in range(self.config.num_hidden_layers):
-                for i, (s, e) in enumerate(chunks):
-                    store.prefetch_next_layer = i == len(chunks) - 1
-                    xs[i] = run_host_points(m.layer_steps(layer, xs[i], positions[:, s:e], cache, e, False, s == 0),
-                                            store)
-        finally:
-            store.prefetch_next_layer = True
         last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
         norm, eps = store.final_norm(), self.config.rms_norm_eps
-        for (s, e), x in zip(chunks, xs):
-            rows = [b for b, n in enumerate(lengths) if s <= n - 1 < e]
-            if rows:
-                cols = [lengths[b] - 1 - s for b in rows]
-                last[rows] = rms_norm(x[rows, cols], norm, eps, self.dtype)
+        store.begin_step(B * min(step, T))
+        try:
+            for group in groups:
+                xs = [store.embedding()[tokens[:, s:e]].float() for s, e in group]   # [B, t, D] f32 each
+                for layer in range(self.config.num_hidden_layers):
+                    for i, (s, e) in enumerate(group):
+                        store.prefetch_next_layer = i == len(group) - 1
+                        xs[i] = run_host_points(m.layer_steps(layer, xs[i], positions[:, s:e], cache, e, False,
+                                                              s == 0), store)
+                for (s, e), x in zip(group, xs):
+                    rows = [b for b, n in enumerate(lengths) if s <= n - 1 < e]
+                    if rows:
+                        cols = [lengths[b] - 1 - s for b in rows]
+                        last[rows] = rms_norm(x[rows, cols], norm, eps, self.dtype)
+        finally:
+            store.prefetch_next_layer = True
         return m.logits(last)                                                     # [B, V]
 
     @contextmanager

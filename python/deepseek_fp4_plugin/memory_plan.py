@@ -9,7 +9,8 @@ read) and decides what stays resident and what is paged:
                are read by every token: a resident byte saves one PCIe byte per token, more
                than any expert-cache byte can
   kv_cache     max_batch_size × max_seq_len latents per layer
-  workspace    activations of one prefill chunk (prefill_chunk tokens), logits, and the
+  workspace    activations of one prefill chunk (prefill_chunk tokens), logits, the float32
+               residual a paged prefill keeps between layers (max_seq_len tokens), and the
                cuBLAS workspaces of the streams that run matmuls (32 MiB each on Hopper)
   layer slots  a ring of ``layer_slots`` slots through which the other layers' weights page
                (≥ prefetch_layers + 1, ≥ min_layers; ``max_gpu_layers`` caps resident + slots)
@@ -164,6 +165,7 @@ class MemoryPlan:
     host_layer_bytes: int
     host_expert_slots: int
     min_budget: int                  # smallest budget this configuration accepts
+    prefill_group_tokens: int = 0    # tokens a layer-major prefill holds between layers
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -271,8 +273,11 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
     units = {layer: layer_unit_bytes(source, policy, compute_dtype, layer) for layer in range(L)}
     kv = L * max_batch_size * max_seq_len * (c.kv_lora_rank + c.qk_rope_head_dim) * elt
     chunk = min(prefill_chunk, max_batch_size * max_seq_len)
+    # a paged prefill keeps the float32 residual of up to one max_seq_len prompt (or one chunk)
+    # between layers; longer prefills run in groups of that many tokens
+    prefill_group = max(chunk, max_seq_len)
     workspace = (chunk * activation_bytes_per_token(c) + 2 * max_batch_size * c.vocab_size * 4 + 2 * L * 4 * 1024
-                 + 16 * MiB + library_workspace)
+                 + prefill_group * c.hidden_size * 4 + 16 * MiB + library_workspace)
     reserved = int(s.gpu_reserved * GiB)
 
     step_experts = min(E, max_batch_size * K) if moe_layers else 0
@@ -374,7 +379,7 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
                       workspace=workspace, expert_unit_bytes=expert_unit_bytes,
                       expert_slots=expert_slots if is_paged else total_experts, total_experts=total_experts,
                       host_layer_bytes=host_layer if is_paged else 0, host_expert_slots=host_slots,
-                      min_budget=min_budget, notes=notes)
+                      min_budget=min_budget, prefill_group_tokens=prefill_group, notes=notes)
 
 
 def _page_order(first: List[int], then: List[int]) -> List[int]:
