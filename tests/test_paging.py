@@ -160,7 +160,6 @@ def test_pinned_and_held_keys_are_never_evicted():
         evicted.add(ev)
     assert 0 not in evicted and 1 not in evicted
     assert c.slot_of(0) >= 0 and c.slot_of(1) >= 0
-    c.hold(2 if c.slot_of(2) >= 0 else c.victim())
     # only pinned/held keys left to evict → no slot
     full = P.SlotCache(4, 2, P.CachePolicy.lrfu, 0.05)
     for k in (0, 1):

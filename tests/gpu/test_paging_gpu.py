@@ -8,7 +8,7 @@ import torch
 from deepseek_fp4_plugin import Engine
 from deepseek_fp4_plugin._ext import _C
 from deepseek_fp4_plugin.ops import Fp4Weight
-from deepseek_fp4_plugin.paged import PagedWeightStore, host_tensor
+from deepseek_fp4_plugin.paged import PagedWeightStore
 from deepseek_fp4_plugin.tiny import make_tiny
 
 KW = dict(device="cuda", max_batch_size=2, max_seq_len=256, prefill_chunk=64, verbose=False)
@@ -163,11 +163,3 @@ def test_grouped_gemm_units_gpu_and_host_memory(rows_per_group):
         want = x[lo:hi].double() @ w.t()
         err = (y[lo:hi].double() - want).norm() / want.norm()
         assert err < 1e-2, (e, err)
-
-
-def test_host_tensor_aliases_pinned_units(model_dir):
-    eng = _paged(model_dir, cpu_cache_size=1.0)
-    ring_or_none = eng.store.ring
-    if ring_or_none is not None:
-        t = host_tensor(ring_or_none.host_unit(0), 16)
-        assert t.numel() == 16
