@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -35,7 +35,7 @@ from .checkpoint import CheckpointSource
 from .guard import Occupancy, exclusive, exclusive_iter, nonfinite_message, sample_checked
 from .memory_plan import MemoryPlan, PagingSettings, plan_memory
 from .model import DeepseekV3, KVCache, rms_norm
-from .paged import PagedWeightStore, RoutePoint
+from .paged import PagedWeightStore, RoutePoint, non_nvfp4_expert
 from .precision import PrecisionPolicy, resolve_compute_dtype
 from .resident import ResidentWeightStore
 from .sampling import SamplingParams
@@ -148,9 +148,7 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
     c = source.config
     unit = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)["bytes"] if (
         c.hidden_size % 16 == 0 and c.moe_intermediate_size % 16 == 0) else 1 << 40
-    pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and all(
-        source.linear_format(f"model.layers.{layer}.mlp.experts.0.gate_proj") == "nvfp4"
-        for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer))
+    pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and non_nvfp4_expert(source) is None
     # cuBLAS keeps a workspace per stream that runs a matmul: the compute and the graph side stream
     cublas = 2 * CUBLAS_WORKSPACE if dev.type == "cuda" else 0
     plan = plan_memory(source, policy, cdt, budget, settings, max_batch_size, max_seq_len, prefill_chunk, unit,

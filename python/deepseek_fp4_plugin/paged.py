@@ -54,6 +54,17 @@ _ALIGN = 256
 _PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
+def non_nvfp4_expert(source: CheckpointSource) -> Optional[str]:
+    """The first routed-expert module not stored in NVFP4 (paging reads experts as NVFP4 from
+    the files), or None."""
+    c = source.config
+    for layer in range(c.num_hidden_layers):
+        m = f"model.layers.{layer}.mlp.experts.0.gate_proj"
+        if c.is_moe_layer(layer) and source.linear_format(m) != NVFP4:
+            return m
+    return None
+
+
 def host_tensor(address: int, nbytes_: int) -> Tensor:
     """A CPU uint8 tensor over host memory the C++ core owns (pinned units)."""
     buf = (ctypes.c_uint8 * nbytes_).from_address(address)
@@ -79,7 +90,6 @@ class RoutePoint(HostPoint):
     top_k: int
     ids_host: Tensor                 # int32 [max_rows · top_k], pinned
     pred_host: Optional[Tensor]      # int32 [max_rows · predicted], pinned
-    pred_k: int = 0
     next_index: int = -1             # the MoE layer the prediction is for
     rows: int = 0                    # tokens in the current forward (set when the GPU work is issued)
     deferred: bool = False           # too many experts at once: resolved in waves by run()
@@ -175,7 +185,11 @@ class PagedWeightStore(BuiltWeights, WeightStore):
 
         self.moe_layers = [layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer)]
         self.moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
-        self._check_experts_nvfp4(source)
+        bad = non_nvfp4_expert(source)
+        if bad is not None:
+            raise ValueError(f"{source.where(bad + '.weight')}: paging routed experts reads them in NVFP4 from the "
+                             f"checkpoint files, but {bad} is stored as {source.linear_format(bad)}; convert the "
+                             f"checkpoint with `deepseek-fp4 convert` or give a budget that holds every expert")
         check_expert_global_scales(source, self.moe_layers)   # experts are read from the files, not linear()
         E = c.n_routed_experts
         nm = max(1, len(self.moe_layers))
@@ -261,8 +275,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                 and new.prefetch_layers > self.plan.layer_slots - 1):
             raise ValueError(f"prefetch_layers = {new.prefetch_layers} needs {new.prefetch_layers + 1} layer slots; "
                              f"the plan has {self.plan.layer_slots} (reload the engine with the new setting)")
-        if new.prefetch_experts != s.prefetch_experts and (new.prefetch_experts or 0) > (s.prefetch_experts or 0) \
-                and min(self.config.num_experts_per_tok, new.prefetch_experts or 99) > self.pred_k:
+        if min(self.config.num_experts_per_tok, new.prefetch_experts or self.config.num_experts_per_tok) > self.pred_k:
             raise ValueError("prefetch_experts can only shrink without a reload (the prediction buffers are sized)")
         if self.ring is not None and new.prefetch_layers != s.prefetch_layers:
             self.ring.set_prefetch(min(new.prefetch_layers, self.plan.layer_slots - 1))
@@ -306,14 +319,6 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                     direct_io=s.direct_io, async_copy=s.enable_async_copy and self.on_device,
                     max_prefetch_units=prefetch_cap, prefetch_min_accuracy=float(s.prefetch_min_accuracy),
                     max_step_copies=-1 if s.max_experts is None else int(s.max_experts))
-
-    def _check_experts_nvfp4(self, source: CheckpointSource) -> None:
-        for layer in self.moe_layers:
-            m = f"model.layers.{layer}.mlp.experts.0.gate_proj"
-            if source.linear_format(m) != NVFP4:
-                raise ValueError(f"{source.where(m + '.weight')}: paging routed experts reads them in NVFP4 from the "
-                                 f"checkpoint files, but {m} is stored as {source.linear_format(m)}; convert the "
-                                 f"checkpoint with `deepseek-fp4 convert` or give a budget that holds every expert")
 
     def _stored_experts(self, source) -> Tuple[object, list]:
         """The byte ranges of every expert's 9 tensors, read from the safetensors headers."""
@@ -376,7 +381,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             nxt = i + 1 if i + 1 < len(self.moe_layers) else -1
             pred = torch.zeros(self.max_rows * self.pred_k, dtype=torch.int32, pin_memory=pin) if nxt >= 0 else None
             ev = torch.cuda.Event() if self.on_device else None
-            self.route_points.append(RoutePoint(layer, i, k, ids, pred, self.pred_k, nxt, event=ev))
+            self.route_points.append(RoutePoint(layer, i, k, ids, pred, nxt, event=ev))
 
     # ---- WeightStore ---------------------------------------------------------------------
     @property

@@ -109,7 +109,6 @@ struct ExpertStore::Impl {
   std::vector<int64_t> pending;                  // keys whose host fill is in flight (pinned), oldest first
   std::vector<int32_t> stamp;                    // dedupe scratch
   int32_t stamp_gen = 0;
-  std::atomic<uint64_t> ssd_bytes{0};
 };
 
 // ---------------------------------------------------------------------------------------
