@@ -88,6 +88,20 @@ if has sanitizer; then
     "tests/gpu/test_paging_gpu.py::test_read_error_mid_generation" -k "not 4096 and not 1024" \
     > "$OUT/sanitizer.log" 2>&1
   rc=$?; tail -6 "$OUT/sanitizer.log"; echo "sanitizer exit $rc"; [ $rc -eq 0 ] || status=1
+  echo "== compute-sanitizer: the paged engine (decode pipeline, ready words) and the waiting GEMM"
+  DSFP4_QUICK=1 timeout 900 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
+    "tests/gpu/test_pipeline_gpu.py::test_units_gemm_computes_each_expert_as_its_copy_lands" \
+    "tests/gpu/test_pipeline_gpu.py::test_units_gemm_wait_times_out_as_nan_and_flag" \
+    "tests/gpu/test_paging_gpu.py::test_paged_equals_resident[ssd_paged-graph]" \
+    "tests/gpu/test_paging_gpu.py::test_paged_equals_resident[ssd_paged_no_pipeline-eager]" \
+    > "$OUT/sanitizer_paged.log" 2>&1
+  rc=$?; tail -4 "$OUT/sanitizer_paged.log"; echo "sanitizer (paged engine) exit $rc"; [ $rc -eq 0 ] || status=1
+  for tool in racecheck synccheck; do
+    timeout 600 compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -x \
+      "tests/gpu/test_pipeline_gpu.py::test_units_gemm_computes_each_expert_as_its_copy_lands" \
+      "tests/gpu/test_paging_gpu.py::test_grouped_gemm_units_gpu_and_host_memory" > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?; tail -2 "$OUT/sanitizer_$tool.log"; echo "$tool exit $rc"; [ $rc -eq 0 ] || status=1
+  done
 fi
 
 if has bench-gemm; then

@@ -19,7 +19,9 @@ inline void throw_if_error(const Status& st) {
     case StatusCode::kUnsupported:
       PyErr_SetString(PyExc_NotImplementedError, st.message().c_str());
       throw pybind11::error_already_set();
-    case StatusCode::kOutOfMemory: throw std::bad_alloc();
+    case StatusCode::kOutOfMemory:  // MemoryError with the message (std::bad_alloc would drop it)
+      PyErr_SetString(PyExc_MemoryError, st.message().c_str());
+      throw pybind11::error_already_set();
     default: throw std::runtime_error(st.message());
   }
 }

@@ -189,6 +189,19 @@ class Engine:
         self.store.reconfigure(**changes)
         self.paging = self.store.settings
 
+    @exclusive
+    def set_routing_replay(self, replay: Optional["RoutingReplay"]) -> None:
+        """Routed expert ids from a trace instead of the router, for benchmarks and tests
+        (replay.RoutingReplay; None: the router again). Off by default."""
+        from .replay import RoutingReplay
+
+        if replay is not None and not isinstance(replay, RoutingReplay):
+            raise ValueError(f"set_routing_replay takes a RoutingReplay or None, got {type(replay).__name__}")
+        if replay is not None:
+            replay.bind(self.config, self.device, max(self.max_batch_size, self.prefill_chunk))
+        self._drop_graphs()
+        self.model.routing_replay = replay
+
     def _drop_graphs(self) -> None:
         # The allocator frees a graph pool with its last graph, so a new capture needs a new pool.
         self._graphs.clear()
@@ -221,9 +234,13 @@ class Engine:
         if len(lengths) != B or not all(is_int(n) and 1 <= n <= T for n in lengths):
             raise ValueError(f"lengths must be {B} integers in [1, {T}], got {list(lengths)!r}")
         with self._compute():
+            if self.model.routing_replay is not None:
+                self.model.routing_replay.begin_prefill()
             cache = self._ensure_cache(B)
             if self.store.layer_major_prefill:
-                return self._prefill_layer_major(tokens, lengths, cache)
+                logits = self._prefill_layer_major(tokens, lengths, cache)
+                self.store.end_step()
+                return logits
             positions = torch.arange(T, device=self.device).expand(B, T)          # [B, T]
             last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
             for start in range(0, T, self.prefill_chunk):
@@ -317,13 +334,15 @@ class Engine:
             raise ValueError(f"kv_len = {kv_len} must be in [1, max_seq_len = {self.max_seq_len}]")
         kv_bucket = bucket(kv_len, self.max_seq_len)
         with self._compute():
+            if self.model.routing_replay is not None:
+                self.model.routing_replay.begin_decode(B)
             if self.use_cuda_graph:
                 graph = self._graphs.get((B, kv_bucket))
                 if graph is None:
                     graph = self._graphs[(B, kv_bucket)] = self._capture(B, kv_bucket, tokens, positions)
                 logits = graph.replay(tokens, positions)
             else:
-                self.store.begin_step(B)
+                self.store.begin_step(B, decode=True)
                 logits = self.decode_eager(tokens, positions, kv_bucket)
             self.store.end_step()
             return logits
@@ -359,6 +378,8 @@ class Engine:
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)                # [1, T]
         positions = torch.arange(len(ids), device=self.device)[None]                      # [1, T]
         with self._compute():
+            if self.model.routing_replay is not None:
+                self.model.routing_replay.begin_prefill()
             self.store.begin_step(len(ids))
             out = self.model.logits(self.model.forward(tokens, positions, causal=True))[0]   # [T, V]
             self.store.end_step()

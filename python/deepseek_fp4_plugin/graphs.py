@@ -48,7 +48,7 @@ class DecodeGraph:
         side = engine.side_stream()
         side.wait_stream(torch.cuda.current_stream(engine.device))
         with torch.cuda.stream(side):
-            self.store.begin_step(batch)
+            self.store.begin_step(batch, decode=True)
             engine.decode_eager(self.tokens, self.positions, kv_len)
             self.store.end_step()
         torch.cuda.current_stream(engine.device).wait_stream(side)
@@ -71,7 +71,7 @@ class DecodeGraph:
     def replay(self, tokens: Tensor, positions: Tensor) -> Tensor:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
-        self.store.begin_step(self.batch)
+        self.store.begin_step(self.batch, decode=True)
         for graph, point, state in self.segments:
             graph.replay()
             if point is not None:

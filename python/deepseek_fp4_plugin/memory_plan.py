@@ -75,6 +75,12 @@ class PagingSettings:
     io_threads : disk reader threads; direct_io : O_DIRECT reads (bypass the page cache)
     streams : {"compute", "prefetch", "transfer"}: False runs that stream's work on the
         current stream; stream_priorities : compute high, prefetch medium, transfer low
+    expert_slots : most GPU expert slots in use (at most the plan's; None: all of them), a
+        runtime cap, e.g. to give a short model the cache share of a deeper one
+    decode_pipeline : resolve each decode step's experts on the store's own thread as the GPU
+        publishes them, with no host point per MoE layer (None: on CUDA with async copies)
+    sim_copy_delay_us : tests only, CPU mode: copies run on a simulated asynchronous stream,
+        each delayed this long (exposes ordering bugs between copies, reads and events)
     """
 
     prefetch_layers: int = 1
@@ -97,6 +103,9 @@ class PagingSettings:
     direct_io: bool = True
     streams: Dict[str, bool] = field(default_factory=lambda: {"compute": True, "prefetch": True, "transfer": True})
     stream_priorities: bool = True
+    expert_slots: Optional[int] = None
+    decode_pipeline: Optional[bool] = None
+    sim_copy_delay_us: int = 0
 
     def validate(self) -> "PagingSettings":
         def need(cond: bool, msg: str) -> None:
@@ -123,6 +132,12 @@ class PagingSettings:
              f"max_experts must be an integer >= 1, got {self.max_experts!r}")
         need(self.gpu_memory_fraction is None or (is_num(self.gpu_memory_fraction) and 0 < self.gpu_memory_fraction <= 1),
              f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
+        need(self.expert_slots is None or (is_int(self.expert_slots) and self.expert_slots >= 1),
+             f"expert_slots must be None or an integer >= 1, got {self.expert_slots!r}")
+        need(self.decode_pipeline is None or isinstance(self.decode_pipeline, bool),
+             f"decode_pipeline must be None, True or False, got {self.decode_pipeline!r}")
+        need(is_int(self.sim_copy_delay_us) and 0 <= self.sim_copy_delay_us <= 1_000_000,
+             f"sim_copy_delay_us must be an integer in [0, 1000000], got {self.sim_copy_delay_us!r}")
         for k in ("pinned_memory", "enable_async_copy", "direct_io", "stream_priorities"):
             need(isinstance(getattr(self, k), bool), f"{k} must be True or False, got {getattr(self, k)!r}")
         need(self.miss_mode in _MISS_MODES, f"miss_mode must be one of {_MISS_MODES}, got {self.miss_mode!r}")

@@ -179,6 +179,9 @@ class DeepseekV3:
         self.softmax_scale = softmax_scale(c)
         self.profiler = None
         self.routing_trace: Optional[list] = None
+        self.routing_replay = None   # replay.RoutingReplay: routed ids from a trace (benchmarks, tests)
+        self._moe_index = {layer: i for i, layer in enumerate(
+            layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer))}
         # dimension names used in the shape comments
         self.H, self.C, self.R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         self.Dn, self.Dv = c.qk_nope_head_dim, c.v_head_dim
@@ -237,7 +240,7 @@ class DeepseekV3:
             with self._section("dense_mlp"):
                 x = x + self.mlp(w.mlp, h)
         else:
-            x = x + (yield from self.moe(w.moe, h, layer))
+            x = x + (yield from self.moe(w.moe, h, layer, positions))
         store.release_layer(layer)
         return x
 
@@ -328,7 +331,8 @@ class DeepseekV3:
         h = torch.ops.dsfp4.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))    # [N, I]
         return w.down(h).view(x.shape).to(x.dtype)                              # [..., D]
 
-    def moe(self, w: MoeWeights, x: Tensor, layer: int = -1) -> Generator[HostPoint, None, Tensor]:
+    def moe(self, w: MoeWeights, x: Tensor, layer: int = -1, positions: Optional[Tensor] = None
+            ) -> Generator[HostPoint, None, Tensor]:
         """Routed experts (noaux_tc top-K of E) + shared expert, x [B, T, D] → [B, T, D].
         A generator: paged experts yield a host point after routing (see forward_steps)."""
         c = self.config
@@ -339,6 +343,8 @@ class DeepseekV3:
             weights, ids = torch.ops.dsfp4.moe_route(
                 router_logits, w.correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group,
                 c.routed_scaling_factor, c.norm_topk_prob)                      # [N, K] f32, [N, K] i32
+            if self.routing_replay is not None and positions is not None:
+                ids = self.routing_replay.ids(self._moe_index[layer], positions)   # [N, K] i32 from a trace
             weights, ids, point = w.experts.route_point(layer, xt, weights, ids)
         shared = None
         if w.shared is not None:   # independent of the routing: runs while the host resolves it

@@ -394,8 +394,9 @@ class WeightStore:
         """The host's part at ``point`` (called between the GPU work before and after it)."""
         raise NotImplementedError(f"{type(self).__name__} yields no host points")
 
-    def begin_step(self, tokens: int) -> None:
-        """A forward over ``tokens`` token positions starts (paged stores tick their caches)."""
+    def begin_step(self, tokens: int, decode: bool = False) -> None:
+        """A forward over ``tokens`` token positions starts (paged stores tick their caches);
+        ``decode``: it is a decode step (one token per sequence)."""
 
     def end_step(self) -> None:
         """The forward's results were read. Raises what went wrong in the store's background
