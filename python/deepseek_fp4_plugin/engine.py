@@ -30,10 +30,10 @@ from typing import Any, Dict, Generator, Iterator, List, Optional, Sequence, Tup
 import torch
 from torch import Tensor
 
-from ._ext import _C, has_cuda_kernels
+from ._ext import has_cuda_kernels
 from .checkpoint import CheckpointSource
 from .guard import Occupancy, exclusive, exclusive_iter, nonfinite_message, sample_checked
-from .memory_plan import MemoryPlan, PagingSettings, plan_memory
+from .memory_plan import MemoryPlan, PagingSettings, expert_unit_bytes, plan_memory
 from .model import DeepseekV3, KVCache, rms_norm
 from .paged import PagedWeightStore, RoutePoint, non_nvfp4_expert
 from .precision import PrecisionPolicy, resolve_compute_dtype
@@ -145,9 +145,7 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
             budget = min(budget, int(frac * total))
     if budget is None:
         return None
-    c = source.config
-    unit = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)["bytes"] if (
-        c.hidden_size % 16 == 0 and c.moe_intermediate_size % 16 == 0) else 1 << 40
+    unit = expert_unit_bytes(source, policy, cdt)
     pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and non_nvfp4_expert(source) is None
     # cuBLAS keeps a workspace per stream that runs a matmul: the compute and the graph side stream
     cublas = 2 * CUBLAS_WORKSPACE if dev.type == "cuda" else 0
@@ -250,6 +248,8 @@ class Engine:
         c = source.config
         seq = max_seq_len or min(c.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         plan = plan_for(source, dev, cdt, policy, settings, memory_limit, max_batch_size, seq, prefill_chunk)
+        if plan is not None and plan.policy is not None:
+            policy = plan.policy   # the plan may run BF16 attention in FP8 to fit the budget
         if plan is not None and plan.paged:
             if verbose:
                 print(plan.table())
