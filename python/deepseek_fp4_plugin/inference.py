@@ -24,7 +24,6 @@ import torch
 from .engine import Engine, GenerationStats
 from .guard import stream_or_raise, text_or_raise
 from .memory_plan import PagingSettings
-from .paged import PagedWeightStore
 
 # seed name → (PagingSettings field or engine argument, validator kind, minimum)
 _MEMORY_CONFIG = {
@@ -127,7 +126,7 @@ class DeepseekInference:
         reload = batch_size is not None and batch_size != self.engine.max_batch_size
         reload = reload or any(new.get(k) != self._paging.get(k) for k in _PLAN_KEYS if k in changes)
         store = self.engine.store
-        if not reload and isinstance(store, PagedWeightStore):
+        if not reload and store.pages:
             try:
                 self.engine.reconfigure_paging(**{k: v for k, v in changes.items() if k not in _PLAN_KEYS})
             except ValueError:
@@ -198,7 +197,7 @@ class DeepseekInference:
     def pending_settings(self) -> Dict[str, Dict[str, Any]]:
         """Settings recorded but with nothing to act on in the current engine (paging knobs of
         an engine that keeps every weight resident)."""
-        if isinstance(self.engine.store, PagedWeightStore):
+        if self.engine.store.pages:
             return {}
         idle = {"prefetch_layers", "expert_threshold", "prefetch_experts", "prefetch_size", "cpu_cache_size",
                 "max_experts", "min_layers"}
@@ -288,4 +287,4 @@ class DeepseekInference:
     def paging_counters(self) -> Optional[Dict[str, Any]]:
         """Tier counters of a paged engine (hit rates, prefetch accuracy, bytes per tier), else None."""
         store = self.engine.store
-        return store.counters() if isinstance(store, PagedWeightStore) else None
+        return store.counters() if store.pages else None

@@ -95,6 +95,14 @@ class RoutePoint(HostPoint):
     deferred: bool = False           # too many experts at once: resolved in waves by run()
     event: Optional[torch.cuda.Event] = None
 
+    def snapshot(self) -> int:
+        return self.rows
+
+    def restore(self, rows: int) -> None:
+        self.rows = rows
+        if self.deferred:
+            raise RuntimeError("a captured decode step needs more experts than the GPU cache holds")
+
 
 # ---------------------------------------------------------------------------------------
 # routed experts through the unit table
@@ -384,9 +392,20 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             self.route_points.append(RoutePoint(layer, i, k, ids, pred, nxt, event=ev))
 
     # ---- WeightStore ---------------------------------------------------------------------
+    compute_stream: Optional[torch.cuda.Stream] = None   # set by _make_streams
+    reads_source = True                                   # experts are read from the files while running
+
     @property
     def graph_safe(self) -> bool:
         return self.on_device
+
+    @property
+    def pages(self) -> bool:
+        return True
+
+    @property
+    def prefill_group_tokens(self) -> int:
+        return int(getattr(self.plan, "prefill_group_tokens", 0) or 0)
 
     def begin_step(self, tokens: int) -> None:
         if tokens > self.max_rows:

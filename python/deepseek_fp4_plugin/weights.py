@@ -539,15 +539,60 @@ class WeightStore:
     def begin_step(self, tokens: int) -> None:
         """A forward over ``tokens`` token positions starts (paged stores tick their caches)."""
 
+    def end_step(self) -> None:
+        """The forward's results were read. Raises what went wrong in the store's background
+        work for this forward (a disk read, a changed file), naming the file and tensor."""
+
     # ---- properties the engine checks ----
     @property
     def graph_safe(self) -> bool:
         """True when a decode step can be captured in a CUDA graph."""
         raise NotImplementedError
 
+    @property
+    def pages(self) -> bool:
+        """True when some weights live off the device and are brought in while running."""
+        return False
+
+    @property
+    def layer_major_prefill(self) -> bool:
+        """True when prefill should run every chunk through a layer before the next layer (a
+        paged layer or expert is then brought in once per prompt)."""
+        return self.pages
+
+    @property
+    def prefill_group_tokens(self) -> int:
+        """Most tokens a layer-major prefill holds between layers (0: no limit)."""
+        return 0
+
+    @property
+    def compute_stream(self) -> Optional[torch.cuda.Stream]:
+        """The stream the model should run on (None: the caller's)."""
+        return None
+
+    @property
+    def reads_source(self) -> bool:
+        """True when the store keeps reading the checkpoint after loading (its files must stay
+        open); False lets the loader release them."""
+        return False
+
     def memory_report(self) -> Dict[str, int]:
         """Device bytes held, by category."""
         raise NotImplementedError
+
+    # ---- counters and knobs ----
+    def counters(self) -> Dict[str, Any]:
+        """Paging counters (``COUNTER_KEYS``): bytes per tier and direction, hit rates,
+        prediction accuracy. A store that pages nothing answers zeros (rates None)."""
+        return empty_counters()
+
+    def reset_counters(self) -> None:
+        """Zeroes the counters."""
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Changes paging knobs that need no new memory plan."""
+        raise ValueError("this engine keeps every weight resident: there are no paging knobs to change "
+                         "(give a memory_limit below the model's size to page)")
 
 
 class BuiltWeights:
@@ -579,9 +624,28 @@ class BuiltWeights:
 class HostPoint:
     """A place in the forward where the host acts before the GPU work after it may run.
     ``graph_safe``: the GPU work before it can be captured in a CUDA graph and the host part
-    run between replays."""
+    run between replays. One point object may serve graphs captured for several batch sizes:
+    ``snapshot`` returns what a replay must restore (``restore``) before the host acts."""
 
     graph_safe = True
+
+    def snapshot(self) -> Any:
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
+
+
+COUNTER_KEYS = ("experts", "per_layer", "layers", "files", "expert_hit_rate", "host_hit_rate", "prefetch_accuracy",
+                "wasted_bytes", "h2d_bytes", "zero_copy_bytes", "ssd_bytes", "layer_hit_rate")
+
+
+def empty_counters() -> Dict[str, Any]:
+    """The counters of a store that pages nothing: every key of ``COUNTER_KEYS``, zero bytes,
+    rates None (nothing was requested)."""
+    return {"experts": {}, "per_layer": [], "layers": {}, "files": {}, "expert_hit_rate": None,
+            "host_hit_rate": None, "prefetch_accuracy": None, "wasted_bytes": 0, "h2d_bytes": 0,
+            "zero_copy_bytes": 0, "ssd_bytes": 0, "layer_hit_rate": None}
 
 
 def run_host_points(steps: Generator[HostPoint, None, Any], store: WeightStore) -> Any:
