@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 import deepseek_fp4_plugin  # noqa: F401
 from bench_common import commit, copy_bandwidth_gbs, gpu_slug, write_result
-from bench_fp4_gemm import GRAPH_MAX_M, ROTATE_BYTES, bf16_peak_tflops, tactic_list, time_in_graph, time_launches
+from bench_fp4_gemm import (GRAPH_MAX_M, ROTATE_BYTES, bf16_peak_tflops, tactic_list, time_in_graph,
+                            time_launches)
 from deepseek_fp4_plugin import Fp8Weight, _C
 
 SHAPES = {  # name: (N, K), y = x·Wᵀ; MLA attention of one layer, then the routed expert
@@ -113,13 +114,12 @@ def bench_shape(name, n, k, m_values, reps, tune, copy_bw):
             row["best_tactic"] = best_t
         rows.append(row)
         print(f"{name:15s} M={m:5d}  fp8 {fp8_ms * 1e3:9.1f} us  bf16 {bf16_ms * 1e3:9.1f} us  "
-              f"cublasLt-fp8 {lt_ms * 1e3:9.1f} us  x{row['speedup_vs_bf16']:5.2f} (lt x{row['cublaslt_speedup_vs_bf16']:4.2f})"
+              f"cublasLt-fp8 {lt_ms * 1e3:9.1f} us  x{row['speedup_vs_bf16']:5.2f} "
+              f"(lt x{row['cublaslt_speedup_vs_bf16']:4.2f})"
               f"  bw {row['fraction_of_copy_bw']:5.2f}  path {int(default.path)}"
               + (f"  best launch {row['best_fp8_launch_ms'] * 1e3:8.1f} us {row['best_tactic']}"
                  if "best_tactic" in row else ""),
               flush=True)
-        del x, lt
-    del fp8_copies, bf16_copies, lt_copies, base, gen_w, w8
     torch.cuda.empty_cache()
     return rows
 
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help=f"fewer shapes and M ({QUICK})")
     ap.add_argument("--tune", action="store_true", help="also sweep every tactic and record the best")
-    ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/fp8_gemm_<gpu>.json)")
+    ap.add_argument("--out", default=None,
+                    help="output JSON (default benchmarks/results/fp8_gemm_<gpu>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fp8_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
     out = write_result(result, Path(args.out) if args.out else
                        Path(__file__).parent / "results" / f"fp8_gemm_{gpu_slug()}.json")
     print(f"\nwrote {out}")
-    for title, key in (("speedup vs bf16", "speedup_vs_bf16"), ("cuBLASLt FP8 vs bf16", "cublaslt_speedup_vs_bf16"),
+    for title, key in (("speedup vs bf16", "speedup_vs_bf16"),
+                       ("cuBLASLt FP8 vs bf16", "cublaslt_speedup_vs_bf16"),
                        ("fraction of copy bandwidth", "fraction_of_copy_bw")):
         print(f"{'shape':15s} " + " ".join(f"{m:>6d}" for m in m_values) + f"   ({title})")
         for s in names:

@@ -59,7 +59,8 @@ def test_raw_gemm_writes_exactly_its_outputs():
     big = torch.randn(m, k + 24).to(torch.bfloat16)
     x = big[:, 8:8 + k]
     y = torch.full((m, n + 10), float("nan"), dtype=torch.bfloat16)
-    _C.fp8_gemm_cpu(w.data_ptr(), s.data_ptr(), n, k, 0, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), m)
+    _C.fp8_gemm_cpu(w.data_ptr(), s.data_ptr(), n, k, 0, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+                    m)
     bf16_close(y[:, :n], x.double() @ dequant64(w, s).t())
     assert torch.isnan(y[:, n:]).all()
 
@@ -187,8 +188,8 @@ def test_grouped_gemm_and_units():
                                                 lay["gate_up_scale"], 2 * I, H, max(rows), I)
     assert torch.equal(yu, y)
     h = torch.randn(x.shape[0], I).to(torch.bfloat16)
-    yd = torch.ops.dsfp4.fp8_grouped_gemm_units(h, offs, slot_of_group, table, lay["down_weight"], lay["down_scale"],
-                                                H, I, max(rows))
+    yd = torch.ops.dsfp4.fp8_grouped_gemm_units(h, offs, slot_of_group, table, lay["down_weight"],
+                                                lay["down_scale"], H, I, max(rows))
     for gi, slot in enumerate(slot_of_group.tolist()):
         lo, hi = int(offs[gi]), int(offs[gi + 1])
         if slot >= 0 and hi > lo:
@@ -218,7 +219,8 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="out of range"):
         torch.ops.dsfp4.fp8_grouped_gemm(x, offs, torch.tensor([3], dtype=torch.int32), w[None], s[None], 2)
     with pytest.raises(ValueError, match="row_offsets"):
-        torch.ops.dsfp4.fp8_grouped_gemm(x, offs[:1], torch.tensor([0], dtype=torch.int32), w[None], s[None], 2)
+        torch.ops.dsfp4.fp8_grouped_gemm(x, offs[:1], torch.tensor([0], dtype=torch.int32), w[None], s[None],
+                                         2)
     with pytest.raises(ValueError, match="hidden .* and inter"):
         fp8_expert_unit_layout(100, 64)
     bad = s.clone()
@@ -235,16 +237,20 @@ def test_opcheck():
     x = torch.randn(3, 160).to(torch.bfloat16)
     torch.library.opcheck(torch.ops.dsfp4.fp8_gemm.default, (x, w, s, 0, None), test_utils=no_schema)
     torch.library.opcheck(torch.ops.dsfp4.fp8_act_quant.default, (x,), test_utils=no_schema)
-    torch.library.opcheck(torch.ops.dsfp4.fp8_block_quantize.default, (torch.randn(130, 70),), test_utils=no_schema)
-    torch.library.opcheck(torch.ops.dsfp4.fp8_dequantize.default, (w, s, 0, torch.float32), test_utils=no_schema)
+    torch.library.opcheck(torch.ops.dsfp4.fp8_block_quantize.default, (torch.randn(130, 70),),
+                          test_utils=no_schema)
+    torch.library.opcheck(torch.ops.dsfp4.fp8_dequantize.default, (w, s, 0, torch.float32),
+                          test_utils=no_schema)
     offs = torch.tensor([0, 1, 3], dtype=torch.int32)
     sog = torch.tensor([1, 0], dtype=torch.int32)
     torch.library.opcheck(torch.ops.dsfp4.fp8_grouped_gemm.default,
-                          (x, offs, sog, torch.stack([w, w]), torch.stack([s, s]), 2, 0, 0), test_utils=no_schema)
+                          (x, offs, sog, torch.stack([w, w]), torch.stack([s, s]), 2, 0, 0),
+                          test_utils=no_schema)
     lay = fp8_expert_unit_layout(160, 96)
     a, b, c = Fp8Weight(w, s), Fp8Weight(*random_fp8(96, 160, 6)), Fp8Weight(*random_fp8(160, 96, 7))
     unit = fp8_expert_unit(a, b, c)
     table = torch.tensor([unit.data_ptr(), unit.data_ptr()], dtype=torch.int64)
     # no float8 tensor among its arguments: every check runs
     torch.library.opcheck(torch.ops.dsfp4.fp8_grouped_gemm_units.default,
-                          (x, offs, sog, table, lay["gate_up_weight"], lay["gate_up_scale"], 192, 160, 2, 96, 0))
+                          (x, offs, sog, table, lay["gate_up_weight"], lay["gate_up_scale"], 192, 160, 2, 96,
+                           0))

@@ -12,7 +12,8 @@ import torch
 from deepseek_fp4_plugin.checkpoint import CheckpointSource
 from deepseek_fp4_plugin.config import DeepseekV3Config
 from deepseek_fp4_plugin.engine import Engine
-from deepseek_fp4_plugin.memory_plan import GiB, PagingSettings, attention_bytes, expert_unit_bytes, plan_memory
+from deepseek_fp4_plugin.memory_plan import (GiB, PagingSettings, attention_bytes, expert_unit_bytes,
+                                             plan_memory)
 from deepseek_fp4_plugin.precision import PrecisionPolicy
 from deepseek_fp4_plugin.weights import Fp8KvB, Fp8Linear, Fp8RoutedExperts
 from tiny_reference import TinyModel, force_routing
@@ -21,12 +22,13 @@ CONFIGS = {
     "base": dict(attention_bias=True),
     "yarn_v3": dict(rope=dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
                               mscale=1.0, mscale_all_dim=1.0)),
-    "direct_q": dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1, first_k_dense_replace=0,
-                     norm_topk_prob=False, n_shared_experts=2, num_experts_per_tok=3),
+    "direct_q": dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
+                     first_k_dense_replace=0, norm_topk_prob=False, n_shared_experts=2,
+                     num_experts_per_tok=3),
     # heads of 128 + 128 (whole scale blocks): the absorbed products run as FP8 GEMMs (Fp8KvB);
     # moe_intermediate 144 > 128: gate_up split inside a block row
-    "mla128": dict(num_attention_heads=2, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=144, hidden_size=160,
-                   moe_intermediate_size=144, intermediate_size=272, q_lora_rank=96),
+    "mla128": dict(num_attention_heads=2, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=144,
+                   hidden_size=160, moe_intermediate_size=144, intermediate_size=272, q_lora_rank=96),
 }
 
 
@@ -52,19 +54,22 @@ def reference_logits(ref, ids):
 
 
 def test_runtime_formats_of_the_policies():
-    expert, attn, head = "model.layers.1.mlp.experts.3.up_proj", "model.layers.0.self_attn.q_b_proj", "lm_head"
+    expert, attn, head = "model.layers.1.mlp.experts.3.up_proj", "model.layers.0.self_attn.q_b_proj", \
+        "lm_head"
     d = PrecisionPolicy()
     # as stored: NVFP4 → fp4, FP8 → fp8 (no lossy conversion), BF16 → dense
     assert [d.runtime_format(expert, f) for f in ("nvfp4", "fp8_block", "dense")] == ["fp4", "fp8", "dense"]
     assert [d.runtime_format(attn, f) for f in ("nvfp4", "fp8_block", "dense")] == ["fp4", "fp8", "dense"]
     assert d.runtime_format("model.layers.1.mlp.gate", "fp8_block") == "dense"    # the router
     fp4 = PrecisionPolicy.parse("fp4")
-    assert all(fp4.runtime_format(m, f) == "fp4" for m in (expert, attn, head) for f in ("fp8_block", "dense"))
+    assert all(fp4.runtime_format(m, f) == "fp4"
+               for m in (expert, attn, head) for f in ("fp8_block", "dense"))
     fp8 = PrecisionPolicy.parse("fp8")
     assert fp8.runtime_format(attn, "dense") == "fp8" and fp8.runtime_format(head, "dense") == "dense"
     assert fp8.runtime_format(expert, "nvfp4") == "fp4"
     bf16 = PrecisionPolicy.parse("bf16")
-    assert all(bf16.runtime_format(m, f) == "dense" for m in (expert, attn) for f in ("nvfp4", "fp8_block", "dense"))
+    assert all(bf16.runtime_format(m, f) == "dense"
+               for m in (expert, attn) for f in ("nvfp4", "fp8_block", "dense"))
     assert not bf16.auto_fp8_attention
     assert d.with_fp8("attention").runtime_format(attn, "dense") == "fp8"
     with pytest.raises(ValueError, match="fp8_groups"):
@@ -199,11 +204,13 @@ class ShapesOnly(CheckpointSource):
 
 def r1_fp4_config() -> DeepseekV3Config:
     """DeepSeek-R1's shapes (671B, 61 layers)."""
-    return DeepseekV3Config(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                            num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
-                            routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
-                            v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
-                            first_k_dense_replace=3, max_position_embeddings=163840)
+    return DeepseekV3Config(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                            moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                            n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5,
+                            kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                            qk_nope_head_dim=128,
+                            n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+                            max_position_embeddings=163840)
 
 
 def r1_fp4_source() -> ShapesOnly:
@@ -264,13 +271,14 @@ def test_engine_plan_converts_bf16_attention_when_paged(tmp_path):
     from deepseek_fp4_plugin.tiny import make_tiny
     src = make_tiny(tmp_path / "bf16", seed=3, format="bf16", hidden_size=512, moe_intermediate_size=64,
                     n_routed_experts=16, num_hidden_layers=4, num_attention_heads=16, qk_nope_head_dim=128,
-                    v_head_dim=128, kv_lora_rank=256, q_lora_rank=384, n_group=4, topk_group=2, num_experts_per_tok=4)
+                    v_head_dim=128, kv_lora_rank=256, q_lora_rank=384, n_group=4, topk_group=2,
+                    num_experts_per_tok=4)
     model = convert_checkpoint(src, tmp_path / "r1like", progress=False,
                                exclude=["lm_head", "model.layers.*.mlp.gate", "model.layers.*.self_attn.*"])
     kw = dict(device="cpu", dtype="bfloat16", max_batch_size=2, max_seq_len=128, prefill_chunk=32)
     paging = {"cpu_cache_size": 0.05}
-    bf16 = Engine.plan(model, memory_limit=0.04, precision=PrecisionPolicy(auto_fp8_attention=False), paging=paging,
-                       **kw)
+    bf16 = Engine.plan(model, memory_limit=0.04, precision=PrecisionPolicy(auto_fp8_attention=False),
+                       paging=paging, **kw)
     assert bf16.paged_layers, "the budget must page BF16 attention for this test to say anything"
     eng = Engine.from_pretrained(model, memory_limit=0.04, paging=paging, verbose=False, **kw)
     plan = eng.memory_plan
@@ -308,7 +316,8 @@ def test_convert_writes_fp8_for_chosen_modules(tmp_path):
         w = ck.get_tensor("model.layers.0.self_attn.q_b_proj.weight")
         s = ck.get_tensor("model.layers.0.self_attn.q_b_proj.weight_scale_inv")
         src_ck = open_checkpoint(src)
-        want_q, want_s = torch.ops.dsfp4.fp8_block_quantize(src_ck.get_tensor("model.layers.0.self_attn.q_b_proj.weight"))
+        stored = src_ck.get_tensor("model.layers.0.self_attn.q_b_proj.weight")
+        want_q, want_s = torch.ops.dsfp4.fp8_block_quantize(stored)
         src_ck.close()
         assert torch.equal(w.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
     finally:

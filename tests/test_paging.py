@@ -50,7 +50,8 @@ def paged(model_dir, limit=0.03, **paging):
 def _plan(model_dir, budget_gib, **settings):
     src = open_checkpoint(model_dir)
     unit = P.expert_unit_layout(src.config.hidden_size, src.config.moe_intermediate_size)["bytes"]
-    return plan_memory(src, PrecisionPolicy(auto_fp8_attention=False), torch.bfloat16, int(budget_gib * GiB), PagingSettings(**settings),
+    return plan_memory(src, PrecisionPolicy(auto_fp8_attention=False), torch.bfloat16, int(budget_gib * GiB),
+                       PagingSettings(**settings),
                        max_batch_size=2, max_seq_len=128, prefill_chunk=32, expert_unit_bytes=unit,
                        host_bytes=64 * GiB), unit
 

@@ -26,7 +26,8 @@ def test_policy_rules():
     d = PrecisionPolicy()
     expert, attn = "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.self_attn.o_proj"
     # FP8 blocks stay FP8 unless requantize_fp8 (test_fp8_model.py covers the FP8 formats)
-    assert d.runs_fp4(expert, "nvfp4") and not d.runs_fp4(expert, "fp8_block") and not d.runs_fp4(expert, "dense")
+    assert d.runs_fp4(expert, "nvfp4") and not d.runs_fp4(expert, "fp8_block")
+    assert not d.runs_fp4(expert, "dense")
     assert PrecisionPolicy(requantize_fp8=True).runs_fp4(expert, "fp8_block")
     assert d.runs_fp4(attn, "nvfp4") and not d.runs_fp4(attn, "fp8_block") and not d.runs_fp4(attn, "dense")
     assert not d.runs_fp4("model.layers.1.mlp.gate", "nvfp4")

@@ -61,7 +61,9 @@ Status fp8_act_quant_cuda(const void*, int64_t, int64_t, int64_t, uint8_t*, int6
 Status fp8_block_quantize_cuda(const MatrixSource&, int64_t, int64_t, uint8_t*, float*, Stream) {
   return no_cuda("fp8_block_quantize_cuda");
 }
-Status fp8_dequantize_bf16_cuda(const Fp8Weight&, void*, int64_t, Stream) { return no_cuda("fp8_dequantize_bf16_cuda"); }
+Status fp8_dequantize_bf16_cuda(const Fp8Weight&, void*, int64_t, Stream) {
+  return no_cuda("fp8_dequantize_bf16_cuda");
+}
 
 Status moe_route_cuda(const void*, DType, const float*, const MoeRouteParams&, float*, int32_t*, Stream) {
   return no_cuda("moe_route_cuda");

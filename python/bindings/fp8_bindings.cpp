@@ -90,8 +90,8 @@ void bind_fp8(py::module_& m) {
       [](std::uintptr_t weight, std::uintptr_t scale, int64_t n, int64_t k, int64_t split, std::uintptr_t x,
          int64_t ldx, std::uintptr_t y, int64_t ldy, int64_t rows, const Fp8GemmTactic& tactic,
          std::uintptr_t workspace, size_t workspace_bytes, std::uintptr_t s) {
-        throw_if_error(fp8_gemm_cuda(make_weight(weight, scale, n, k, split), ptr<const void>(x), ldx, ptr<void>(y), ldy,
-                                     rows, tactic, ptr<void>(workspace), workspace_bytes, stream(s)));
+        throw_if_error(fp8_gemm_cuda(make_weight(weight, scale, n, k, split), ptr<const void>(x), ldx, ptr<void>(y),
+                                     ldy, rows, tactic, ptr<void>(workspace), workspace_bytes, stream(s)));
       },
       py::arg("weight"), py::arg("scale"), py::arg("n"), py::arg("k"), py::arg("split_rows"), py::arg("x"),
       py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("m"), py::arg("tactic"), py::arg("workspace"),
@@ -130,8 +130,8 @@ void bind_fp8(py::module_& m) {
         w.unit_scale = unit_scale;
         if (on_cuda) {
           throw_if_error(fp8_grouped_gemm_cuda(w, num_groups, ptr<const int32_t>(slot_of_group),
-                                               ptr<const int32_t>(row_offsets), max_rows_per_group,
-                                               ptr<const void>(x), ldx, ptr<void>(y), ldy, tile_tokens, stream(s)));
+                                               ptr<const int32_t>(row_offsets), max_rows_per_group, ptr<const void>(x),
+                                               ldx, ptr<void>(y), ldy, tile_tokens, stream(s)));
           return;
         }
         cpu_call([&] {
@@ -142,9 +142,9 @@ void bind_fp8(py::module_& m) {
       },
       py::arg("weight"), py::arg("scale"), py::arg("weight_slot_stride"), py::arg("scale_slot_stride"), py::arg("n"),
       py::arg("k"), py::arg("split_rows"), py::arg("unit_table"), py::arg("unit_weight"), py::arg("unit_scale"),
-      py::arg("num_slots"), py::arg("num_groups"), py::arg("slot_of_group"), py::arg("row_offsets"),
-      py::arg("rows"), py::arg("max_rows_per_group"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
-      py::arg("tile_tokens"), py::arg("on_cuda"), py::arg("stream"));
+      py::arg("num_slots"), py::arg("num_groups"), py::arg("slot_of_group"), py::arg("row_offsets"), py::arg("rows"),
+      py::arg("max_rows_per_group"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("tile_tokens"),
+      py::arg("on_cuda"), py::arg("stream"));
 
   m.def(
       "fp8_act_quant",
@@ -194,11 +194,14 @@ void bind_fp8(py::module_& m) {
       py::arg("weight"), py::arg("scale"), py::arg("n"), py::arg("k"), py::arg("split_rows"), py::arg("dst"),
       py::arg("ldd"), py::arg("on_cuda"), py::arg("stream"));
 
-  m.def("fp8_expert_unit_layout", [](int64_t hidden, int64_t inter) {
-    Fp8ExpertUnitLayout l;
-    throw_if_error(fp8_expert_unit_layout(hidden, inter, &l));
-    return unit_dict(l);
-  }, py::arg("hidden"), py::arg("inter"));
+  m.def(
+      "fp8_expert_unit_layout",
+      [](int64_t hidden, int64_t inter) {
+        Fp8ExpertUnitLayout l;
+        throw_if_error(fp8_expert_unit_layout(hidden, inter, &l));
+        return unit_dict(l);
+      },
+      py::arg("hidden"), py::arg("inter"));
 
   m.def(
       "fp8_expert_unit_fill",
@@ -207,13 +210,13 @@ void bind_fp8(py::module_& m) {
         Fp8ExpertUnitLayout l;
         throw_if_error(fp8_expert_unit_layout(hidden, inter, &l));
         cpu_call([&] {
-          return fp8_expert_unit_fill(l, ptr<const uint8_t>(gate), ptr<const float>(gate_scale),
-                                      ptr<const uint8_t>(up), ptr<const float>(up_scale), ptr<const uint8_t>(down),
+          return fp8_expert_unit_fill(l, ptr<const uint8_t>(gate), ptr<const float>(gate_scale), ptr<const uint8_t>(up),
+                                      ptr<const float>(up_scale), ptr<const uint8_t>(down),
                                       ptr<const float>(down_scale), ptr<uint8_t>(unit));
         });
       },
-      py::arg("hidden"), py::arg("inter"), py::arg("gate"), py::arg("gate_scale"), py::arg("up"),
-      py::arg("up_scale"), py::arg("down"), py::arg("down_scale"), py::arg("unit"));
+      py::arg("hidden"), py::arg("inter"), py::arg("gate"), py::arg("gate_scale"), py::arg("up"), py::arg("up_scale"),
+      py::arg("down"), py::arg("down_scale"), py::arg("unit"));
 }
 
 }  // namespace py_bind

@@ -23,8 +23,8 @@ from .fp8_ops import Fp8Weight
 from .ops import Fp4Weight
 from .precision import FP4, FP8, PrecisionPolicy, module_group
 from .weights import (AttentionWeights, DenseLinear, DenseRoutedExperts, Fp4Linear, Fp4RoutedExperts, Fp8KvB,
-                      Fp8Linear, Fp8RoutedExperts, LayerWeights, Linear, MlpWeights, MoeWeights, RoutedExperts,
-                      fuse_linears)
+                      Fp8Linear, Fp8RoutedExperts, LayerWeights, Linear, MlpWeights, MoeWeights,
+                      RoutedExperts, fuse_linears)
 
 
 class WeightConverter:
@@ -145,7 +145,8 @@ class WeightConverter:
     def experts_run_fp8(self, prefix: str) -> bool:
         """True when the routed experts under ``prefix`` run as stacked FP8 experts."""
         c = self.config
-        return (self.compute_dtype != torch.float32 and c.hidden_size % 16 == 0 and c.moe_intermediate_size % 16 == 0
+        return (self.compute_dtype != torch.float32 and c.hidden_size % 16 == 0
+                and c.moe_intermediate_size % 16 == 0
                 and all(self.policy.runtime_format(m, self.source.linear_format(m)) == FP8
                         for m in self.expert_modules(prefix)))
 

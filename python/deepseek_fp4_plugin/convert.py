@@ -146,8 +146,8 @@ def _resolve_fp8(ck: SafetensorsCheckpoint, fp8: Optional[Sequence[str]]) -> Lis
     for m in linear_shapes(ck.config):
         p = exclude_match(m, patterns)
         if p is not None and ck.linear_format(m) == NVFP4:
-            raise ValueError(f"{ck.where(m + '.weight')}: module {m!r} is stored in NVFP4 but fp8 pattern {p!r} "
-                             f"asks to write it in FP8 (NVFP4 is not converted to FP8)")
+            raise ValueError(f"{ck.where(m + '.weight')}: module {m!r} is stored in NVFP4 but fp8 pattern "
+                             f"{p!r} asks to write it in FP8 (NVFP4 is not converted to FP8)")
     return patterns
 
 
@@ -641,7 +641,8 @@ def _clean_up(dst: Path, created: List[Path]) -> int:
     return 0
 
 
-def _write_metadata_files(ck: SafetensorsCheckpoint, dst: Path, exclude: List[str], fp8: Sequence[str] = ()) -> None:
+def _write_metadata_files(ck: SafetensorsCheckpoint, dst: Path, exclude: List[str],
+                          fp8: Sequence[str] = ()) -> None:
     cfg = read_json_file(ck.path / CONFIG_FILE)
     hf, qc = modelopt_quant_configs(exclude, ck.quant.kv_cache_quant_algo)
     if fp8:   # this library tells formats apart per module; other NVFP4 readers do not know the mix
@@ -673,8 +674,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="module-name pattern to keep unquantized (repeatable; default: "
                         f"{' '.join(DEFAULT_EXCLUDE)})")
     p.add_argument("--fp8", action="append", metavar="PATTERN",
-                   help="module-name pattern to write as DeepSeek FP8 blocks (128x128 scales) instead of NVFP4, "
-                        "e.g. 'model.layers.*.self_attn.*' (repeatable)")
+                   help="module-name pattern to write as DeepSeek FP8 blocks (128x128 scales) instead of "
+                        "NVFP4, e.g. 'model.layers.*.self_attn.*' (repeatable)")
     p.add_argument("--input-scale", type=float, default=1.0,
                    help="input_scale written for each quantized layer (uncalibrated; default 1.0)")
     p.add_argument("--device", default="cpu", help="device to quantize on (cpu or cuda)")

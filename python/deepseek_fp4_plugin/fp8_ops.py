@@ -41,8 +41,8 @@ def _check_weight(weight: Tensor, scale: Tensor, split_rows: int, name: str = "w
            f"split_rows = {split_rows!r} must be an int in [0, {n})")
     want = scale_shape(n, k, split_rows)
     _check(tuple(scale.shape) == want,
-           f"{name}_scale_inv has shape {tuple(scale.shape)}, expected {want} for {name} {tuple(weight.shape)}"
-           + (f" split at row {split_rows}" if split_rows else ""))
+           f"{name}_scale_inv has shape {tuple(scale.shape)}, expected {want} for {name} "
+           f"{tuple(weight.shape)}" + (f" split at row {split_rows}" if split_rows else ""))
     if weight.device.type == "cuda":
         _check(k % 16 == 0, f"{name}: K = {k} is not a multiple of 16 (the CUDA kernels read 16-byte rows)")
         _check(weight.data_ptr() % 16 == 0, f"{name} must be 16-byte aligned")
@@ -59,7 +59,8 @@ def _tactic(t: Optional[List[int]]):
 
 def _as_rows(x: Tensor, k: int) -> Tuple[Tensor, int]:
     """x [..., K] → 2-D view with unit column stride, and its row stride."""
-    _check(x.dim() >= 1 and x.shape[-1] == k, f"x has shape {tuple(x.shape)}, expected last dimension K = {k}")
+    _check(x.dim() >= 1 and x.shape[-1] == k,
+           f"x has shape {tuple(x.shape)}, expected last dimension K = {k}")
     if x.dim() == 2 and x.stride(1) == 1 and x.stride(0) >= k:
         return x, x.stride(0)
     _check(x.is_contiguous(), "x must be contiguous (or 2-D with unit column stride)")
@@ -92,13 +93,14 @@ def fp8_gemm(x: Tensor, weight: Tensor, scale: Tensor, split_rows: int = 0,
         return y.reshape(out_shape)
     tac = _tactic(tactic)
     if x.device.type == "cpu":
-        _C.fp8_gemm_cpu(weight.data_ptr(), scale.data_ptr(), n, k, split_rows, x2.data_ptr(), ldx, y.data_ptr(), n, m,
-                        tac.path == _C.Fp8GemmPath.blockscaled)
+        blockscaled = tac.path == _C.Fp8GemmPath.blockscaled
+        _C.fp8_gemm_cpu(weight.data_ptr(), scale.data_ptr(), n, k, split_rows, x2.data_ptr(), ldx,
+                        y.data_ptr(), n, m, blockscaled)
         return y.reshape(out_shape)
     ws_bytes = _C.fp8_gemm_workspace_bytes(m, n, k, tac, split_rows)
     ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=x.device)
-    _C.fp8_gemm(weight.data_ptr(), scale.data_ptr(), n, k, split_rows, x2.data_ptr(), ldx, y.data_ptr(), n, m, tac,
-                ws.data_ptr(), ws_bytes, stream_of(x))
+    _C.fp8_gemm(weight.data_ptr(), scale.data_ptr(), n, k, split_rows, x2.data_ptr(), ldx, y.data_ptr(), n, m,
+                tac, ws.data_ptr(), ws_bytes, stream_of(x))
     return y.reshape(out_shape)
 
 
@@ -145,7 +147,8 @@ def fp8_grouped_gemm(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, weig
     _check(want is not None, f"split_rows = {split_rows} must be in [0, {n})")
     _check(scale.shape[0] == slots and tuple(scale.shape[1:]) == want,
            f"scale has shape {tuple(scale.shape)}, expected [{slots}, {want[0]}, {want[1]}]")
-    _check(scale.stride(2) == 1 and scale.stride(1) == want[1], "each slot of scale must be a row-major block")
+    _check(scale.stride(2) == 1 and scale.stride(1) == want[1],
+           "each slot of scale must be a row-major block")
     _check(max_rows_per_group >= 0, "max_rows_per_group must be non-negative")
     w_stride = weight.stride(0) if slots > 1 else n * k
     s_stride = scale.stride(0) if slots > 1 else want[0] * want[1]
@@ -155,9 +158,10 @@ def fp8_grouped_gemm(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, weig
     y = torch.zeros(x.shape[0], n, dtype=torch.bfloat16, device=dev)
     if x.shape[0] == 0:
         return y
-    _C.fp8_grouped_gemm(weight.data_ptr(), scale.data_ptr(), w_stride, s_stride, n, k, split_rows, 0, 0, 0, slots, g,
-                        slot_of_group.data_ptr(), row_offsets.data_ptr(), x.shape[0], max_rows_per_group,
-                        x.data_ptr(), k, y.data_ptr(), n, tile_tokens, dev.type == "cuda", stream_of(x))
+    _C.fp8_grouped_gemm(weight.data_ptr(), scale.data_ptr(), w_stride, s_stride, n, k, split_rows, 0, 0, 0,
+                        slots, g, slot_of_group.data_ptr(), row_offsets.data_ptr(), x.shape[0],
+                        max_rows_per_group, x.data_ptr(), k, y.data_ptr(), n, tile_tokens, dev.type == "cuda",
+                        stream_of(x))
     return y
 
 
@@ -177,9 +181,11 @@ def fp8_grouped_gemm_units(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor
     g = _check_groups(x, row_offsets, slot_of_group, k)
     dev = x.device
     _check_tensor(unit_table, "unit_table", dtype=torch.int64, dim=1, device=dev)
-    _check(n > 0 and k > 0 and k % 16 == 0, f"weight shape [{n}, {k}] must be positive with K a multiple of 16")
+    _check(n > 0 and k > 0 and k % 16 == 0,
+           f"weight shape [{n}, {k}] must be positive with K a multiple of 16")
     _check(0 <= split_rows < n, f"split_rows = {split_rows} must be in [0, {n})")
-    _check(unit_weight >= 0 and unit_weight % 16 == 0, f"unit_weight = {unit_weight} must be a multiple of 16")
+    _check(unit_weight >= 0 and unit_weight % 16 == 0,
+           f"unit_weight = {unit_weight} must be a multiple of 16")
     _check(unit_scale >= 0 and unit_scale % 4 == 0, f"unit_scale = {unit_scale} must be a multiple of 4")
     _check(max_rows_per_group >= 0, "max_rows_per_group must be non-negative")
     y = torch.zeros(x.shape[0], n, dtype=torch.bfloat16, device=dev)
@@ -193,8 +199,8 @@ def fp8_grouped_gemm_units(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor
 
 
 @fp8_grouped_gemm_units.register_fake
-def _(x, row_offsets, slot_of_group, unit_table, unit_weight, unit_scale, n, k, max_rows_per_group, split_rows=0,
-      tile_tokens=0):
+def _(x, row_offsets, slot_of_group, unit_table, unit_weight, unit_scale, n, k, max_rows_per_group,
+      split_rows=0, tile_tokens=0):
     return x.new_empty(x.shape[0], n)
 
 
@@ -215,10 +221,10 @@ def fp8_act_quant(x: Tensor) -> Tuple[Tensor, Tensor]:
         _check(k % 16 == 0, f"x: K = {k} is not a multiple of 16")
     kb = -(-k // BLOCK)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(kb, max(m, 1), dtype=torch.float32, device=x.device)   # groups-major, as the GEMM reads it
+    s = torch.empty(kb, max(m, 1), dtype=torch.float32, device=x.device)   # groups-major, as the GEMM reads
     if m > 0:
-        _C.fp8_act_quant(x.data_ptr(), k, m, k, q.data_ptr(), k, s.data_ptr(), max(m, 1), x.device.type == "cuda",
-                         stream_of(x))
+        _C.fp8_act_quant(x.data_ptr(), k, m, k, q.data_ptr(), k, s.data_ptr(), max(m, 1),
+                         x.device.type == "cuda", stream_of(x))
     return q, s[:, :m].t().contiguous()
 
 
@@ -353,7 +359,8 @@ def fp8_expert_unit(gate: Fp8Weight, up: Fp8Weight, down: Fp8Weight) -> Tensor:
            f"down {tuple(down.weight.shape)}")
     lay = fp8_expert_unit_layout(hidden, inter)
     unit = torch.empty(lay["bytes"], dtype=torch.uint8)
-    t = [p.contiguous().cpu() for p in (gate.weight, gate.scale, up.weight, up.scale, down.weight, down.scale)]
+    parts = (gate.weight, gate.scale, up.weight, up.scale, down.weight, down.scale)
+    t = [p.contiguous().cpu() for p in parts]
     _C.fp8_expert_unit_fill(hidden, inter, *(x.data_ptr() for x in t), unit.data_ptr())
     return unit
 

@@ -309,11 +309,11 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
         if alt is not None and (plan is None or len(alt.paged_layers) < len(plan.paged_layers)):
             L = source.config.num_hidden_layers
             was = "none fit" if plan is None else f"{len(plan.resident_layers)} of {L} resident"
-            alt.notes.insert(0, f"attention runs in FP8 (BF16 in the checkpoint, converted at load with 128×128 "
-                                f"block scales): dense it takes "
-                                f"{attention_bytes(source, policy, compute_dtype) / GiB:.2f} GiB and does not fit "
-                                f"beside the minimum expert cache ({was}); in FP8 "
-                                f"{attention_bytes(source, fp8, compute_dtype) / GiB:.2f} GiB, "
+            dense_gib = attention_bytes(source, policy, compute_dtype) / GiB
+            fp8_gib = attention_bytes(source, fp8, compute_dtype) / GiB
+            alt.notes.insert(0, f"attention runs in FP8 (BF16 in the checkpoint, converted at load with "
+                                f"128×128 block scales): dense it takes {dense_gib:.2f} GiB and does not fit "
+                                f"beside the minimum expert cache ({was}); in FP8 {fp8_gib:.2f} GiB, "
                                 f"{len(alt.resident_layers)} of {L} layers resident")
             return alt
     if plan is None:

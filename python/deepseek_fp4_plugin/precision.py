@@ -98,7 +98,8 @@ class PrecisionPolicy:
             groups = frozenset(getattr(self, name))
             bad = sorted(groups - set(GROUPS))
             if bad:
-                raise ValueError(f"precision: unknown module group(s) {bad} in {name} (known: {', '.join(GROUPS)})")
+                raise ValueError(f"precision: unknown module group(s) {bad} in {name} "
+                                 f"(known: {', '.join(GROUPS)})")
             object.__setattr__(self, name, groups)
 
     @classmethod
@@ -116,7 +117,8 @@ class PrecisionPolicy:
             return cls(fp8_groups=frozenset(GROUPS) - {LM_HEAD})
         if spec == "bf16":
             return cls(frozenset(), dequantize_nvfp4=True, dequantize_fp8=True, auto_fp8_attention=False)
-        raise ValueError(f"precision must be 'default', 'fp4', 'fp8', 'bf16' or a PrecisionPolicy, got {spec!r}")
+        raise ValueError(f"precision must be 'default', 'fp4', 'fp8', 'bf16' or a PrecisionPolicy, "
+                         f"got {spec!r}")
 
     def runtime_format(self, module: str, stored_format: str) -> str:
         """"fp4", "fp8" or "dense": how ``module``, stored in ``stored_format``, runs."""

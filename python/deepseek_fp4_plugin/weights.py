@@ -137,7 +137,7 @@ class Fp8KvB(Fp8Linear):
         b, kb = 128, weight.scale.shape[1]
         w = weight.weight.view(heads, nope + v, c)                                  # [H, Dn+Dv, C]
         s = weight.scale.view(heads, (nope + v) // b, kb)                           # [H, (Dn+Dv)/128, C/128]
-        self.uv, self.uv_scale = w[:, nope:], s[:, nope // b:]                      # [H, Dv, C], [H, Dv/128, C/128]
+        self.uv, self.uv_scale = w[:, nope:], s[:, nope // b:]              # [H, Dv, C], [H, Dv/128, C/128]
         if uk_t is None:
             uk_t = w[:, :nope].transpose(1, 2).contiguous()                         # [H, C, Dn]
             uk_t_scale = s[:, :nope // b].transpose(1, 2).contiguous()              # [H, C/128, Dn/128]
@@ -381,8 +381,8 @@ class Fp8RoutedExperts(RoutedExperts):
     def set_expert(self, e: int, gate_up: Fp8Weight, down: Fp8Weight) -> None:
         if (gate_up.weight.shape != self.gu_weight.shape[1:] or down.weight.shape != self.dn_weight.shape[1:]
                 or gate_up.split_rows != self.split):
-            raise ValueError(f"expert {e}: weights {tuple(gate_up.weight.shape)} / {tuple(down.weight.shape)} do not "
-                             f"match the other experts")
+            shapes = f"{tuple(gate_up.weight.shape)} / {tuple(down.weight.shape)}"
+            raise ValueError(f"expert {e}: weights {shapes} do not match the other experts")
         self.gu_weight[e].copy_(gate_up.weight)
         self.gu_scale[e].copy_(gate_up.scale)
         self.dn_weight[e].copy_(down.weight)
@@ -394,12 +394,14 @@ class Fp8RoutedExperts(RoutedExperts):
         return ExpertGroups(offsets, expert_of_group, max_rows)
 
     def gate_up(self, x: Tensor, groups: ExpertGroups) -> Tensor:
-        return torch.ops.dsfp4.fp8_grouped_gemm(x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group,
-                                                self.gu_weight, self.gu_scale, groups.max_rows, self.split)
+        g = groups
+        return torch.ops.dsfp4.fp8_grouped_gemm(x.to(torch.bfloat16), g.row_offsets, g.slot_of_group,
+                                                self.gu_weight, self.gu_scale, g.max_rows, self.split)
 
     def down(self, x: Tensor, groups: ExpertGroups) -> Tensor:
-        return torch.ops.dsfp4.fp8_grouped_gemm(x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group,
-                                                self.dn_weight, self.dn_scale, groups.max_rows)
+        g = groups
+        return torch.ops.dsfp4.fp8_grouped_gemm(x.to(torch.bfloat16), g.row_offsets, g.slot_of_group,
+                                                self.dn_weight, self.dn_scale, g.max_rows)
 
     @property
     def nbytes(self) -> int:

@@ -252,7 +252,8 @@ void test_grouped_and_units() {
   st.k = I;
   const int32_t sg[] = {2, 0, 0, 0};
   CHECK(dsfp4::fp8_grouped_gemm_cpu(st, slots, 4, sg, offsets, rows, h.data(), I, y1.data(), H).ok());
-  table[1] = reinterpret_cast<uint64_t>(units[0].data()) + (16 - reinterpret_cast<uintptr_t>(units[0].data()) % 16) % 16;
+  table[1] =
+      reinterpret_cast<uint64_t>(units[0].data()) + (16 - reinterpret_cast<uintptr_t>(units[0].data()) % 16) % 16;
   const int32_t su[] = {2, 0, 1, 1};  // slot 1 is expert 0's unit now
   CHECK(dsfp4::fp8_grouped_gemm_cpu(dsfp4::fp8_expert_unit_down(lay, table.data()), slots, 4, su, offsets, rows,
                                     h.data(), I, y2.data(), H)

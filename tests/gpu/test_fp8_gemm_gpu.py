@@ -123,7 +123,8 @@ def test_quantization_bit_exact_with_cpu():
         assert torch.equal(qg.cpu().view(torch.uint8), qc.view(torch.uint8)) and torch.equal(sg.cpu(), sc)
     w = make_weight(200, 96, 1, split=72)
     assert torch.equal(w.dequantize(torch.float32).cpu(), w.to("cpu").dequantize(torch.float32))
-    assert torch.equal(w.dequantize(torch.bfloat16).cpu(), w.to("cpu").dequantize(torch.float32).to(torch.bfloat16))
+    want = w.to("cpu").dequantize(torch.float32)
+    assert torch.equal(w.dequantize(torch.bfloat16).cpu(), want.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows_per_group", [[0, 1, 3, 0, 2, 1], [5, 17, 0, 40, 2, 9], [130, 3, 0, 64, 1, 0]])
@@ -133,7 +134,7 @@ def test_grouped_gemm(rows_per_group):
     qw = torch.stack([w.weight for w in ws])
     sc = torch.stack([w.scale for w in ws])
     slot_of_group = torch.tensor([5, 0, 2, 1, -1, 3], dtype=torch.int32, device="cuda")
-    offs = torch.tensor([0] + torch.tensor(rows_per_group).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    offs = torch.tensor([0, *torch.tensor(rows_per_group).cumsum(0).tolist()], dtype=torch.int32).cuda()
     x = torch.randn(int(offs[-1]), k, device="cuda").to(torch.bfloat16)
     y = torch.ops.dsfp4.fp8_grouped_gemm(x, offs, slot_of_group, qw, sc, max(rows_per_group), 136)
     for g, slot in enumerate(slot_of_group.tolist()):
@@ -167,14 +168,14 @@ def test_grouped_gemm_units_gpu_and_host_memory(rows_per_group):
         addrs.append(buf.data_ptr())
     table = torch.tensor(addrs, dtype=torch.int64, device="cuda")
     slot_of_group = torch.tensor([3, 1, 0, 2], dtype=torch.int32, device="cuda")
-    offs = torch.tensor([0] + torch.tensor(rows_per_group).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    offs = torch.tensor([0, *torch.tensor(rows_per_group).cumsum(0).tolist()], dtype=torch.int32).cuda()
     x = torch.randn(int(offs[-1]), H, device="cuda").to(torch.bfloat16)
     h = torch.randn(int(offs[-1]), I, device="cuda").to(torch.bfloat16)
     torch.cuda.synchronize()
     gu = torch.ops.dsfp4.fp8_grouped_gemm_units(x, offs, slot_of_group, table, lay["gate_up_weight"],
                                                 lay["gate_up_scale"], 2 * I, H, max(rows_per_group), I)
-    dn = torch.ops.dsfp4.fp8_grouped_gemm_units(h, offs, slot_of_group, table, lay["down_weight"], lay["down_scale"],
-                                                H, I, max(rows_per_group))
+    dn = torch.ops.dsfp4.fp8_grouped_gemm_units(h, offs, slot_of_group, table, lay["down_weight"],
+                                                lay["down_scale"], H, I, max(rows_per_group))
     for g, e in enumerate(slot_of_group.tolist()):
         lo, hi = int(offs[g]), int(offs[g + 1])
         if hi == lo:
@@ -249,8 +250,8 @@ def test_bad_inputs_cuda():
 
 MODEL_CONFIGS = {
     "base": dict(),
-    "mla128": dict(num_attention_heads=2, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=144, hidden_size=160,
-                   moe_intermediate_size=144, intermediate_size=272, q_lora_rank=96),
+    "mla128": dict(num_attention_heads=2, qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=144,
+                   hidden_size=160, moe_intermediate_size=144, intermediate_size=272, q_lora_rank=96),
 }
 
 

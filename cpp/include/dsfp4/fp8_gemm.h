@@ -38,7 +38,9 @@ constexpr int kFp8Block = 128;  // DeepSeek's weight_block_size, both dimensions
 
 // Rows of the scale tensor of a [n, k] weight with the given split (see above).
 int64_t fp8_scale_rows(int64_t n, int64_t split_rows);
-inline int64_t fp8_scale_cols(int64_t k) { return (k + kFp8Block - 1) / kFp8Block; }
+inline int64_t fp8_scale_cols(int64_t k) {
+  return (k + kFp8Block - 1) / kFp8Block;
+}
 
 // One FP8 weight; device memory for the CUDA entry points, host memory for the CPU ones.
 struct Fp8Weight {
@@ -81,8 +83,7 @@ Fp8GemmTactic fp8_gemm_default_tactic(int64_t m, int64_t n, int64_t k, int64_t s
 // Every valid tactic for the shape (split_rows as given), for autotuning.
 std::vector<Fp8GemmTactic> fp8_gemm_candidate_tactics(int64_t m, int64_t n, int64_t k, int64_t split_rows = 0);
 // Workspace bytes fp8_gemm_cuda needs for this shape and tactic (0 is a valid answer).
-size_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, const Fp8GemmTactic& tactic,
-                                int64_t split_rows = 0);
+size_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, const Fp8GemmTactic& tactic, int64_t split_rows = 0);
 
 // Dense GEMM on the GPU. x: [m, k] bf16, row stride ldx (elements, ≥ k, multiple of 8, rows
 // 16-byte aligned); y: [m, n] bf16, row stride ldy. Device pointers; runs on `stream`; never
@@ -132,8 +133,7 @@ Status fp8_gemm_blockscaled_cpu(const Fp8Weight& w, const void* x, int64_t ldx, 
 // Reference of fp8_grouped_gemm_cuda. Also checks what the kernel cannot: slots below
 // num_slots, groups inside [0, rows). Rows of y outside every group are left untouched.
 Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_groups, const int32_t* slot_of_group,
-                            const int32_t* row_offsets, int64_t rows, const void* x, int64_t ldx, void* y,
-                            int64_t ldy);
+                            const int32_t* row_offsets, int64_t rows, const void* x, int64_t ldx, void* y, int64_t ldy);
 
 // ---- FP8 expert units ---------------------------------------------------------------------
 // One routed expert in FP8 as one block of memory (a paging unit): gate and up stacked into
@@ -141,13 +141,13 @@ Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_gr
 // scales, at these byte offsets (weights 16-byte, scales 16-byte aligned). The bytes are the
 // checkpoint's own (no repack): a unit fills with plain copies of the stored tensors.
 struct Fp8ExpertUnitLayout {
-  int64_t hidden = 0;         // H
-  int64_t inter = 0;          // I
-  int64_t gate_up_weight = 0; // e4m3 [2I, H]: gate rows, then up rows
-  int64_t gate_up_scale = 0;  // float32 [2·ceil(I/128), ceil(H/128)]: gate's, then up's
-  int64_t down_weight = 0;    // e4m3 [H, I]
-  int64_t down_scale = 0;     // float32 [ceil(H/128), ceil(I/128)]
-  int64_t bytes = 0;          // the whole unit (a multiple of 256)
+  int64_t hidden = 0;          // H
+  int64_t inter = 0;           // I
+  int64_t gate_up_weight = 0;  // e4m3 [2I, H]: gate rows, then up rows
+  int64_t gate_up_scale = 0;   // float32 [2·ceil(I/128), ceil(H/128)]: gate's, then up's
+  int64_t down_weight = 0;     // e4m3 [H, I]
+  int64_t down_scale = 0;      // float32 [ceil(H/128), ceil(I/128)]
+  int64_t bytes = 0;           // the whole unit (a multiple of 256)
 };
 
 // H and I must be positive multiples of 16.

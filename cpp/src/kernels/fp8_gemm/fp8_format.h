@@ -17,10 +17,14 @@ DSFP4_HD int64_t fp8_scale_row(int64_t r, int64_t split_rows) {
 }
 
 // The scale of a group or block with the given amax: amax / 448, or 1 for an all-zero one.
-DSFP4_HD float fp8_scale_from_amax(float amax) { return amax > 0.0f ? amax / 448.0f : 1.0f; }
+DSFP4_HD float fp8_scale_from_amax(float amax) {
+  return amax > 0.0f ? amax / 448.0f : 1.0f;
+}
 
 // One value quantized with its group's scale: e4m3(v / s), nearest even, saturating.
-DSFP4_HD uint8_t fp8_quantize_value(float v, float s) { return float_to_e4m3(v / s); }
+DSFP4_HD uint8_t fp8_quantize_value(float v, float s) {
+  return float_to_e4m3(v / s);
+}
 
 }  // namespace fmt
 }  // namespace dsfp4

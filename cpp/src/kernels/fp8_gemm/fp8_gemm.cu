@@ -143,11 +143,19 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-int64_t block_rows(const Fp8GemmTactic& t) { return 16ll * t.warps_n; }
-int64_t kblocks(int64_t k) { return fp8_scale_cols(k); }
-int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+int64_t block_rows(const Fp8GemmTactic& t) {
+  return 16ll * t.warps_n;
+}
+int64_t kblocks(int64_t k) {
+  return fp8_scale_cols(k);
+}
+int64_t round_up(int64_t v, int64_t a) {
+  return (v + a - 1) / a * a;
+}
 
-bool hopper() { return device_info().cc_major == 9; }
+bool hopper() {
+  return device_info().cc_major == 9;
+}
 
 // The FP8 tensor-core path: sm_90a build, Hopper device, aligned shape, uniform block grid.
 bool blockscaled_available(int64_t m, int64_t n, int64_t k, int64_t split_rows) {
@@ -334,8 +342,7 @@ std::vector<Fp8GemmTactic> fp8_gemm_candidate_tactics(int64_t m, int64_t n, int6
   return out;
 }
 
-size_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, const Fp8GemmTactic& tactic_in,
-                                int64_t split_rows) {
+size_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, const Fp8GemmTactic& tactic_in, int64_t split_rows) {
   if (m <= 0 || n <= 0 || k <= 0) return 0;
   Fp8GemmTactic t = tactic_in;
   if (t.path == Fp8GemmPath::kAuto) t = default_tactic(m, n, k, split_rows);
@@ -358,7 +365,8 @@ Status fp8_gemm_cuda(const Fp8Weight& w, const void* x, int64_t ldx, void* y, in
   const char* fn = "fp8_gemm";
   DSFP4_RETURN_IF_ERROR(check_dims(w.n, w.k, w.split_rows, fn));
   if (!w.weight || !w.scale) return InvalidArgument("fp8_gemm: weight or scale is null");
-  if (reinterpret_cast<uintptr_t>(w.weight) % 16 != 0) return InvalidArgument("fp8_gemm: weight must be 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(w.weight) % 16 != 0)
+    return InvalidArgument("fp8_gemm: weight must be 16-byte aligned");
   if (reinterpret_cast<uintptr_t>(w.scale) % 4 != 0) return InvalidArgument("fp8_gemm: scale must be 4-byte aligned");
   if (m < 0) return InvalidArgument("fp8_gemm: M must be non-negative");
   if (m == 0) return Status::Ok();
@@ -392,8 +400,8 @@ Status fp8_gemm_cuda(const Fp8Weight& w, const void* x, int64_t ldx, void* y, in
     const int64_t m_pad = kernels::sm90_fp8_scale_ld(m);
     const int64_t warps = m_pad * kblocks(w.k);
     kernels::fp8::act_quant_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(x), ldx, static_cast<int>(m), static_cast<int>(m_pad),
-        static_cast<int>(w.k), xq, w.k, sx, m_pad);
+        static_cast<const __nv_bfloat16*>(x), ldx, static_cast<int>(m), static_cast<int>(m_pad), static_cast<int>(w.k),
+        xq, w.k, sx, m_pad);
     DSFP4_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "fp8_gemm: activation quantize launch"));
     return kernels::sm90_fp8_blockwise_gemm(xq, w.k, sx, w.weight, w.k, w.scale, yb, ldy, m, w.n, w.k,
                                             base + lay.cutlass_offset, need - lay.cutlass_offset, s);
@@ -416,8 +424,8 @@ Status fp8_gemm_cuda(const Fp8Weight& w, const void* x, int64_t ldx, void* y, in
       kernels::fp8::dequant_bf16_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, s>>>(
           w.weight, w.scale, w.n, w.k, w.split_rows, r0, rows, wdq, w.k, alpha);
       DSFP4_RETURN_IF_ERROR(cuda_status(cudaGetLastError(), "fp8_gemm: dequantize kernel launch"));
-      DSFP4_RETURN_IF_ERROR(kernels::sm90_bf16_gemm(x, ldx, wdq, w.k, yb + r0, ldy, m, rows, w.k, alpha, gemm_ws,
-                                                    gemm_ws_bytes, s));
+      DSFP4_RETURN_IF_ERROR(
+          kernels::sm90_bf16_gemm(x, ldx, wdq, w.k, yb + r0, ldy, m, rows, w.k, alpha, gemm_ws, gemm_ws_bytes, s));
     }
     return Status::Ok();
   }
@@ -441,8 +449,8 @@ Status fp8_gemm_cuda(const Fp8Weight& w, const void* x, int64_t ldx, void* y, in
     auto* base = static_cast<char*>(workspace);
     a.counters = reinterpret_cast<int*>(base);
     a.partial = reinterpret_cast<float*>(base + round_up(row_blocks * token_tiles * 4, 256));
-    DSFP4_RETURN_IF_ERROR(cuda_status(cudaMemsetAsync(base, 0, row_blocks * token_tiles * 4, s),
-                                      "fp8_gemm: clearing split-K counters"));
+    DSFP4_RETURN_IF_ERROR(
+        cuda_status(cudaMemsetAsync(base, 0, row_blocks * token_tiles * 4, s), "fp8_gemm: clearing split-K counters"));
   }
   dim3 grid(static_cast<unsigned>(token_tiles * t.split_k), static_cast<unsigned>(row_blocks), 1);
   return dispatch_fused(t, a, grid, s);
@@ -456,16 +464,19 @@ Status fp8_grouped_gemm_cuda(const Fp8GroupedWeight& w, int num_groups, const in
   const bool units = w.unit_addr != nullptr;
   if (!units && (!w.weight || !w.scale)) return InvalidArgument("fp8_grouped_gemm: weight or scale is null");
   if (units && (w.unit_weight % 16 != 0 || w.unit_scale % 4 != 0 || w.unit_weight < 0 || w.unit_scale < 0))
-    return InvalidArgument("fp8_grouped_gemm: unit offsets must be non-negative, the weight's 16-byte and the "
-                           "scales' 4-byte aligned");
+    return InvalidArgument(
+        "fp8_grouped_gemm: unit offsets must be non-negative, the weight's 16-byte and the "
+        "scales' 4-byte aligned");
   if (!units && (reinterpret_cast<uintptr_t>(w.weight) % 16 != 0 || w.weight_slot_stride % 16 != 0 ||
                  w.weight_slot_stride < w.n * w.k))
-    return InvalidArgument("fp8_grouped_gemm: weight must be 16-byte aligned with a slot stride that is a multiple of "
-                           "16 bytes covering a weight");
+    return InvalidArgument(
+        "fp8_grouped_gemm: weight must be 16-byte aligned with a slot stride that is a multiple of "
+        "16 bytes covering a weight");
   if (!units && (reinterpret_cast<uintptr_t>(w.scale) % 4 != 0 ||
                  w.scale_slot_stride < fp8_scale_rows(w.n, w.split_rows) * fp8_scale_cols(w.k)))
     return InvalidArgument("fp8_grouped_gemm: scale_slot_stride must cover one weight's scales");
-  if (num_groups <= 0 || num_groups > 65535) return InvalidArgument("fp8_grouped_gemm: num_groups must be in [1, 65535]");
+  if (num_groups <= 0 || num_groups > 65535)
+    return InvalidArgument("fp8_grouped_gemm: num_groups must be in [1, 65535]");
   if (row_offsets == nullptr) return InvalidArgument("fp8_grouped_gemm: row_offsets is null");
   if (max_rows_per_group <= 0) return Status::Ok();
   DSFP4_RETURN_IF_ERROR(check_activation(x, ldx, w.k, fn, "x"));
@@ -513,14 +524,15 @@ Status fp8_act_quant_cuda(const void* x, int64_t ldx, int64_t m, int64_t k, uint
   if (!x || !xq || !scale) return InvalidArgument("fp8_act_quant: null pointer");
   if (ldx < k || ldq < k || ld_scale < m || ldx % 4 != 0 || ldq % 4 != 0 || reinterpret_cast<uintptr_t>(x) % 8 != 0 ||
       reinterpret_cast<uintptr_t>(xq) % 4 != 0)
-    return InvalidArgument("fp8_act_quant: ldx, ldq must be multiples of 4 and ≥ K (x 8-byte, xq 4-byte aligned), "
-                           "ld_scale ≥ M");
+    return InvalidArgument(
+        "fp8_act_quant: ldx, ldq must be multiples of 4 and ≥ K (x 8-byte, xq 4-byte aligned), "
+        "ld_scale ≥ M");
   if (m > (1ll << 30)) return InvalidArgument("fp8_act_quant: M too large");
   const int64_t warps = m * kblocks(k);
-  kernels::fp8::act_quant_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0,
-                                   static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const __nv_bfloat16*>(x), ldx, static_cast<int>(m), static_cast<int>(m), static_cast<int>(k), xq, ldq,
-      scale, ld_scale);
+  kernels::fp8::
+      act_quant_kernel<<<static_cast<unsigned>((warps * 32 + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const __nv_bfloat16*>(x), ldx, static_cast<int>(m), static_cast<int>(m), static_cast<int>(k), xq,
+          ldq, scale, ld_scale);
   return cuda_status(cudaGetLastError(), "fp8_act_quant: kernel launch");
 }
 
@@ -544,9 +556,9 @@ Status fp8_dequantize_bf16_cuda(const Fp8Weight& w, void* dst, int64_t ldd, Stre
       ldd < w.k)
     return InvalidArgument("fp8_dequantize: weight and dst must be 16-byte aligned, ldd a multiple of 8 and ≥ K");
   const int64_t threads = w.n * (w.k / 16);
-  kernels::fp8::dequant_bf16_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0,
-                                      static_cast<cudaStream_t>(stream)>>>(
-      w.weight, w.scale, w.n, w.k, w.split_rows, 0, w.n, static_cast<__nv_bfloat16*>(dst), ldd, nullptr);
+  kernels::fp8::
+      dequant_bf16_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+          w.weight, w.scale, w.n, w.k, w.split_rows, 0, w.n, static_cast<__nv_bfloat16*>(dst), ldd, nullptr);
   return cuda_status(cudaGetLastError(), "fp8_dequantize: kernel launch");
 }
 

@@ -141,8 +141,7 @@ Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_gr
                             const int32_t* row_offsets, int64_t rows, const void* x, int64_t ldx, void* y,
                             int64_t ldy) {
   if (w.n <= 0 || w.k <= 0) return InvalidArgument("fp8_grouped_gemm: weight shape must be positive");
-  if (w.split_rows < 0 || w.split_rows >= w.n)
-    return InvalidArgument("fp8_grouped_gemm: split_rows must be in [0, N)");
+  if (w.split_rows < 0 || w.split_rows >= w.n) return InvalidArgument("fp8_grouped_gemm: split_rows must be in [0, N)");
   const bool units = w.unit_addr != nullptr;
   if (!units && (!w.weight || !w.scale)) return InvalidArgument("fp8_grouped_gemm: weight or scale is null");
   if (num_groups <= 0 || !slot_of_group || !row_offsets)
@@ -201,7 +200,8 @@ Status fp8_block_quantize_cpu(const MatrixSource& src, int64_t rows, int64_t col
             const float s = fmt::fp8_scale_from_amax(amax);
             scale_inv[i * cb + j] = s;
             for (int64_t r = r0; r < r1; ++r)
-              for (int64_t c = c0; c < c1; ++c) q[r * cols + c] = fmt::fp8_quantize_value(fmt::load_value(src, cols, r, c), s);
+              for (int64_t c = c0; c < c1; ++c)
+                q[r * cols + c] = fmt::fp8_quantize_value(fmt::load_value(src, cols, r, c), s);
           }
         }
       },
@@ -212,7 +212,9 @@ Status fp8_block_quantize_cpu(const MatrixSource& src, int64_t rows, int64_t col
 // ---- expert units --------------------------------------------------------------------------
 
 namespace {
-int64_t align_unit(int64_t v) { return (v + 255) / 256 * 256; }
+int64_t align_unit(int64_t v) {
+  return (v + 255) / 256 * 256;
+}
 
 Status check_scales(const float* s, int64_t count, const char* name) {
   for (int64_t i = 0; i < count; ++i)

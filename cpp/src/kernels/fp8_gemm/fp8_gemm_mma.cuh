@@ -26,14 +26,14 @@ namespace kernels {
 namespace fp8 {
 
 struct FusedArgs {
-  const uint8_t* weight;        // slot 0: e4m3 [n, k] row-major
-  const float* scale;           // slot 0: [scale rows, kb]
-  int64_t weight_slot_stride;   // bytes
-  int64_t scale_slot_stride;    // floats
-  const int32_t* slot_of_group; // null: slot = group
-  const uint64_t* unit_addr;    // null: slots are weight/scale + s·stride
+  const uint8_t* weight;         // slot 0: e4m3 [n, k] row-major
+  const float* scale;            // slot 0: [scale rows, kb]
+  int64_t weight_slot_stride;    // bytes
+  int64_t scale_slot_stride;     // floats
+  const int32_t* slot_of_group;  // null: slot = group
+  const uint64_t* unit_addr;     // null: slots are weight/scale + s·stride
   int64_t unit_weight, unit_scale;
-  const int32_t* row_offsets;   // null: dense, rows [0, m)
+  const int32_t* row_offsets;  // null: dense, rows [0, m)
   const __nv_bfloat16* x;
   int64_t ldx;
   __nv_bfloat16* y;
@@ -44,8 +44,8 @@ struct FusedArgs {
   int kb;           // 128-column blocks (scale columns)
   int token_tiles;  // grid.x / split_k: token tiles visited with this stride
   int split_k;
-  float* partial;   // split_k > 1: [split_k][row blocks · token_tiles][block outputs]
-  int* counters;    // split_k > 1: [row blocks · token_tiles], zeroed before the launch
+  float* partial;  // split_k > 1: [split_k][row blocks · token_tiles][block outputs]
+  int* counters;   // split_k > 1: [row blocks · token_tiles], zeroed before the launch
 };
 
 __device__ __forceinline__ uint4 ld_stream_u4(const void* p) {
@@ -58,9 +58,7 @@ __device__ __forceinline__ uint4 ld_stream_u4(const void* p) {
 
 __device__ __forceinline__ uint4 ld_nc_u4(const void* p) {
   uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -296,8 +294,7 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp8_gemm_kernel(const Fuse
         for (int e = 0; e < 4; ++e) {
           const int n = 16 * tile + g + ((e & 2) ? 8 : 0);
           const int tok = tt * kTok + 8 * q + 2 * c + (e & 1);
-          if (n < a.n && tok < rows)
-            a.y[static_cast<int64_t>(row0 + tok) * a.ldy + n] = __float2bfloat16_rn(acc[q][e]);
+          if (n < a.n && tok < rows) a.y[static_cast<int64_t>(row0 + tok) * a.ldy + n] = __float2bfloat16_rn(acc[q][e]);
         }
       }
     }

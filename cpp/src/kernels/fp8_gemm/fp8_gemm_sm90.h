@@ -20,7 +20,9 @@ namespace kernels {
 // True when this build contains the sm_90a kernel.
 bool sm90_fp8_blockwise_available();
 // The activation scale stride the kernel expects for M rows.
-inline int64_t sm90_fp8_scale_ld(int64_t m) { return (m + 3) / 4 * 4; }
+inline int64_t sm90_fp8_scale_ld(int64_t m) {
+  return (m + 3) / 4 * 4;
+}
 // False when the shape or strides cannot run (alignment); the caller falls back.
 bool sm90_fp8_blockwise_can_run(int64_t m, int64_t n, int64_t k, int64_t ldq, int64_t ldw, int64_t ldy);
 size_t sm90_fp8_blockwise_workspace_bytes(int64_t m, int64_t n, int64_t k);
