@@ -17,6 +17,9 @@ read) and decides what stays resident and what is paged:
   expert cache whatever is left, in expert-unit slots (one expert: gate, up, down + scales);
                at least the experts one decode step can touch, min(E, max_batch_size · top_k)
 
+When dense attention does not fit beside the minimum expert cache, the plan runs it in FP8
+(converted at load; ``MemoryPlan.policy`` then says so, and the notes give the sizes).
+
 The host side: pinned memory for the paged layer units, and the expert host cache
 (``cpu_cache_size``) in front of the checkpoint files. A budget below the minimum working
 set is refused with the sizes that would fit.
@@ -311,8 +314,8 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
             was = "none fit" if plan is None else f"{len(plan.resident_layers)} of {L} resident"
             dense_gib = attention_bytes(source, policy, compute_dtype) / GiB
             fp8_gib = attention_bytes(source, fp8, compute_dtype) / GiB
-            alt.notes.insert(0, f"attention runs in FP8 (BF16 in the checkpoint, converted at load with "
-                                f"128×128 block scales): dense it takes {dense_gib:.2f} GiB and does not fit "
+            alt.notes.insert(0, f"attention runs in FP8 (stored dense, converted at load with 128×128 "
+                                f"block scales): dense it takes {dense_gib:.2f} GiB and does not fit "
                                 f"beside the minimum expert cache ({was}); in FP8 {fp8_gib:.2f} GiB, "
                                 f"{len(alt.resident_layers)} of {L} layers resident")
             return alt
