@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
-#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt]
+#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
 # With no arguments: build tests sanitizer bench-gemm.
+# fp8: the FP8 block GEMM's GPU tests, compute-sanitizer on a quick subset and bench_fp8_gemm.py
+# (add tune to sweep its tactics); logs under $OUT/fp8_*.
 # trt: builds with the TensorRT plugins (headers from TENSORRT_ROOT, else .deps/tensorrt-11.1),
 # runs ctest (the C++ example from the installed package, the expert runner), the plugin tests
 # (tests/test_trt_plugins.py with the lean runtime's registry, tests/gpu/test_trt_plugins_gpu.py)
@@ -110,6 +112,24 @@ if has bench-gemm; then
   timeout 300 python3 benchmarks/bench_fp4_gemm.py $extra --out "$OUT/fp4_gemm.json" > "$OUT/bench_gemm.log" 2>&1
   [ $? -eq 0 ] || status=1
   tail -28 "$OUT/bench_gemm.log"
+fi
+
+if has fp8; then
+  echo "== fp8: tests/gpu/test_fp8_gemm_gpu.py"
+  timeout 300 python3 -m pytest tests/gpu/test_fp8_gemm_gpu.py -q -rs --durations=5 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "== fp8: compute-sanitizer memcheck (quick sizes)"
+  DSFP4_QUICK=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_every_tactic" "tests/gpu/test_fp8_gemm_gpu.py::test_grouped_gemm" \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_grouped_gemm_units_gpu_and_host_memory" \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_blockscaled_on_hopper" \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_quantization_bit_exact_with_cpu" > "$OUT/fp8_sanitizer.log" 2>&1
+  rc=$?; tail -4 "$OUT/fp8_sanitizer.log"; echo "fp8 sanitizer exit $rc"; [ $rc -eq 0 ] || status=1
+  echo "== bench_fp8_gemm"
+  extra=""; has tune && extra="--tune"
+  timeout 240 python3 benchmarks/bench_fp8_gemm.py $extra --out "$OUT/fp8_gemm.json" > "$OUT/fp8_bench.log" 2>&1
+  [ $? -eq 0 ] || status=1
+  tail -30 "$OUT/fp8_bench.log"
 fi
 
 if has bench-model; then

@@ -17,7 +17,9 @@ from deepseek_fp4_plugin.precision import PrecisionPolicy
 from deepseek_fp4_plugin.tiny import make_tiny
 
 P = _C.paging
-KW = dict(device="cpu", dtype="bfloat16", max_batch_size=2, max_seq_len=128, prefill_chunk=32, verbose=False)
+# BF16 attention stays BF16 when it pages (the planner's FP8 choice is tested in test_fp8_model.py)
+KW = dict(device="cpu", dtype="bfloat16", max_batch_size=2, max_seq_len=128, prefill_chunk=32, verbose=False,
+          precision=PrecisionPolicy(auto_fp8_attention=False))
 PROMPT = list(range(1, 40))
 
 
@@ -48,7 +50,8 @@ def paged(model_dir, limit=0.03, **paging):
 def _plan(model_dir, budget_gib, **settings):
     src = open_checkpoint(model_dir)
     unit = P.expert_unit_layout(src.config.hidden_size, src.config.moe_intermediate_size)["bytes"]
-    return plan_memory(src, PrecisionPolicy(), torch.bfloat16, int(budget_gib * GiB), PagingSettings(**settings),
+    return plan_memory(src, PrecisionPolicy(auto_fp8_attention=False), torch.bfloat16, int(budget_gib * GiB),
+                       PagingSettings(**settings),
                        max_batch_size=2, max_seq_len=128, prefill_chunk=32, expert_unit_bytes=unit,
                        host_bytes=64 * GiB), unit
 

@@ -35,6 +35,7 @@ inline Stream stream(std::uintptr_t s) { return reinterpret_cast<Stream>(s); }
 
 void bind_nvfp4(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
+void bind_fp8(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
 void bind_paging(pybind11::module_& m);
 

@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-from . import moe_ops, ops  # noqa: F401  (register torch.ops.dsfp4.*)
+from . import fp8_ops, moe_ops, ops  # noqa: F401  (register torch.ops.dsfp4.*)
 from ._ext import has_cuda_kernels  # noqa: F401
+from .fp8_ops import Fp8Weight  # noqa: F401
 from .ops import Fp4Weight  # noqa: F401
 from .engine import Completion, Engine, GenerationStats  # noqa: F401,E402
 from .guard import EngineBusyError, GenerationError  # noqa: F401,E402

@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from ._ext import _C, has_cuda_kernels
+from ._ext import has_cuda_kernels
 from .checkpoint import CheckpointSource
-from .memory_plan import MemoryPlan, PagingSettings, plan_memory
+from .memory_plan import MemoryPlan, PagingSettings, expert_unit_bytes, plan_memory
 from .paged import PagedWeightStore, non_nvfp4_expert
 from .precision import PrecisionPolicy
 from .resident import ResidentWeightStore
@@ -77,9 +77,7 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
             budget = min(budget, int(frac * total))
     if budget is None:
         return None
-    c = source.config
-    unit = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)["bytes"] if (
-        c.hidden_size % 16 == 0 and c.moe_intermediate_size % 16 == 0) else 1 << 40
+    unit = expert_unit_bytes(source, policy, cdt)   # as the experts will run: NVFP4, FP8 or dense
     pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and non_nvfp4_expert(source) is None
     # cuBLAS keeps a workspace per stream that runs a matmul: the compute and the graph side stream
     cublas = 2 * CUBLAS_WORKSPACE if dev.type == "cuda" else 0
@@ -107,6 +105,8 @@ def load_store(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, po
                settings: PagingSettings, plan: Optional[MemoryPlan], max_rows: int, progress: bool,
                verbose: bool) -> WeightStore:
     """The store for ``plan``: paged when the plan pages, else every weight resident."""
+    if plan is not None and plan.policy is not None:
+        policy = plan.policy   # the plan may run BF16 attention in FP8 to fit the budget
     if plan is not None and plan.paged:
         if verbose:
             print(plan.table())

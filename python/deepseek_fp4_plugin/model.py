@@ -311,17 +311,24 @@ class DeepseekV3:
 
     def _attend_absorbed(self, w: AttentionWeights, q_nope: Tensor, q_rope: Tensor, latent: Tensor,
                          mask: Tensor) -> Tensor:
-        """Attends in the latent space: W_uk folded into q, W_uv applied after."""
+        """Attends in the latent space: W_uk folded into q, W_uv applied after (per-head FP8
+        GEMMs when kv_b is FP8: w_uk / w_uv are then None)."""
         C = self.C
-        dt = w.w_uk.dtype
+        fp8 = w.w_uk is None
+        dt = self.dtype if fp8 else w.w_uk.dtype
         kv_c, k_rope = latent[..., :C].to(dt), latent[..., C:].to(dt)           # [B, S, C], [B, S, R]
-        q_c = torch.einsum("bthd,hdc->bthc", q_nope.to(dt), w.w_uk)             # [B, T, H, C]
+        if fp8:
+            q_c = w.kv_b.q_to_latent(q_nope).to(dt)                             # [B, T, H, C]
+        else:
+            q_c = torch.einsum("bthd,hdc->bthc", q_nope.to(dt), w.w_uk)         # [B, T, H, C]
         scores = (torch.einsum("bthc,bsc->bths", q_c, kv_c)
                   + torch.einsum("bthr,bsr->bths", q_rope.to(dt), k_rope))      # [B, T, H, S]
         scores = scores.float() * self.softmax_scale
         scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(dt)                                       # [B, T, H, S]
         o_c = torch.einsum("bths,bsc->bthc", p, kv_c)                           # [B, T, H, C]
+        if fp8:
+            return w.kv_b.latent_to_v(o_c)                                      # [B, T, H, Dv]
         return torch.einsum("bthc,hvc->bthv", o_c, w.w_uv)                      # [B, T, H, Dv]
 
     # ---- feed-forward --------------------------------------------------------------------

@@ -663,6 +663,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
 def _map_linear(x: Optional[Linear], fn) -> Optional[Linear]:
     if x is None:
         return None
+    if hasattr(x, "map_tensors"):   # FP8 linears map their own tensors
+        return x.map_tensors(fn)
     if isinstance(x, Fp4Linear):
         w = x.weight
         return Fp4Linear(Fp4Weight(fn(w.qweight), fn(w.qscale), fn(w.global_scale), w.n, w.k),
@@ -686,7 +688,7 @@ def _map_layer(lw: LayerWeights, fn, config, dtype: torch.dtype) -> LayerWeights
     if isinstance(attn.kv_b, DenseLinear):
         split_kv_b(attn, config, dtype)
     else:
-        attn.w_uk, attn.w_uv = fn(a.w_uk), fn(a.w_uv)
+        attn.w_uk, attn.w_uv = m(a.w_uk), m(a.w_uv)   # None when kv_b reads them in FP8
     mlp = None if lw.mlp is None else MlpWeights(_map_linear(lw.mlp.gate_up, fn), _map_linear(lw.mlp.down, fn))
     moe = None
     if lw.moe is not None:
