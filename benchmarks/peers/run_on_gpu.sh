@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The llama.cpp peer on the GPU machine (no network): experts on the CPU, the rest on the GPU.
+#
+# Needs, carried from the build machine (paths relative to the repository root):
+#   .deps/llama-cuda/bin        llama-bench, its libraries and backend modules (build_llama_cpp.sh cuda)
+#   .deps/llama.cpp/gguf-py     the gguf package that make_gguf.py writes with
+# or, if the binaries are not there but the source is (.deps/llama.cpp), it builds them first
+# (16 jobs, a few minutes of that machine's time).
+#
+# Writes one GGUF per expert type to $LLAMA_GGUF_DIR (default /dev/shm: the file and llama.cpp's
+# copy of it both sit in RAM, about 2 x 6.5 GB per layer), benches it, deletes it, and writes
+# $OUT/llama_cpp.json (run_peer's result) and $OUT/llama_cpp.log.
+#
+#   bash benchmarks/peers/run_on_gpu.sh            # LLAMA_LAYERS=3 LLAMA_EXPERT_TYPES=q4_0,nvfp4
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="${LLAMA_BIN:-$root/.deps/llama-cuda/bin}"
+out="${OUT:-$root/bench_out}"
+mkdir -p "$out"
+
+if [[ ! -x "$bin/llama-bench" ]]; then
+  if [[ -f "$root/.deps/llama.cpp/CMakeLists.txt" ]]; then
+    echo "no llama-bench in $bin: building it here"
+    bash "$root/benchmarks/peers/build_llama_cpp.sh" cuda "$(nproc)" 2>&1 | tail -n 3
+    bin="$root/.deps/llama-cuda/bin"
+  else
+    echo "no llama-bench in $bin and no llama.cpp source in .deps: carry .deps/llama-cuda/bin" >&2
+    exit 1
+  fi
+fi
+python3 - <<EOF
+import sys; sys.path.insert(0, "$root/benchmarks/peers")
+from llama_cpp import cuda_library_path; print("CUDA libraries:", cuda_library_path() or "none found")
+EOF
+
+set -o pipefail
+# threads: all cores and half of them (if the cores are hyper-threads, half can be faster)
+threads="${LLAMA_THREADS:-$(nproc),$(( $(nproc) / 2 ))}"
+PYTHONUNBUFFERED=1 python3 "$root/benchmarks/peers/llama_cpp.py" --bin "$bin" \
+  --make "${LLAMA_GGUF_DIR:-/dev/shm}" --layers "${LLAMA_LAYERS:-3}" \
+  --expert-types "${LLAMA_EXPERT_TYPES:-q4_0,nvfp4}" --threads "$threads" \
+  --out "$out/llama_cpp.json" 2>&1 | tee "$out/llama_cpp.log"
