@@ -11,8 +11,8 @@ embeddings and output in ``--dense-type`` (q8_0 by default, the usual choice nex
 experts offloaded to a CPU; f16 or bf16 also); norms, router and bias in F32.
 
 The weights are random with the spread of a trained layer (std 0.02, finite scales), so the
-model runs without NaN; routing is then close to uniform. Blocks are drawn from a pool of
-quantized random blocks at random offsets, which keeps writing at disk speed. The vocabulary is
+model runs without NaN; routing is then close to uniform. Blocks are cut from a pool of random
+blocks (two experts' worth) at random offsets, which keeps writing at memory speed. The vocabulary is
 ``tokenizer.ggml.model = none`` with ``vocab_size`` dummy tokens: enough for llama-bench, which
 feeds random token ids. The file is written under a temporary name and renamed when complete.
 
@@ -162,6 +162,26 @@ def add_metadata(w, s: Shape, layers: int, expert_key: str) -> None:
 # random blocks
 
 
+def _f16_scales(rng: np.random.Generator, n: int, magnitude: float) -> np.ndarray:
+    """n float16 scales of the given magnitude and random sign (so blocks average to zero), as bytes."""
+    signs = np.where(rng.integers(0, 2, n, dtype=np.uint8) == 1, 1.0, -1.0)
+    return (signs * magnitude).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+
+def _random_q4_0(rng: np.random.Generator, n_blocks: int) -> np.ndarray:
+    """Q4_0 blocks (d, 16 bytes of nibbles q): y = d (q - 8), std(q - 8) = 4.64."""
+    blocks = rng.integers(0, 256, size=(n_blocks, 18), dtype=np.uint8)
+    blocks[:, 0:2] = _f16_scales(rng, n_blocks, WEIGHT_STD / 4.64)
+    return blocks.reshape(-1)
+
+
+def _random_q8_0(rng: np.random.Generator, n_blocks: int) -> np.ndarray:
+    """Q8_0 blocks (d, 32 int8 q): y = d q, q uniform in [-128, 127], std 73.9."""
+    blocks = rng.integers(0, 256, size=(n_blocks, 34), dtype=np.uint8)
+    blocks[:, 0:2] = _f16_scales(rng, n_blocks, WEIGHT_STD / 73.9)
+    return blocks.reshape(-1)
+
+
 def _random_q4_k(rng: np.random.Generator, n_blocks: int) -> np.ndarray:
     """Q4_K blocks (d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles) with std ~0.02."""
     blocks = rng.integers(0, 256, size=(n_blocks, 144), dtype=np.uint8)
@@ -194,19 +214,24 @@ def _random_nvfp4(rng: np.random.Generator, n_blocks: int) -> np.ndarray:
     return blocks.reshape(-1)
 
 
+_BLOCKS = {T.Q4_0: _random_q4_0, T.Q8_0: _random_q8_0, T.Q4_K: _random_q4_k, T.NVFP4: _random_nvfp4}
+
+
 def block_pool(qtype, n_weights: int, rng: np.random.Generator) -> np.ndarray:
-    """Flat bytes of quantized random weights (std 0.02); any block-aligned slice is valid."""
+    """Flat bytes of random weights (std 0.02) in ``qtype``; any block-aligned slice is valid.
+
+    Quantized types get random codes under scales chosen for that spread, not a quantization of
+    normal values: as fast as the random generator, which matters at 6.6 GB a layer.
+    """
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     n_blocks = -(-n_weights // block)
-    if qtype == T.Q4_K:
-        return _random_q4_k(rng, n_blocks)
-    if qtype == T.NVFP4:
-        return _random_nvfp4(rng, n_blocks)
+    if qtype in _BLOCKS:
+        return _BLOCKS[qtype](rng, n_blocks)
     x = rng.standard_normal(n_blocks * block, dtype=np.float32) * np.float32(WEIGHT_STD)
-    if qtype in (T.Q4_0, T.Q8_0, T.BF16):
-        return gguf.quants.quantize(x.reshape(-1, block), qtype).reshape(-1).view(np.uint8)
     if qtype == T.F16:
         return x.astype(np.float16).view(np.uint8)
+    if qtype == T.BF16:
+        return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     raise ValueError(f"make_gguf: no random block generator for {qtype.name}")
 
 
@@ -217,17 +242,22 @@ class Filler:
         self.rng = rng
         self.chunk = chunk_weights
         self.pools: dict = {}
+        self.buffers: dict[int, np.ndarray] = {}  # reused: touching fresh pages costs more than copying
 
     def bytes_for(self, qtype, n_weights: int) -> np.ndarray:
+        """The tensor's bytes, in a buffer reused by the next tensor of the same size."""
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         if n_weights % block:
             raise ValueError(f"make_gguf: {n_weights} weights is not a whole number of {qtype.name} blocks")
         if qtype not in self.pools:
-            self.pools[qtype] = block_pool(qtype, 4 * self.chunk, self.rng)
+            self.pools[qtype] = block_pool(qtype, 2 * self.chunk, self.rng)
         pool = self.pools[qtype]
         pool_blocks = pool.size // type_size
         chunk_blocks = self.chunk // block
-        out = np.empty(n_weights // block * type_size, np.uint8)
+        nbytes = n_weights // block * type_size
+        if nbytes not in self.buffers:
+            self.buffers[nbytes] = np.empty(nbytes, np.uint8)
+        out = self.buffers[nbytes]
         for start in range(0, n_weights // block, chunk_blocks):
             n = min(chunk_blocks, n_weights // block - start)
             off = int(self.rng.integers(0, pool_blocks - n + 1))
