@@ -177,10 +177,32 @@ def cuda_library_path() -> str:
     return os.pathsep.join(found)
 
 
+def check_logits(binary_dir, gguf, threads: int | None = None, n_prompt: int = 64, n_gen: int = 4,
+                 timeout: float = 900) -> dict:
+    """Runs ``check_logits`` (built with llama-bench): a prefill and a few decode steps of ``gguf``
+    with the experts on the CPU; ``ok`` is False if any logit is non-finite or all are equal."""
+    exe = Path(binary_dir) / "check_logits"
+    if not exe.is_file():
+        raise FileNotFoundError(f"llama_cpp: no check_logits in {binary_dir} (build_llama_cpp.sh builds it)")
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(exe.parent), env.get("LD_LIBRARY_PATH", ""), cuda_library_path()) if p)
+    cmd = [str(exe), str(gguf), str(n_prompt), str(n_gen), str(threads or 0)]
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(exe.parent))
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "output": f"timed out after {timeout:.0f} s"}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(("prefill", "decode", "ok", "FAILED"))]
+    return {"ok": proc.returncode == 0 and proc.stdout.strip().endswith("ok"),
+            "output": "\n".join(lines or proc.stderr.strip().splitlines()[-10:])}
+
+
 def run_peer(binary_dir, gguf_dir, layers: int, expert_types=("q4_0", "nvfp4"), dense_type: str = "q8_0",
              threads=None, prompts=(512, 2048), gen: int = 32, reps: int = 3, repack=(1, 0),
-             keep: bool = False, log=print) -> dict:
+             keep: bool = False, check: bool = False, log=print) -> dict:
     """Writes a GGUF per expert type into ``gguf_dir``, benches it and deletes it (unless ``keep``).
+    With ``check``, first runs :func:`check_logits` on it (its result goes in the run's entry).
 
     Returns ``{"build", "commit", "threads", "layers", "runs": {expert type: run_llama_bench(...)},
     "phases": {phase: the best run's tok_s and moe_layer_ms, with its expert type and repack}}``:
@@ -201,8 +223,16 @@ def run_peer(binary_dir, gguf_dir, layers: int, expert_types=("q4_0", "nvfp4"), 
         info = make_gguf.write_gguf(path, layers, et, dense_type, log=lambda *_: None)
         log(f"llama.cpp peer: wrote {path} ({info['bytes'] / 1e9:.1f} GB, {info['seconds']:.0f} s)")
         try:
+            checked = None
+            if check:
+                t1 = time.perf_counter()
+                nt = threads if isinstance(threads, int) else next(iter(threads or [None]))
+                checked = check_logits(binary_dir, path, nt)
+                verdict = "ok" if checked["ok"] else "FAILED"
+                log(f"check_logits: {verdict} ({time.perf_counter() - t1:.0f} s)\n{checked['output']}")
             t1 = time.perf_counter()
             res = run_llama_bench(binary_dir, path, layers, threads, prompts, gen, reps, repack)
+            res["check_logits"] = checked
         finally:
             if not keep:
                 path.unlink(missing_ok=True)
@@ -243,6 +273,7 @@ def main(argv=None) -> int:
                      help="write a model per --expert-types into DIR (e.g. /dev/shm), bench it, delete it")
     ap.add_argument("--expert-types", default="q4_0,nvfp4", help="with --make")
     ap.add_argument("--keep", action="store_true", help="with --make: keep the GGUFs")
+    ap.add_argument("--check", action="store_true", help="with --make: check_logits on each model first")
     ap.add_argument("--layers", type=int, required=True, help="MoE layers in the GGUF")
     ap.add_argument("--threads", default=None, help="CPU threads, e.g. 16 or 16,8 (default: all)")
     ap.add_argument("--prompts", default="512,2048")
@@ -257,7 +288,7 @@ def main(argv=None) -> int:
     try:
         if a.make:
             res = run_peer(a.bin, a.make, a.layers, tuple(a.expert_types.split(",")), threads=threads,
-                           prompts=prompts, gen=a.gen, reps=a.reps, repack=repack, keep=a.keep)
+                           prompts=prompts, gen=a.gen, reps=a.reps, repack=repack, keep=a.keep, check=a.check)
         else:
             res = run_llama_bench(a.bin, a.gguf, a.layers, threads, prompts, a.gen, a.reps, repack)
             print(format_table(res))

@@ -8,10 +8,12 @@
 # (16 jobs, a few minutes of that machine's time).
 #
 # Writes one GGUF per expert type to $LLAMA_GGUF_DIR (default /dev/shm: the file and llama.cpp's
-# copy of it both sit in RAM, about 2 x 6.5 GB per layer), benches it, deletes it, and writes
-# $OUT/llama_cpp.json (run_peer's result) and $OUT/llama_cpp.log.
+# copy of its experts both sit in RAM: 21.8 + 19 GB for 3 layers), checks that the model gives
+# finite logits, benches it, deletes it, and writes $OUT/llama_cpp.json (run_peer's result); the
+# tables go to stdout.
 #
-#   bash benchmarks/peers/run_on_gpu.sh            # LLAMA_LAYERS=3 LLAMA_EXPERT_TYPES=q4_0,nvfp4
+#   bash benchmarks/peers/run_on_gpu.sh > llama_cpp.log   # LLAMA_LAYERS=3 LLAMA_EXPERT_TYPES=q4_0,nvfp4
+#   scripts/gpu_check.sh peer-llama                      # the same, log in $OUT/peer_llama.log
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="${LLAMA_BIN:-$root/.deps/llama-cuda/bin}"
@@ -33,10 +35,9 @@ import sys; sys.path.insert(0, "$root/benchmarks/peers")
 from llama_cpp import cuda_library_path; print("CUDA libraries:", cuda_library_path() or "none found")
 EOF
 
-set -o pipefail
 # threads: all cores and half of them (if the cores are hyper-threads, half can be faster)
 threads="${LLAMA_THREADS:-$(nproc),$(( $(nproc) / 2 ))}"
 PYTHONUNBUFFERED=1 python3 "$root/benchmarks/peers/llama_cpp.py" --bin "$bin" \
   --make "${LLAMA_GGUF_DIR:-/dev/shm}" --layers "${LLAMA_LAYERS:-3}" \
-  --expert-types "${LLAMA_EXPERT_TYPES:-q4_0,nvfp4}" --threads "$threads" \
-  --out "$out/llama_cpp.json" 2>&1 | tee "$out/llama_cpp.log"
+  --expert-types "${LLAMA_EXPERT_TYPES:-q4_0,nvfp4}" --threads "$threads" --check \
+  --out "$out/llama_cpp.json"
