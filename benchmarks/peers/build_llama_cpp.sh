@@ -21,12 +21,16 @@ src="${LLAMA_CPP_SRC:-$root/.deps/llama.cpp}"
 out="${LLAMA_BUILD_ROOT:-$root/.deps}/llama-$kind"
 cuda_home="${CUDA_HOME:-/usr/local/cuda-13.0}"
 [[ -f "$src/CMakeLists.txt" ]] || { echo "no llama.cpp source at $src: run fetch_llama_cpp.sh" >&2; exit 1; }
+# the source sits inside another repository, whose commit is not llama.cpp's: name it explicitly
+# (fetch_llama_cpp.sh records it) and keep git from finding the enclosing repository
+commit="$(awk '$1 == "llama.cpp" {print $2}' "$src/SOURCE" 2>/dev/null || true)"
+export GIT_CEILING_DIRECTORIES="$(dirname "$src")"
 
 common=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
         -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DLLAMA_SUBPROCESS=OFF
         -DGGML_NATIVE=OFF -DGGML_OPENMP=ON
-        -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON)
+        -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DLLAMA_BUILD_COMMIT="${commit:-unknown}" -DLLAMA_BUILD_NUMBER=0)
 x86_base=(-DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_F16C=ON -DGGML_FMA=ON -DGGML_AVX2=ON -DGGML_BMI2=ON)
 
 case "$kind" in
@@ -68,9 +72,7 @@ case "$kind" in
 esac
 
 start=$(date +%s)
-# GIT_CEILING_DIRECTORIES: the source sits inside another repository; its commit is not llama.cpp's
-GIT_CEILING_DIRECTORIES="$(dirname "$src")" \
-  cmake -S "$src" -B "$out/build" "${common[@]}" "${extra[@]}" >"$out.configure.log"
+cmake -S "$src" -B "$out/build" "${common[@]}" "${extra[@]}" >"$out.configure.log"
 cmake --build "$out/build" --target "${target[@]}" -j "$jobs"
 rm -rf "$out/bin"
 mkdir -p "$out/bin"

@@ -93,8 +93,9 @@ def run_llama_bench(binary_dir, gguf, layers: int, threads=None, prompts=(512, 2
     repack and thread settings that gave it), ``configs`` (every setting's phases) and ``raw``
     (llama-bench's JSON rows).
     """
-    binary = Path(binary_dir) / "llama-bench"
-    gguf = Path(gguf)
+    # absolute: llama-bench runs in its own folder (where it looks for backend modules)
+    binary = Path(binary_dir).resolve() / "llama-bench"
+    gguf = Path(gguf).resolve()
     if not binary.is_file():
         raise FileNotFoundError(f"llama_cpp: no llama-bench at {binary}: build it with "
                                 f"benchmarks/peers/build_llama_cpp.sh (see docs/peers.md)")
@@ -181,13 +182,13 @@ def check_logits(binary_dir, gguf, threads: int | None = None, n_prompt: int = 6
                  timeout: float = 900) -> dict:
     """Runs ``check_logits`` (built with llama-bench): a prefill and a few decode steps of ``gguf``
     with the experts on the CPU; ``ok`` is False if any logit is non-finite or all are equal."""
-    exe = Path(binary_dir) / "check_logits"
+    exe = Path(binary_dir).resolve() / "check_logits"
     if not exe.is_file():
         raise FileNotFoundError(f"llama_cpp: no check_logits in {binary_dir} (build_llama_cpp.sh builds it)")
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(exe.parent), env.get("LD_LIBRARY_PATH", ""), cuda_library_path()) if p)
-    cmd = [str(exe), str(gguf), str(n_prompt), str(n_gen), str(threads or 0)]
+    cmd = [str(exe), str(Path(gguf).resolve()), str(n_prompt), str(n_gen), str(threads or 0)]
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=str(exe.parent))
@@ -200,9 +201,10 @@ def check_logits(binary_dir, gguf, threads: int | None = None, n_prompt: int = 6
 
 def run_peer(binary_dir, gguf_dir, layers: int, expert_types=("q4_0", "nvfp4"), dense_type: str = "q8_0",
              threads=None, prompts=(512, 2048), gen: int = 32, reps: int = 3, repack=(1, 0),
-             keep: bool = False, check: bool = False, log=print) -> dict:
+             keep: bool = False, check: bool = False, tiny: bool = False, log=print) -> dict:
     """Writes a GGUF per expert type into ``gguf_dir``, benches it and deletes it (unless ``keep``).
-    With ``check``, first runs :func:`check_logits` on it (its result goes in the run's entry).
+    With ``check``, first runs :func:`check_logits` on it (its result goes in the run's entry);
+    ``tiny`` writes make_gguf's reduced shape instead of DeepSeek-V3's (for trying it out on a CPU).
 
     Returns ``{"build", "commit", "threads", "layers", "runs": {expert type: run_llama_bench(...)},
     "phases": {phase: the best run's tok_s and moe_layer_ms, with its expert type and repack}}``:
@@ -220,7 +222,8 @@ def run_peer(binary_dir, gguf_dir, layers: int, expert_types=("q4_0", "nvfp4"), 
     for et in expert_types:
         path = Path(gguf_dir) / f"v3_{layers}l_{et}.gguf"
         t0 = time.perf_counter()
-        info = make_gguf.write_gguf(path, layers, et, dense_type, log=lambda *_: None)
+        shape = make_gguf.TINY if tiny else make_gguf.V3
+        info = make_gguf.write_gguf(path, layers, et, dense_type, shape, log=lambda *_: None)
         log(f"llama.cpp peer: wrote {path} ({info['bytes'] / 1e9:.1f} GB, {info['seconds']:.0f} s)")
         try:
             checked = None
@@ -274,6 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-types", default="q4_0,nvfp4", help="with --make")
     ap.add_argument("--keep", action="store_true", help="with --make: keep the GGUFs")
     ap.add_argument("--check", action="store_true", help="with --make: check_logits on each model first")
+    ap.add_argument("--tiny", action="store_true", help="with --make: make_gguf's reduced shape")
     ap.add_argument("--layers", type=int, required=True, help="MoE layers in the GGUF")
     ap.add_argument("--threads", default=None, help="CPU threads, e.g. 16 or 16,8 (default: all)")
     ap.add_argument("--prompts", default="512,2048")
@@ -288,7 +292,8 @@ def main(argv=None) -> int:
     try:
         if a.make:
             res = run_peer(a.bin, a.make, a.layers, tuple(a.expert_types.split(",")), threads=threads,
-                           prompts=prompts, gen=a.gen, reps=a.reps, repack=repack, keep=a.keep, check=a.check)
+                           prompts=prompts, gen=a.gen, reps=a.reps, repack=repack, keep=a.keep, check=a.check,
+                           tiny=a.tiny)
         else:
             res = run_llama_bench(a.bin, a.gguf, a.layers, threads, prompts, a.gen, a.reps, repack)
             print(format_table(res))
