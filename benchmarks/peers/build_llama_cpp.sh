@@ -88,8 +88,8 @@ g++ -O2 -std=c++17 "$root/benchmarks/peers/check_logits.cpp" -I"$src/include" -I
     -L"$out/build/bin" -lllama -lggml -lggml-base -Wl,-rpath,'$ORIGIN' -o "$out/bin/check_logits"
 strip --strip-unneeded "$out"/bin/*
 if [[ "$kind" == cuda ]]; then
-  # the C++ and OpenMP runtimes it was linked with, found first through its $ORIGIN rpath, so the
-  # binaries run on a host with an older libstdc++ (the CUDA runtime and cuBLAS come from the host)
+  # the C++ and OpenMP runtimes it was linked with (llama_cpp.py puts this folder first on
+  # LD_LIBRARY_PATH), for hosts with an older libstdc++; the CUDA runtime and cuBLAS are the host's
   for l in libstdc++.so.6 libgomp.so.1; do cp -L "$(g++ -print-file-name=$l)" "$out/bin/"; done
 fi
 echo "built $kind in $(( $(date +%s) - start )) s: $(du -sh "$out/bin" | cut -f1) in $out/bin"
