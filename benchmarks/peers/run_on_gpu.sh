@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The llama.cpp peer on the GPU machine (no network): experts on the CPU, the rest on the GPU.
+# The llama.cpp peer on a GPU host (no network needed): experts on the CPU, the rest on the GPU.
 #
-# Needs, carried from the build machine (paths relative to the repository root):
+# Needs, copied from the build machine (paths relative to the repository root):
 #   .deps/llama-cuda/bin        llama-bench, its libraries and backend modules (build_llama_cpp.sh cuda)
 #   .deps/llama.cpp/gguf-py     the gguf package that make_gguf.py writes with
 # or, if the binaries are not there but the source is (.deps/llama.cpp), it builds them first
-# (16 jobs, a few minutes of that machine's time).
+# (all cores; several minutes).
 #
 # Writes one GGUF per expert type to $LLAMA_GGUF_DIR (default /dev/shm: the file and llama.cpp's
 # copy of its experts both sit in RAM: 21.8 + 19 GB for 3 layers), checks that the model gives
@@ -26,7 +26,7 @@ if [[ ! -x "$bin/llama-bench" ]]; then
     bash "$root/benchmarks/peers/build_llama_cpp.sh" cuda "$(nproc)" 2>&1 | tail -n 3
     bin="$root/.deps/llama-cuda/bin"
   else
-    echo "no llama-bench in $bin and no llama.cpp source in .deps: carry .deps/llama-cuda/bin" >&2
+    echo "no llama-bench in $bin and no llama.cpp source in .deps: copy .deps/llama-cuda/bin here" >&2
     exit 1
   fi
 fi
