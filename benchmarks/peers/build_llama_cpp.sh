@@ -9,9 +9,9 @@
 # needs no GPU to start. The CUDA FlashAttention kernels are left out (LLAMA_CUDA_FA=ON keeps
 # them): they are most of the compile time, and with experts on the CPU the attention's share of a
 # step is small; llama-bench's -fa auto then runs attention without them. cuBLAS comes from the
-# CUDA toolkit, else from the
-# nvidia-cublas wheel (CUBLAS_ROOT=<its nvidia/cu13 folder>); it is linked, not carried.
-# Environment: LLAMA_CPP_SRC, LLAMA_BUILD_ROOT, CUDA_HOME (default /usr/local/cuda-13.0).
+# CUDA toolkit, else from the nvidia-cublas wheel (found through python3, or
+# CUBLAS_ROOT=<its nvidia/cu13 folder>); it is linked, not copied into the result.
+# Environment: LLAMA_CPP_SRC, LLAMA_BUILD_ROOT, CUDA_HOME (default /usr/local/cuda, cuda-13.0 or nvcc's).
 set -euo pipefail
 
 kind="${1:?usage: build_llama_cpp.sh cuda|cpu [jobs]}"
@@ -19,7 +19,13 @@ jobs="${2:-$(nproc)}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 src="${LLAMA_CPP_SRC:-$root/.deps/llama.cpp}"
 out="${LLAMA_BUILD_ROOT:-$root/.deps}/llama-$kind"
-cuda_home="${CUDA_HOME:-/usr/local/cuda-13.0}"
+cuda_home="${CUDA_HOME:-}"
+if [[ -z "$cuda_home" ]]; then  # the toolkit: the usual places, else where nvcc lives
+  nvcc_dir="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")")"
+  for d in /usr/local/cuda /usr/local/cuda-13.0 "$nvcc_dir"; do
+    if [[ -x "$d/bin/nvcc" && -e "$d/include/cuda.h" ]]; then cuda_home="$d"; break; fi
+  done
+fi
 [[ -f "$src/CMakeLists.txt" ]] || { echo "no llama.cpp source at $src: run fetch_llama_cpp.sh" >&2; exit 1; }
 # the source sits inside another repository, whose commit is not llama.cpp's: name it explicitly
 # (fetch_llama_cpp.sh records it) and keep git from finding the enclosing repository
@@ -35,6 +41,7 @@ x86_base=(-DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_F16C=ON -DGGML_FMA=ON -DGGML_AVX2
 
 case "$kind" in
   cuda)
+    [[ -n "$cuda_home" ]] || { echo "no CUDA toolkit found: set CUDA_HOME" >&2; exit 1; }
     export PATH="$cuda_home/bin:$PATH"
     extra=(-DGGML_CUDA=ON -DGGML_CUDA_FA="${LLAMA_CUDA_FA:-OFF}" -DCMAKE_CUDA_ARCHITECTURES=90
            -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc"
@@ -42,9 +49,11 @@ case "$kind" in
            -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=ON -DGGML_AMX_INT8=ON)
     if [[ ! -e "$cuda_home/include/cublas_v2.h" ]]; then
       cublas="${CUBLAS_ROOT:-}"
-      if [[ -z "$cublas" ]]; then
-        cublas="$(python3 -c 'import nvidia, os; p = os.path.join(nvidia.__path__[0], "cu13"); print(p)' \
-                  2>/dev/null || true)"
+      if [[ -z "$cublas" ]]; then  # the nvidia-cublas wheel (a namespace package: look in each part)
+        find_cublas='import nvidia, os
+print(next((os.path.join(p, "cu13") for p in nvidia.__path__
+            if os.path.exists(os.path.join(p, "cu13", "include", "cublas_v2.h"))), ""))'
+        cublas="$(python3 -c "$find_cublas" 2>/dev/null || true)"
       fi
       [[ -e "$cublas/include/cublas_v2.h" ]] || { echo "no cuBLAS: set CUBLAS_ROOT" >&2; exit 1; }
       lib="$(ls "$cublas"/lib/libcublas.so* | head -1)"
@@ -52,9 +61,9 @@ case "$kind" in
       extra+=(-DCUDA_cublas_LIBRARY="$lib" -DCUDA_cublasLt_LIBRARY="$liblt"
               "-DCMAKE_CUDA_FLAGS=-I$cublas/include" "-DCMAKE_CXX_FLAGS=-I$cublas/include")
     fi
-    if [[ ! -e "$cuda_home/lib64/stubs/libcuda.so" ]] && ! ldconfig -p | grep -q 'libcuda\.so\.1 '; then
-      # no driver here: an empty libcuda.so.1 to link against (the module's cu* symbols are
-      # resolved by the host's driver when it is loaded)
+    if [[ ! -e "$cuda_home/lib64/stubs/libcuda.so" ]] && ! ldconfig -p | grep -q 'libcuda\.so '; then
+      # no linkable libcuda.so (no driver, or only the driver's libcuda.so.1): an empty
+      # libcuda.so.1 to link against; the module's cu* symbols resolve against the driver at load
       mkdir -p "$out/stubs"
       echo 'void dsfp4_cuda_stub(void) {}' > "$out/stubs/stub.c"
       gcc -shared -Wl,-soname,libcuda.so.1 -o "$out/stubs/libcuda.so" "$out/stubs/stub.c"
