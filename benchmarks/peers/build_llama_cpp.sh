@@ -7,7 +7,7 @@
 # cuda: CUDA backend for sm_90 (H100/H200) and a CPU backend for Sapphire Rapids class hosts
 # (AVX-512 VNNI/BF16/VBMI, AMX-INT8), both loaded at run time (GGML_BACKEND_DL), so the binary
 # needs no GPU to start. The CUDA FlashAttention kernels are left out (LLAMA_CUDA_FA=ON keeps
-# them): they are most of the compile time, and with experts on the CPU the attention's share of a
+# them): they are much of the compile time, and with experts on the CPU the attention's share of a
 # step is small; llama-bench's -fa auto then runs attention without them. cuBLAS comes from the
 # CUDA toolkit, else from the nvidia-cublas wheel (found through python3, or
 # CUBLAS_ROOT=<its nvidia/cu13 folder>); it is linked, not copied into the result.
