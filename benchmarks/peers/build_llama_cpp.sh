@@ -11,6 +11,7 @@
 # step is small; llama-bench's -fa auto then runs attention without them. cuBLAS comes from the
 # CUDA toolkit, else from the nvidia-cublas wheel (found through python3, or
 # CUBLAS_ROOT=<its nvidia/cu13 folder>); it is linked, not copied into the result.
+# LLAMA_CPU_NATIVE=1 builds the CPU backend for the build host's CPU instead (-march=native).
 # Environment: LLAMA_CPP_SRC, LLAMA_BUILD_ROOT, CUDA_HOME (default /usr/local/cuda, cuda-13.0 or nvcc's).
 set -euo pipefail
 
@@ -47,6 +48,9 @@ case "$kind" in
            -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc"
            -DGGML_CUDA_NCCL=OFF "${x86_base[@]}" -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
            -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=ON -DGGML_AMX_INT8=ON)
+    if [[ "${LLAMA_CPU_NATIVE:-0}" == 1 ]]; then  # built on the host it runs on: its own CPU features
+      extra+=(-DGGML_NATIVE=ON)
+    fi
     if [[ ! -e "$cuda_home/include/cublas_v2.h" ]]; then
       cublas="${CUBLAS_ROOT:-}"
       if [[ -z "$cublas" ]]; then  # the nvidia-cublas wheel (a namespace package: look in each part)

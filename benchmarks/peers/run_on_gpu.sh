@@ -30,7 +30,7 @@ fi
 if [[ ! -x "$bin/llama-bench" ]]; then
   if [[ -f "$root/.deps/llama.cpp/CMakeLists.txt" ]]; then
     echo "no llama-bench in $bin: building it here"
-    bash "$root/benchmarks/peers/build_llama_cpp.sh" cuda "$(nproc)" 2>&1 | tail -n 3
+    LLAMA_CPU_NATIVE=1 bash "$root/benchmarks/peers/build_llama_cpp.sh" cuda "$(nproc)" 2>&1 | tail -n 3
     bin="$root/.deps/llama-cuda/bin"
     # send the binaries back (parts of at most 15 MiB) so that later runs can skip the build:
     # put the parts in .deps/llama-cuda-pack/ and bring that folder along
