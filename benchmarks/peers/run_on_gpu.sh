@@ -34,8 +34,8 @@ if [[ ! -x "$bin/llama-bench" ]]; then
     bin="$root/.deps/llama-cuda/bin"
     # send the binaries back (parts of at most 15 MiB) so that later runs can skip the build:
     # put the parts in .deps/llama-cuda-pack/ and bring that folder along
-    tar -c -C "$root/.deps/llama-cuda" bin | xz -T0 | split -b 15M - "$out/llama_cuda_bin.tar.xz.part-"
-    ls -la "$out"/llama_cuda_bin.tar.xz.part-*
+    { tar -c -C "$root/.deps/llama-cuda" bin | xz -T0 | split -b 15M - "$out/llama_cuda_bin.tar.xz.part-" \
+      && ls -la "$out"/llama_cuda_bin.tar.xz.part-*; } || echo "could not pack the binaries (no xz?)"
   else
     echo "no llama-bench in $bin and no llama.cpp source in .deps: copy .deps/llama-cuda/bin here" >&2
     exit 1
