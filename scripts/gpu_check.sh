@@ -2,6 +2,7 @@
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
 #   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
+#                        [peer-llama] [cpu-experts]
 # With no arguments: build tests sanitizer bench-gemm.
 # fp8: the FP8 block GEMM's GPU tests, compute-sanitizer on a quick subset and bench_fp8_gemm.py
 # (add tune to sweep its tactics); logs under $OUT/fp8_*.
@@ -143,5 +144,11 @@ if has bench-paging; then
   timeout ${BENCH_PAGING_TIMEOUT:-560} python3 benchmarks/bench_paging.py --dir "${BENCH_PAGING_DIR:-/tmp/dsfp4_v3}" \
     ${BENCH_PAGING_ARGS:-} --out "$OUT/paging.json" > "$OUT/bench_paging.log" 2>&1 || status=1
   tail -25 "$OUT/bench_paging.log"
+fi
+if has peer-llama; then  # llama.cpp, experts on the CPU (docs/peers.md): $OUT/llama_cpp.json
+  echo "== llama.cpp peer"
+  timeout ${PEER_LLAMA_TIMEOUT:-560} bash benchmarks/peers/run_on_gpu.sh > "$OUT/peer_llama.log" 2>&1 \
+    || status=1
+  tail -25 "$OUT/peer_llama.log"
 fi
 exit $status
