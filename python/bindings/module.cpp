@@ -20,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
   dsfp4::py_bind::bind_gemm(m);
   dsfp4::py_bind::bind_moe(m);
   dsfp4::py_bind::bind_paging(m);
+  dsfp4::py_bind::bind_cpu_experts(m);
 }
