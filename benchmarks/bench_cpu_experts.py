@@ -59,23 +59,22 @@ def cpu_model() -> str:
 
 def make_units(layout: dict, count: int, pinned: bool, seed: int = 0) -> torch.Tensor:
     """count units [count, bytes]: random E2M1 codes, e4m3 block scales in [2^-3, 1.875] (normal,
-    no NaN), global scales 1/64."""
+    no NaN), global scales 1/64. One random unit is copied to all (timing does not depend on the
+    values, only on their not being zero or subnormal) and each copy is then perturbed."""
     nbytes = layout["bytes"]
     g = torch.Generator().manual_seed(seed)
-    units = torch.empty(count, nbytes, dtype=torch.uint8, pin_memory=pinned)
     hidden, inter = layout["hidden"], layout["inter"]
-    qw = {"gate_up": (2 * inter, hidden), "down": (hidden, inter)}
-    for i in range(count):  # one unit at a time keeps the temporaries small
-        u = units[i]
-        u.random_(0, 256, generator=g)
-        for part, (n, k) in qw.items():
-            kb = -(-k // 64)
-            sbytes = -(-n // 16) * -(-kb // 8) * 512
-            off = layout[f"{part}_qscale"]
-            u[off:off + sbytes].random_(0x20, 0x40, generator=g)
-            tiles = -(-n // 16)
-            off = layout[f"{part}_scale"]
-            u[off:off + 4 * tiles].view(torch.float32).fill_(1.0 / 64)
+    u = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+    for part, (n, k) in {"gate_up": (2 * inter, hidden), "down": (hidden, inter)}.items():
+        kb = -(-k // 64)  # k-blocks of 64 columns, scales in chunks of 8 k-blocks per 16-row tile
+        sbytes = -(-n // 16) * -(-kb // 8) * 512
+        off = layout[f"{part}_qscale"]
+        u[off:off + sbytes] = torch.randint(0x20, 0x40, (sbytes,), dtype=torch.uint8, generator=g)
+        off = layout[f"{part}_scale"]
+        u[off:off + 4 * -(-n // 16)].view(torch.float32).fill_(1.0 / 64)
+    units = torch.empty(count, nbytes, dtype=torch.uint8, pin_memory=pinned)
+    units.copy_(u.expand(count, nbytes))
+    units[:, :4096] = torch.randint(0, 256, (count, 4096), dtype=torch.uint8, generator=g)
     return units
 
 

@@ -271,13 +271,14 @@ void test_async_and_faults(const std::string& isa) {
     }
   }
 
-  // A NaN block scale (e4m3 0x7F) and a NaN global scale: the job fails, naming it.
+  // A NaN or negative block scale and a NaN global scale: the job fails, naming it.
   std::vector<uint8_t> bad(u.layout.bytes + 256);
   uint8_t* unit = bad.data() + (256 - reinterpret_cast<uintptr_t>(bad.data()) % 256) % 256;
   std::vector<uint16_t> yb(T * H, kPoison);
-  for (int which = 0; which < 3; ++which) {
+  for (int which = 0; which < 4; ++which) {
     std::memcpy(unit, u.unit[0], u.layout.bytes);
     if (which == 0) unit[u.layout.gate_up_qscale + 3] = 0x7F;
+    if (which == 3) unit[u.layout.gate_up_qscale + 700] = 0xB8;  // negative: never written by the repack
     if (which == 1) unit[u.layout.down_qscale + 1] = 0xFF;
     if (which == 2) {
       const float nan = std::nanf("");

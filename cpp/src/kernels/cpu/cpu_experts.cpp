@@ -51,9 +51,7 @@ inline void cpu_relax() { std::this_thread::yield(); }
 inline void reset_float_mode() {}
 #endif
 
-constexpr int kTokensPerPrep = 4;      // phase 0: x rows arranged per item
-constexpr int kInterTilesPerItem = 1;  // phase 1: a gate tile and its up tile, 2 × 16 rows
-constexpr int kDownTilesPerItem = 4;   // phase 2: 4 × 16 rows of down
+constexpr int kTokensPerPrep = 4;  // phase 0: x rows arranged per item
 constexpr int kMaxSpareBuffers = 4;
 
 int64_t align64(int64_t v) { return (v + 63) / 64 * 64; }
@@ -95,6 +93,7 @@ class CallState final : public CpuExpertsHandle {
   int64_t ldx = 0;
   int64_t kbh = 0, kch = 0, kbi = 0, kci = 0;  // k-blocks and scale chunks of hidden, inter
   int64_t xkb = 0;                             // arranged bytes per token and k-block
+  int64_t xs_h = 0, xs_i = 0;                  // arranged bytes per token of x and of h
   int64_t max_tokens = 0;
   std::unique_ptr<JobState[]> jobs;
   int njobs = 0;
@@ -386,19 +385,19 @@ struct CpuExpertPool::Impl {
     const cpu::XFormat f = k->x_format;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t row = j.rows ? j.rows[t] : t;
-      arrange_row(c.x + row * c.ldx, L.hidden, c.kbh, f, c.ws->data + js.xa + t * c.kbh * c.xkb);
+      arrange_row(c.x + row * c.ldx, L.hidden, c.kbh, f, c.ws->data + js.xa + t * c.xs_h);
       // h columns past inter stay zero; phase 1 writes the others
-      if (L.inter % 64 != 0) std::memset(c.ws->data + js.ha + (t + 1) * c.kbi * c.xkb - c.xkb, 0, c.xkb);
+      if (L.inter % 64 != 0) std::memset(c.ws->data + js.ha + t * c.xs_i + (c.kbi - 1) * c.xkb, 0, c.xkb);
     }
   }
 
+  // Inter tiles [j0, j1): the gate tiles one after the other, then the up tiles (two long
+  // contiguous streams), then h = bf16(silu(bf16 g) · bf16 u) for their rows.
   void gate_up(CallState& c, JobState& js, int64_t j0, int64_t j1, std::vector<float>& scratch) {
     const ExpertUnitLayout& L = c.layout;
     const CpuExpertJob& j = js.job;
-    const int64_t T = j.tokens, ti = L.inter / 16;
-    scratch.resize(static_cast<size_t>(32 * T));
-    float* og = scratch.data();
-    float* ou = og + 16 * T;
+    const int64_t T = j.tokens, ti = L.inter / 16, n = j1 - j0;
+    scratch.resize(static_cast<size_t>(32 * T * n));
     const int64_t wt = c.kbh * 512, st = c.kch * 512;  // bytes per row tile
     const uint8_t* qw = j.unit + L.gate_up_qweight;
     const uint8_t* qs = j.unit + L.gate_up_qscale;
@@ -406,33 +405,33 @@ struct CpuExpertPool::Impl {
     cpu::TileJob tj;
     tj.kb = c.kbh;
     tj.x = c.ws->data + js.xa;
-    tj.x_stride = c.kbh * c.xkb;
+    tj.x_stride = c.xs_h;
     tj.tokens = static_cast<int>(T);
     tj.prefetch = opt.prefetch_bytes;
-    uint8_t* ha = c.ws->data + js.ha;
-    const int64_t h_stride = c.kbi * c.xkb;
-    for (int64_t jt = j0; jt < j1; ++jt) {
-      const int64_t ut = jt + ti;  // the up tile of the same inter rows
-      tj.qweight = qw + jt * wt;
-      tj.qscale = qs + jt * st;
-      tj.out = og;
-      tj.next_qweight = qw + ut * wt;
-      tj.next_qscale = qs + ut * st;
-      const bool ok_g = k->tile(tj);
-      tj.qweight = qw + ut * wt;
-      tj.qscale = qs + ut * st;
-      tj.out = ou;
-      tj.next_qweight = jt + 1 < j1 ? qw + (jt + 1) * wt : nullptr;
-      tj.next_qscale = jt + 1 < j1 ? qs + (jt + 1) * st : nullptr;
-      const bool ok_u = k->tile(tj);
-      if (!ok_g || !ok_u) {
-        fail(js, InvalidArgument(where(c.layer, j) + "a gate_up block scale of rows " +
-                                 std::to_string(16 * (ok_g ? ut : jt)) + ".." +
-                                 std::to_string(16 * (ok_g ? ut : jt) + 15) + " is e4m3 NaN (the unit is corrupt)"));
+    tj.prefetch_l2 = opt.prefetch_l2;
+    for (int64_t i = 0; i < 2 * n; ++i) {  // gate tiles j0.., then up tiles j0 + ti..
+      const int64_t rt = i < n ? j0 + i : ti + j0 + (i - n);
+      const int64_t nt = i + 1 < n ? rt + 1 : i + 1 == n ? ti + j0 : i + 1 < 2 * n ? rt + 1 : -1;
+      tj.qweight = qw + rt * wt;
+      tj.qscale = qs + rt * st;
+      tj.next_qweight = nt >= 0 ? qw + nt * wt : nullptr;
+      tj.next_qscale = nt >= 0 ? qs + nt * st : nullptr;
+      tj.out = scratch.data() + i * 16 * T;
+      if (!k->tile(tj)) {
+        fail(js, InvalidArgument(where(c.layer, j) + "a gate_up block scale of rows " + std::to_string(16 * rt) +
+                                 ".." + std::to_string(16 * rt + 15) +
+                                 " is NaN or negative (the unit is corrupt)"));
         return;
       }
-      const float sg = L.gate_up_scale_per_tile ? gs[jt] : gs[0];
-      const float su = L.gate_up_scale_per_tile ? gs[ut] : gs[0];
+    }
+    uint8_t* ha = c.ws->data + js.ha;
+    const int64_t h_stride = c.xs_i;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t jt = j0 + i;
+      const float* og = scratch.data() + i * 16 * T;
+      const float* ou = scratch.data() + (n + i) * 16 * T;
+      const float sg = (L.gate_up_scale_per_tile ? gs[jt] : gs[0]) * cpu::kOutScale;
+      const float su = (L.gate_up_scale_per_tile ? gs[jt + ti] : gs[0]) * cpu::kOutScale;
       for (int64_t t = 0; t < T; ++t)
         for (int r = 0; r < 16; ++r) {
           // as the GPU path: GEMM outputs and SiLU·mul rounded to bf16
@@ -456,10 +455,11 @@ struct CpuExpertPool::Impl {
     cpu::TileJob tj;
     tj.kb = c.kbi;
     tj.x = c.ws->data + js.ha;
-    tj.x_stride = c.kbi * c.xkb;
+    tj.x_stride = c.xs_i;
     tj.tokens = static_cast<int>(T);
     tj.out = scratch.data();
     tj.prefetch = opt.prefetch_bytes;
+    tj.prefetch_l2 = opt.prefetch_l2;
     for (int64_t rt = t0; rt < t1; ++rt) {
       tj.qweight = qw + rt * wt;
       tj.qscale = qs + rt * st;
@@ -467,10 +467,10 @@ struct CpuExpertPool::Impl {
       tj.next_qscale = rt + 1 < t1 ? qs + (rt + 1) * st : nullptr;
       if (!k->tile(tj)) {
         fail(js, InvalidArgument(where(c.layer, j) + "a down block scale of rows " + std::to_string(16 * rt) + ".." +
-                                 std::to_string(16 * rt + 15) + " is e4m3 NaN (the unit is corrupt)"));
+                                 std::to_string(16 * rt + 15) + " is NaN or negative (the unit is corrupt)"));
         return;
       }
-      const float s = L.down_scale_per_tile ? gs[rt] : gs[0];
+      const float s = (L.down_scale_per_tile ? gs[rt] : gs[0]) * cpu::kOutScale;
       for (int64_t t = 0; t < T; ++t)
         for (int r = 0; r < 16; ++r) ys[t * H + 16 * rt + r] = round_bf16(scratch[t * 16 + r] * s);
     }
@@ -540,6 +540,9 @@ struct CpuExpertPool::Impl {
     c->kbi = (L.inter + 63) / 64;
     c->kci = (c->kbi + 7) / 8;
     c->xkb = cpu::x_bytes_per_kblock(k->x_format);
+    // One line more than the row: tokens 4 KB apart would share L1 sets in the kernel's loop.
+    c->xs_h = c->kbh * c->xkb + 64;
+    c->xs_i = c->kbi * c->xkb + 64;
     c->njobs = call.count;
     c->jobs.reset(new JobState[call.count > 0 ? call.count : 1]);
     int64_t ws = 0;
@@ -562,26 +565,26 @@ struct CpuExpertPool::Impl {
       c->weight_bytes += unit_bytes_read(L);
       c->max_tokens = std::max(c->max_tokens, T);
       js.xa = ws;
-      ws += align64(T * c->kbh * c->xkb);
+      ws += T * c->xs_h;
       js.ha = ws;
-      ws += align64(T * c->kbi * c->xkb);
+      ws += T * c->xs_i;
       js.ys = ws;
       ws += align64(T * L.hidden * 2);
       js.n0 = static_cast<int>((T + kTokensPerPrep - 1) / kTokensPerPrep);
-      js.n1 = static_cast<int>((ti + kInterTilesPerItem - 1) / kInterTilesPerItem);
-      js.n2 = static_cast<int>((th + kDownTilesPerItem - 1) / kDownTilesPerItem);
+      js.n1 = static_cast<int>((ti + opt.gate_up_tiles - 1) / opt.gate_up_tiles);
+      js.n2 = static_cast<int>((th + opt.down_tiles - 1) / opt.down_tiles);
     }
     for (int i = 0; i < call.count; ++i)
       for (int64_t t = 0; t < c->jobs[i].job.tokens; t += kTokensPerPrep)
         c->items.push_back({Phase::kPrep, i, t, std::min<int64_t>(c->jobs[i].job.tokens, t + kTokensPerPrep)});
     for (int i = 0; i < call.count; ++i)
       if (c->jobs[i].job.tokens > 0)
-        for (int64_t t = 0; t < ti; t += kInterTilesPerItem)
-          c->items.push_back({Phase::kGateUp, i, t, std::min<int64_t>(ti, t + kInterTilesPerItem)});
+        for (int64_t t = 0; t < ti; t += opt.gate_up_tiles)
+          c->items.push_back({Phase::kGateUp, i, t, std::min<int64_t>(ti, t + opt.gate_up_tiles)});
     for (int i = 0; i < call.count; ++i)
       if (c->jobs[i].job.tokens > 0)
-        for (int64_t t = 0; t < th; t += kDownTilesPerItem)
-          c->items.push_back({Phase::kDown, i, t, std::min<int64_t>(th, t + kDownTilesPerItem)});
+        for (int64_t t = 0; t < th; t += opt.down_tiles)
+          c->items.push_back({Phase::kDown, i, t, std::min<int64_t>(th, t + opt.down_tiles)});
     if (!c->items.empty()) DSFP4_RETURN_IF_ERROR(take_buffer(static_cast<size_t>(ws), &c->ws));
     *out = std::move(c);
     return Status::Ok();
@@ -600,6 +603,8 @@ Status CpuExpertPool::create(const CpuExpertsOptions& options, std::unique_ptr<C
   if (options.threads < 0) return InvalidArgument("cpu experts: threads must be non-negative");
   if (options.spin_us < 0 || options.prefetch_bytes < 0)
     return InvalidArgument("cpu experts: spin_us and prefetch_bytes must be non-negative");
+  if (options.gate_up_tiles < 1 || options.down_tiles < 1)
+    return InvalidArgument("cpu experts: gate_up_tiles and down_tiles must be positive");
   cpu_set_t allowed;
   CPU_ZERO(&allowed);
   if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0)

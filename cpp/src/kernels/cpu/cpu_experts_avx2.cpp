@@ -3,8 +3,8 @@
 //
 // Each dword of a weight line holds 8 E2M1 codes (rows g, g+8 × columns 4w..4w+3, bit places
 // as in cpu_experts_avx512_impl.h). Per (row, column) a 32-bit shift brings the magnitude to
-// bits 0-2, vpermps looks up its float value, and the sign bit, shifted to bit 31, is xor-ed
-// in. Activations are float32 [4 kk][16 w] per k-block (XFormat::kF32).
+// bits 0-2, vpermps looks up its float value (× 2^96, kValueScale), and the sign bit, shifted to
+// bit 31, is xor-ed in. Activations are float32 [4 kk][16 w] per k-block (XFormat::kF32).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -32,18 +32,17 @@ struct Avx2Block {
   static constexpr int group(int nt) { return nt == 1 ? 4 : nt == 2 ? 2 : 1; }
 
   struct State {
-    __m256 lut, s120;
-    __m256i sign, smask, b7f, nan;
+    __m256 lut;
+    __m256i sign, v7f, bad;
   };
   static void init(State& st) {
-    st.lut = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-    st.s120 = _mm256_set1_ps(1.329227995784916e+36f);  // 2^120
+    const float k = 7.922816251426434e+28f;  // 2^96 (kValueScale)
+    st.lut = _mm256_setr_ps(0.0f, 0.5f * k, 1.0f * k, 1.5f * k, 2.0f * k, 3.0f * k, 4.0f * k, 6.0f * k);
     st.sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-    st.smask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
-    st.b7f = _mm256_set1_epi8(0x7F);
-    st.nan = _mm256_setzero_si256();
+    st.v7f = _mm256_set1_epi8(0x7F);
+    st.bad = _mm256_setzero_si256();
   }
-  static bool ok(const State& st) { return _mm256_testz_si256(st.nan, st.nan) != 0; }
+  static bool ok(const State& st) { return _mm256_testz_si256(st.bad, st.bad) != 0; }
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec load(const float* p) { return _mm256_load_ps(p); }
   static void store(float* p, Vec v) { _mm256_store_ps(p, v); }
@@ -54,11 +53,11 @@ struct Avx2Block {
     return _mm_cvtss_f32(s);
   }
 
-  // e4m3 byte i of each 128-bit lane → float32 in its four dwords (exact, see the AVX-512 file).
-  static __m256 scale(const State& st, __m256i s, int i) {
+  // e4m3 byte i of each 128-bit lane → its four dwords, as the float32 scale × 2^-120 (see the
+  // AVX-512 file).
+  static __m256 scale(__m256i s, int i) {
     const __m256i d = _mm256_shuffle_epi8(s, _mm256_set1_epi32(static_cast<int>(kScaleCtrl[i])));
-    const __m256i f = _mm256_and_si256(_mm256_srai_epi32(d, 4), st.smask);
-    return _mm256_mul_ps(_mm256_castsi256_ps(f), st.s120);
+    return _mm256_castsi256_ps(_mm256_srli_epi32(d, 4));
   }
 
   // Value of the code of (register R, half H) in each dword: R = 2·(kk/2) + row, H = kk % 2.
@@ -92,9 +91,10 @@ struct Avx2Block {
                    Vec (&acc)[2][NT]) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * Half));
     const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + 32 * Half));
-    if (kbi == 0) st.nan = _mm256_or_si256(st.nan, _mm256_cmpeq_epi8(_mm256_and_si256(s, st.b7f), st.b7f));
-    row<0, Half, NT>(st, w, scale(st, s, 2 * kbi), x, xs, acc[0]);
-    row<1, Half, NT>(st, w, scale(st, s, 2 * kbi + 1), x, xs, acc[1]);
+    if (kbi == 0)  // bytes >= 0x7F: NaN or negative
+      st.bad = _mm256_or_si256(st.bad, _mm256_cmpeq_epi8(_mm256_max_epu8(s, st.v7f), s));
+    row<0, Half, NT>(st, w, scale(s, 2 * kbi), x, xs, acc[0]);
+    row<1, Half, NT>(st, w, scale(s, 2 * kbi + 1), x, xs, acc[1]);
   }
 
   template <int NT>

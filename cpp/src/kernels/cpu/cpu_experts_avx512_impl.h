@@ -11,8 +11,9 @@
 // that kBf16Pairs holds, ready for vdpbf16ps.
 //
 // Block scales: vpshufb broadcasts the e4m3 byte of (k-block, row) within each 128-bit lane
-// (lane c = columns 16c..16c+15, dwords 4c..4c+3), shifted to float32 position and scaled by
-// 2^120 (exact for every e4m3 value, subnormals included, with DAZ off).
+// (lane c = columns 16c..16c+15, dwords 4c..4c+3) to bits 24-31; a shift by 4 leaves the float32
+// whose bits are the byte's exponent and mantissa, i.e. the scale × 2^-120 (exact, subnormals
+// included with DAZ off). Bytes ≥ 0x7F (NaN, negative) are refused by the check.
 #pragma once
 
 #include <immintrin.h>
@@ -25,15 +26,16 @@ namespace dsfp4 {
 namespace cpu {
 namespace {
 
+// bf16 of E2M1 × 2^96 (kValueScale, cpu_experts_kernel.h).
 alignas(64) constexpr uint16_t kMagBf16[32] = {
-    0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0, 0x0000, 0x3F00, 0x3F80,
-    0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0, 0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040,
-    0x4080, 0x40C0, 0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0};
+    0x0000, 0x6F00, 0x6F80, 0x6FC0, 0x7000, 0x7040, 0x7080, 0x70C0, 0x0000, 0x6F00, 0x6F80,
+    0x6FC0, 0x7000, 0x7040, 0x7080, 0x70C0, 0x0000, 0x6F00, 0x6F80, 0x6FC0, 0x7000, 0x7040,
+    0x7080, 0x70C0, 0x0000, 0x6F00, 0x6F80, 0x6FC0, 0x7000, 0x7040, 0x7080, 0x70C0};
 // Index bit 4 is the sign (bit 3 is ignored).
 alignas(64) constexpr uint16_t kSignedBf16[32] = {
-    0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0, 0x0000, 0x3F00, 0x3F80,
-    0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0, 0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040,
-    0xC080, 0xC0C0, 0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+    0x0000, 0x6F00, 0x6F80, 0x6FC0, 0x7000, 0x7040, 0x7080, 0x70C0, 0x0000, 0x6F00, 0x6F80,
+    0x6FC0, 0x7000, 0x7040, 0x7080, 0x70C0, 0x8000, 0xEF00, 0xEF80, 0xEFC0, 0xF000, 0xF040,
+    0xF080, 0xF0C0, 0x8000, 0xEF00, 0xEF80, 0xEFC0, 0xF000, 0xF040, 0xF080, 0xF0C0};
 // vpshufb control that moves byte i of each 128-bit lane to bits 24-31 of its dwords.
 constexpr uint32_t kScaleCtrl[16] = {
     0x00808080u, 0x01808080u, 0x02808080u, 0x03808080u, 0x04808080u, 0x05808080u, 0x06808080u, 0x07808080u,
@@ -49,29 +51,25 @@ struct Avx512Block {
   static constexpr int group(int nt) { return nt == 1 ? 8 : nt == 2 ? 4 : nt == 4 ? 2 : 1; }
 
   struct State {
-    __m512i mag, sgn, sign16, smask, b7f;
-    __m512 s120;
-    __mmask64 nan;
+    __m512i mag, sgn, sign16, v7f;
+    __mmask64 bad;
   };
   static void init(State& st) {
     st.mag = _mm512_load_si512(kMagBf16);
     st.sgn = _mm512_load_si512(kSignedBf16);
     st.sign16 = _mm512_set1_epi16(static_cast<short>(0x8000));
-    st.smask = _mm512_set1_epi32(static_cast<int>(0x87F00000u));
-    st.b7f = _mm512_set1_epi8(0x7F);
-    st.s120 = _mm512_set1_ps(1.329227995784916e+36f);  // 2^120
-    st.nan = 0;
+    st.v7f = _mm512_set1_epi8(0x7F);
+    st.bad = 0;
   }
-  static bool ok(const State& st) { return st.nan == 0; }
+  static bool ok(const State& st) { return st.bad == 0; }
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_load_ps(p); }
   static void store(float* p, Vec v) { _mm512_store_ps(p, v); }
   static float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 
-  static __m512 scale(const State& st, __m512i s, int i) {
+  static __m512 scale(__m512i s, int i) {
     const __m512i d = _mm512_shuffle_epi8(s, _mm512_set1_epi32(static_cast<int>(kScaleCtrl[i])));
-    const __m512i f = _mm512_and_si512(_mm512_srai_epi32(d, 4), st.smask);  // sign | eeee mmm << 20
-    return _mm512_mul_ps(_mm512_castsi512_ps(f), st.s120);
+    return _mm512_castsi512_ps(_mm512_srli_epi32(d, 4));
   }
 
   // One line for NT tokens; acc[r][t] accumulates row g + 8r of token t.
@@ -80,7 +78,7 @@ struct Avx512Block {
                     Vec (&acc)[2][NT]) {
     const __m512i w = _mm512_loadu_si512(wp);
     const __m512i s = _mm512_loadu_si512(sp);
-    if (kbi == 0) st.nan |= _mm512_cmpeq_epi8_mask(_mm512_and_si512(s, st.b7f), st.b7f);
+    if (kbi == 0) st.bad |= _mm512_cmpge_epu8_mask(s, st.v7f);
     constexpr int kOr = 0xF8;  // a | (b & c)
     // row g, cols 4w+{0,1}: magnitude bits 6-8, sign bit 15
     const __m512i r0 = _mm512_ternarylogic_epi32(_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 6), st.mag), w,
@@ -93,7 +91,7 @@ struct Avx512Block {
         _mm512_ternarylogic_epi32(_mm512_permutexvar_epi16(w, st.mag), _mm512_slli_epi16(w, 1), st.sign16, kOr);
     // row g+8, cols 4w+{2,3}: bits 9-11, sign bit 13 (bit 4 after the shift)
     const __m512i r3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 9), st.sgn);
-    const __m512 s0 = scale(st, s, 2 * kbi), s1 = scale(st, s, 2 * kbi + 1);
+    const __m512 s0 = scale(s, 2 * kbi), s1 = scale(s, 2 * kbi + 1);
     if constexpr (kBf16) {
       for (int t = 0; t < NT; ++t) {
         const __m512i xe = _mm512_load_si512(x + t * xs);

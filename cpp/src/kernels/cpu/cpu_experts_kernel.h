@@ -24,6 +24,12 @@ namespace dsfp4 {
 namespace cpu {
 
 enum class XFormat : int { kF32 = 0, kBf16Pairs = 1 };
+
+// The kernels look E2M1 values up pre-multiplied by 2^96 and read each e4m3 block scale as the
+// float32 with its bits (the scale × 2^-120), which saves a multiply per scale: a tile's row
+// sums come out × 2^-24, and the caller multiplies them by kOutScale (exact). The 2^96 keeps
+// the products of |x| up to ~10^7 finite and those that matter far from float32's subnormals.
+constexpr float kOutScale = 16777216.0f;  // 2^24
 inline int x_bytes_per_kblock(XFormat f) { return f == XFormat::kF32 ? 256 : 128; }
 
 struct TileJob {
@@ -33,15 +39,17 @@ struct TileJob {
   const uint8_t* x = nullptr;        // arranged activations of token 0 (64-byte aligned)
   int64_t x_stride = 0;              // bytes from one token to the next
   int tokens = 0;
-  float* out = nullptr;              // [tokens][16]: row sums before the global scale
+  float* out = nullptr;              // [tokens][16]: row sums × 2^-24, before the global scale
   const uint8_t* next_qweight = nullptr;  // the tile this thread reads next (prefetch), or null
   const uint8_t* next_qscale = nullptr;
   int64_t prefetch = 0;              // bytes ahead in the weight stream, 0: none
+  bool prefetch_l2 = false;          // prefetch into L2 only (else into L1)
 };
 
 struct IsaKernels {
   XFormat x_format;
-  // false when a block scale is e4m3 NaN (0x7F / 0xFF); out is then meaningless.
+  // false when a block scale byte is NaN or negative (>= 0x7F; never written by the repack); out
+  // is then meaningless.
   bool (*tile)(const TileJob& job);
   // Reads [p, p + bytes) (bytes a multiple of 256) and returns a value that depends on all of it.
   uint64_t (*read)(const uint8_t* p, size_t bytes);

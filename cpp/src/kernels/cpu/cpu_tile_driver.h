@@ -25,6 +25,13 @@ namespace {
 // with wider ISA flags could be picked by the linker for code that runs on any CPU.
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+inline void prefetch_line(const uint8_t* p, bool l2) {
+  if (l2)
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  else
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
 // Prefetches the weight lines and the scale line `job.prefetch` bytes ahead of k-block kb,
 // running on into the next tile this thread will read.
 inline void prefetch_ahead(const TileJob& j, int64_t kb) {
@@ -32,10 +39,10 @@ inline void prefetch_ahead(const TileJob& j, int64_t kb) {
   const int64_t off = kb * 512 + j.prefetch;
   const uint8_t* w = off < wbytes ? j.qweight + off : j.next_qweight ? j.next_qweight + (off - wbytes) : nullptr;
   if (w != nullptr)
-    for (int i = 0; i < 8; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + 64 * i), _MM_HINT_T0);
+    for (int i = 0; i < 8; ++i) prefetch_line(w + 64 * i, j.prefetch_l2);
   const int64_t soff = kb * 64 + j.prefetch / 8;  // scales advance 64 bytes per k-block
   const uint8_t* s = soff < sbytes ? j.qscale + soff : j.next_qscale ? j.next_qscale + (soff - sbytes) : nullptr;
-  if (s != nullptr) _mm_prefetch(reinterpret_cast<const char*>(s), _MM_HINT_T0);
+  if (s != nullptr) prefetch_line(s, j.prefetch_l2);
 }
 
 // NT tokens from tok0: G lines (row pairs) per pass, 8/G passes. With one pass the
