@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--reserved-cores", default="0", help="cores kept free, comma separated ('' for none)")
     ap.add_argument("--prefetch", type=int, default=-1, help="prefetch bytes (-1: the pool's default)")
+    ap.add_argument("--prefetch-l2", type=int, choices=(-1, 0, 1), default=-1, help="prefetch into L2 only (-1: default)")
     ap.add_argument("--spin-us", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="skip the ISA comparison and the prefetch sweep")
     ap.add_argument("--pinned", choices=("auto", "yes", "no"), default="auto")
@@ -136,8 +137,12 @@ def main() -> None:
     calls = args.calls or max(8, -(-2 * count // args.experts))
     batches = [int(b) for b in args.batches.split(",")]
 
-    def pool(isa: str, prefetch: int | None = None) -> ce.CpuExperts:
+    def pool(isa: str, prefetch: int | None = None, l2: bool | None = None) -> ce.CpuExperts:
         kw = {} if prefetch is None else {"prefetch_bytes": prefetch}
+        if l2 is not None:
+            kw["prefetch_l2"] = l2
+        elif args.prefetch_l2 >= 0:
+            kw["prefetch_l2"] = bool(args.prefetch_l2)
         return ce.CpuExperts(args.hidden, args.inter, isa=isa, threads=args.threads, reserved_cores=reserved,
                              spin_us=args.spin_us, **kw)
 
@@ -163,10 +168,10 @@ def main() -> None:
             r.update({"isa": name, "threads": p.threads, "dram_gbs": dram, "ratio": r["gbs"] / dram})
             isa_rows.append(r)
             del p
-        for pf in (0, 512, 1024, 2048, 4096, 8192):
-            p = pool(args.isa, pf)
+        for l2, pf in ((False, 0), (False, 2048), (False, 8192), (True, 8192), (True, 32768)):
+            p = pool(args.isa, pf, l2)
             r = time_calls(p, units, 1, args.experts, calls, warmup=3, seed=1)
-            r.update({"prefetch_bytes": pf, "isa": p.isa, "ratio": r["gbs"] / dram})
+            r.update({"prefetch_bytes": pf, "prefetch_l2": l2, "isa": p.isa, "ratio": r["gbs"] / dram})
             sweep.append(r)
             del p
         dram_after = cpu.read_bandwidth(flat, args.reps)
@@ -209,7 +214,8 @@ def main() -> None:
     for r in isa_rows:
         print(f"isa {r['isa']:>12}: batch 1 {r['gbs']:.1f} GB/s ({r['ratio']:.2f} of DRAM)")
     for r in sweep:
-        print(f"prefetch {r['prefetch_bytes']:>5} B: batch 1 {r['gbs']:.1f} GB/s ({r['ratio']:.2f} of DRAM)")
+        print(f"prefetch {r['prefetch_bytes']:>5} B {'L2' if r['prefetch_l2'] else 'L1'}: batch 1 {r['gbs']:.1f} GB/s "
+              f"({r['ratio']:.2f} of DRAM)")
     if dram_after is not None:
         print(f"DRAM read at the end: {dram_after:.1f} GB/s")
     print(f"wrote {out}")

@@ -168,7 +168,8 @@ void bind_cpu_experts(py::module_& m) {
 
   py::class_<CpuExpertPool, std::shared_ptr<CpuExpertPool>>(c, "Pool")
       .def(py::init([](const std::string& isa, int threads, const std::vector<int>& cores,
-                       const std::vector<int>& reserved_cores, bool pin, int spin_us, int prefetch_bytes) {
+                       const std::vector<int>& reserved_cores, bool pin, int spin_us, int prefetch_bytes,
+                       bool prefetch_l2, int gate_up_tiles, int down_tiles) {
              CpuExpertsOptions o;
              o.isa = isa;
              o.threads = threads;
@@ -177,6 +178,9 @@ void bind_cpu_experts(py::module_& m) {
              o.pin = pin;
              o.spin_us = spin_us;
              o.prefetch_bytes = prefetch_bytes;
+             o.prefetch_l2 = prefetch_l2;
+             o.gate_up_tiles = gate_up_tiles;
+             o.down_tiles = down_tiles;
              std::unique_ptr<CpuExpertPool> p;
              throw_if_error(CpuExpertPool::create(o, &p));
              // Joining the workers must not hold the GIL: a finishing call may be running a
@@ -192,7 +196,10 @@ void bind_cpu_experts(py::module_& m) {
            }),
            py::arg("isa") = "auto", py::arg("threads") = 0, py::arg("cores") = std::vector<int>(),
            py::arg("reserved_cores") = std::vector<int>(), py::arg("pin") = true, py::arg("spin_us") = 500,
-           py::arg("prefetch_bytes") = CpuExpertsOptions().prefetch_bytes)
+           py::arg("prefetch_bytes") = CpuExpertsOptions().prefetch_bytes,
+           py::arg("prefetch_l2") = CpuExpertsOptions().prefetch_l2,
+           py::arg("gate_up_tiles") = CpuExpertsOptions().gate_up_tiles,
+           py::arg("down_tiles") = CpuExpertsOptions().down_tiles)
       .def_property_readonly("isa", [](const CpuExpertPool& p) { return std::string(cpu_isa_name(p.isa())); })
       .def_property_readonly("threads", &CpuExpertPool::threads)
       .def_property_readonly("cores", &CpuExpertPool::cores)

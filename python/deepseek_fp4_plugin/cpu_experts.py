@@ -90,18 +90,24 @@ class CpuExperts:
     cores: cores to pin to; default the cores this process may use minus ``reserved_cores``.
     reserved_cores: cores kept free (the GPU-driving and I/O threads).
     spin_us: how long idle workers spin before sleeping.
-    prefetch_bytes: software prefetch distance in the weight stream.
+    prefetch_bytes, prefetch_l2: software prefetch distance in the weight stream, and whether it
+        fills L2 only; None: the C++ defaults (CpuExpertsOptions).
+    gate_up_tiles, down_tiles: 16-row tiles per work item; None: the C++ defaults.
     """
 
     def __init__(self, hidden: int, inter: int, *, layout: dict | None = None, isa: str = "auto",
                  threads: int = 0, cores: Sequence[int] | None = None, reserved_cores: Sequence[int] = (),
-                 pin: bool = True, spin_us: int = 500, prefetch_bytes: int = 2048):
+                 pin: bool = True, spin_us: int = 500, prefetch_bytes: int | None = None,
+                 prefetch_l2: bool | None = None, gate_up_tiles: int | None = None, down_tiles: int | None = None):
         self.layout = dict(layout) if layout is not None else dict(_C.paging.expert_unit_layout(hidden, inter))
         if self.layout["hidden"] != hidden or self.layout["inter"] != inter:
             raise ValueError(f"cpu experts: layout is for [{self.layout['hidden']}, {self.layout['inter']}], "
                              f"expected [{hidden}, {inter}]")
         self.hidden, self.inter = hidden, inter
-        self._pool = _M.Pool(isa, threads, list(cores or []), list(reserved_cores), pin, spin_us, prefetch_bytes)
+        tuning = {k: v for k, v in (("prefetch_bytes", prefetch_bytes), ("prefetch_l2", prefetch_l2),
+                                    ("gate_up_tiles", gate_up_tiles), ("down_tiles", down_tiles)) if v is not None}
+        self._pool = _M.Pool(isa=isa, threads=threads, cores=list(cores or []), reserved_cores=list(reserved_cores),
+                             pin=pin, spin_us=spin_us, **tuning)
 
     @property
     def isa(self) -> str:

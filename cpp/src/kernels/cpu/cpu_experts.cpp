@@ -106,7 +106,14 @@ class CallState final : public CpuExpertsHandle {
   Clock::time_point t_submit, t_first, t_end;
   std::function<void(const Status&)> on_done;
 
+  int spin_us = 0;  // wait() spins this long before sleeping (a futex wake-up costs tens of µs)
+
   Status wait(CpuExpertsStats* stats) override {
+    const auto spin_until = Clock::now() + std::chrono::microseconds(spin_us);
+    for (uint32_t n = 1; !flag_.load(std::memory_order_acquire); ++n) {
+      if ((n & 63) == 0 && Clock::now() >= spin_until) break;
+      cpu_relax();
+    }
     std::unique_lock<std::mutex> lk(mu_);
     cv_.wait(lk, [&] { return finished_; });
     if (stats != nullptr) {
@@ -133,6 +140,7 @@ class CallState final : public CpuExpertsHandle {
       status_ = st;
       finished_ = true;
     }
+    flag_.store(true, std::memory_order_release);
     cv_.notify_all();
   }
 
@@ -140,6 +148,7 @@ class CallState final : public CpuExpertsHandle {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool finished_ = false;
+  std::atomic<bool> flag_{false};  // finished_, readable without the lock
   Status status_;
 };
 
@@ -661,6 +670,7 @@ Status CpuExpertPool::submit(const CpuExpertsCall& call, std::shared_ptr<CpuExpe
   std::shared_ptr<CallState> c;
   DSFP4_RETURN_IF_ERROR(impl_->build(call, &c));
   c->on_done = std::move(on_done);
+  c->spin_us = impl_->opt.spin_us;
   if (handle != nullptr) *handle = c;
   if (c->items.empty()) {
     c->t_submit = c->t_first = c->t_end = Clock::now();
