@@ -55,7 +55,7 @@ struct CpuExpertsOptions {
   std::vector<int> reserved_cores;   // kept free (GPU-driving and I/O threads)
   bool pin = true;                   // pin worker i to cores[i]
   int spin_us = 500;                 // busy-wait this long for new work before sleeping
-  int prefetch_bytes = 2048;         // software prefetch distance in the weight stream (0: none)
+  int prefetch_bytes = 8192;         // software prefetch distance in the weight stream (0: none)
   bool prefetch_l2 = false;          // software prefetch into L2 only (else into L1)
   int gate_up_tiles = 4;             // work item: 16-row tiles of gate (and as many of up)
   int down_tiles = 8;                // work item: 16-row tiles of down
