@@ -6,6 +6,8 @@
 # With no arguments: build tests sanitizer bench-gemm.
 # fp8: the FP8 block GEMM's GPU tests, compute-sanitizer on a quick subset and bench_fp8_gemm.py
 # (add tune to sweep its tactics); logs under $OUT/fp8_*.
+# cpu-experts (after build): the CPU expert kernels on every instruction set of this CPU (ctest and
+# tests/test_cpu_experts.py), then benchmarks/bench_cpu_experts.py → $OUT/cpu_experts.json.
 # trt: builds with the TensorRT plugins (headers from TENSORRT_ROOT, else .deps/tensorrt-11.1),
 # runs ctest (the C++ example from the installed package, the expert runner), the plugin tests
 # (tests/test_trt_plugins.py with the lean runtime's registry, tests/gpu/test_trt_plugins_gpu.py)
@@ -131,6 +133,17 @@ if has fp8; then
   timeout 240 python3 benchmarks/bench_fp8_gemm.py $extra --out "$OUT/fp8_gemm.json" > "$OUT/fp8_bench.log" 2>&1
   [ $? -eq 0 ] || status=1
   tail -30 "$OUT/fp8_bench.log"
+fi
+
+if has cpu-experts; then
+  echo "== CPU experts: every instruction set of this CPU against the reference, then the kernel benchmark"
+  (cd build && timeout 300 ctest -R cpu_experts --output-on-failure -V) > "$OUT/cpu_experts_ctest.log" 2>&1 || status=1
+  grep -E "skipped isa|bit-equal|checks passed|check\(s\) failed|CHECK failed" "$OUT/cpu_experts_ctest.log" | tail -20
+  timeout 300 python3 -m pytest tests/test_cpu_experts.py -q -rs > "$OUT/cpu_experts_tests.log" 2>&1 || status=1
+  tail -4 "$OUT/cpu_experts_tests.log"
+  timeout 480 python3 benchmarks/bench_cpu_experts.py ${BENCH_CPU_EXPERTS_ARGS:-} --out "$OUT/cpu_experts.json" \
+    > "$OUT/bench_cpu_experts.log" 2>&1 || status=1
+  tail -18 "$OUT/bench_cpu_experts.log"
 fi
 
 if has bench-model; then

@@ -21,4 +21,5 @@ PYBIND11_MODULE(_C, m) {
   dsfp4::py_bind::bind_fp8(m);
   dsfp4::py_bind::bind_moe(m);
   dsfp4::py_bind::bind_paging(m);
+  dsfp4::py_bind::bind_cpu_experts(m);
 }

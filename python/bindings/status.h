@@ -38,6 +38,7 @@ void bind_gemm(pybind11::module_& m);
 void bind_fp8(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
 void bind_paging(pybind11::module_& m);
+void bind_cpu_experts(pybind11::module_& m);
 
 }  // namespace py_bind
 }  // namespace dsfp4
