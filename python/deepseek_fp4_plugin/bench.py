@@ -89,17 +89,18 @@ def open_model(model: Optional[str], device: str, memory_limit: Optional[float],
 
 
 def memory_limit_for(model: str, expert_share: float, device: str = "auto", max_seq_len: int = 512,
-                     batch: int = 1, prefill_chunk: int = 2048) -> float:
+                     batch: int = 1, prefill_chunk: int = 2048, dtype: Optional[str] = None) -> float:
     """The budget (GiB) whose plan keeps every layer resident and ``expert_share`` of the
     routed experts on the GPU (a paged workload of a chosen severity)."""
     from .engine import Engine
 
-    kw = dict(device=device, max_seq_len=max_seq_len, max_batch_size=batch, prefill_chunk=prefill_chunk)
+    kw = dict(device=device, max_seq_len=max_seq_len, max_batch_size=batch, prefill_chunk=prefill_chunk, dtype=dtype)
     plan = Engine.plan(model, memory_limit=1024, **kw)
     if plan is None:
         raise ValueError("no budget to plan on this device")
     base = sum(b for name, b, _ in plan.rows() if name != "expert cache")
-    return round((base + int(plan.total_experts * expert_share) * plan.expert_unit_bytes) / GiB + 0.005, 3)
+    slots = max(1, int(plan.total_experts * expert_share))
+    return (base + slots * plan.expert_unit_bytes + plan.expert_unit_bytes // 2) / GiB
 
 
 def run_bench(model: Optional[str] = None, out: Optional[str] = "bench_out", preset: str = "default",
