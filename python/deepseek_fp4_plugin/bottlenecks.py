@@ -264,7 +264,8 @@ def analyze(f: Dict[str, Any]) -> Dict[str, Any]:
     if top >= SATURATED:
         out["bound"] = name
         nxt = (f"; next: {LABELS[second[1]]} at {100 * second[0]:.0f}% (removing this bound speeds the run "
-               f"up at most {min(out['headroom'], 99):.1f}×)") if second[1] else ""
+               f"up at most {out['headroom']:.1f}×)") if second[1] and second[0] >= 0.05 else \
+            "; nothing else is near its limit"
         out["verdict"] = (f"{LABELS[name]}-bound: busy {100 * top:.0f}% of the run "
                           f"({res[name]['measured']}; {res[name]['basis']}){nxt}")
     else:
