@@ -352,6 +352,21 @@ def test_unstarted_monitor_reports_the_last_call(tiny):
     assert not m.running and tiny.step_observers == []
 
 
+def test_a_started_model_monitor_follows_a_reload(tmp_path):
+    from deepseek_fp4_plugin import DeepseekInference
+
+    make_tiny(tmp_path, seed=2)
+    model = DeepseekInference(tmp_path, device="cpu", max_batch_size=1)
+    mon = model.perf_monitor.start()
+    old = model.engine
+    model.apply_config({"batch_size": 2})                   # a new engine
+    assert model.engine is not old and old.step_observers == []
+    model.engine.generate([5, 6, 7], max_tokens=3, ignore_eos=True)
+    mon.stop()
+    assert [s["stage"] for s in mon.steps] == ["prefill", "decode", "decode"]
+    assert model.engine.step_observers == []
+
+
 def test_bad_sample_rate():
     m = PerfMonitor(None)
     with pytest.raises(ValueError, match="sample rate"):

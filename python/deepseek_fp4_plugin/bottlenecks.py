@@ -21,6 +21,7 @@ How busy each resource was (share of the active time):
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from typing import Any, Dict, List, Optional, Tuple
@@ -50,7 +51,8 @@ def active_intervals(steps: List[Dict[str, Any]]) -> List[Tuple[float, float]]:
 
 
 def _inside(t: float, iv: List[Tuple[float, float]]) -> bool:
-    return any(a <= t <= b for a, b in iv)
+    i = bisect.bisect_right(iv, (t, math.inf)) - 1
+    return i >= 0 and iv[i][0] <= t <= iv[i][1]
 
 
 def _mean(xs: List[float]) -> Optional[float]:

@@ -25,7 +25,7 @@ from .engine import Engine, GenerationStats
 from .guard import stream_or_raise, text_or_raise
 from .knobs import sliding_window_refusal, translate
 from .memory_plan import PagingSettings
-from .monitor import monitor_for
+from .monitor import follow_reload, monitor_for
 
 # seed name → (PagingSettings field or engine argument, validator kind, minimum)
 _MEMORY_CONFIG = {
@@ -121,8 +121,10 @@ class DeepseekInference:
 
     def _load(self, **engine_overrides: Any) -> Engine:
         kw = {**self._engine_kwargs, **engine_overrides}
-        return Engine.from_pretrained(self.model_path, device=self.device, memory_limit=self.memory_limit,
-                                      paging=dict(self._paging), **kw)
+        engine = Engine.from_pretrained(self.model_path, device=self.device, memory_limit=self.memory_limit,
+                                        paging=dict(self._paging), **kw)
+        follow_reload(self, engine)   # a started perf_monitor records the new engine's steps
+        return engine
 
     # ---- applying settings -----------------------------------------------------------------
     def _apply(self, changes: Dict[str, Any], batch_size: Optional[int] = None,

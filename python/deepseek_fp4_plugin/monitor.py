@@ -171,8 +171,13 @@ class PerfMonitor:
             return None
         return t.engine if hasattr(t, "engine") and hasattr(t, "apply_config") else t
 
-    def _attach(self) -> None:
-        eng = self.engine
+    def follow(self, engine) -> None:
+        """The target loaded a new engine (a reload): record its steps from now on."""
+        if self._running:
+            self._attach(engine)
+
+    def _attach(self, engine=None) -> None:
+        eng = engine if engine is not None else self.engine
         if eng is self._attached:
             return
         if self._attached is not None:
@@ -416,6 +421,13 @@ def monitor_for(target: Any) -> PerfMonitor:
     if m is None:
         m = _MONITORS[target] = PerfMonitor(target)
     return m
+
+
+def follow_reload(target: Any, engine: Any) -> None:
+    """``target`` (a DeepseekInference) loaded ``engine``: its monitor, if any, follows."""
+    m = _MONITORS.get(target)
+    if m is not None:
+        m.follow(engine)
 
 
 def allocator_stats(device: Optional[torch.device]) -> Dict[str, Any]:

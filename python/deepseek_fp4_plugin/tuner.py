@@ -271,12 +271,18 @@ class AutoTuner:
 
         def run(cfg: Dict[str, Any]) -> Optional[float]:
             t0 = r.clock()
-            meas = r.measure(cfg)
+            try:
+                meas, err = r.measure(cfg), None
+            except (ValueError, RuntimeError, OSError) as e:   # e.g. out of device memory at load
+                if not trials:
+                    raise   # the configuration in force cannot run: nothing to compare against
+                meas, err = {}, " ".join(str(e).split())
             dt = r.clock() - t0
             val = meas.get(key)
-            if val is None and target_metric == "gpu":
+            if val is None and target_metric == "gpu" and err is None:
                 raise ValueError("target_metric='gpu' needs NVML GPU figures, which are unavailable here")
-            trials.append({"config": dict(cfg), "value": val, "measurements": meas, "seconds": dt})
+            trials.append({"config": dict(cfg), "value": val, "measurements": meas, "seconds": dt,
+                           **({"error": err} if err else {})})
             seen[_key(cfg)] = val
             if bar is not None:
                 bar.n = min(time_budget_s, r.clock() - start)
