@@ -168,6 +168,33 @@ def test_recorded_trace_round_trip():
         PerfMonitor.from_trace({"version": 99})
 
 
+def test_a_recorded_cpu_paged_run():
+    """A trace recorded on this project's CPU paged engine (two prompts, 8 tokens, a 0.03 GiB
+    budget): the figures are the counters' differences, computed here by hand."""
+    from pathlib import Path
+
+    tr = json.loads((Path(__file__).parent / "data" / "trace_cpu_paged.json").read_text())
+    first, last = tr["snapshots"][0]["flat"], tr["snapshots"][-1]["flat"]
+    d = {k: last[k] - first[k] for k in ("experts.requests", "experts.gpu_hits", "experts.host_hits",
+                                         "experts.predicted_used", "experts.used_after_prediction", "h2d_bytes",
+                                         "ssd_bytes", "experts.wait_ms")}
+    f, a, s = verdict(tr)
+    assert d["experts.requests"] == 727
+    assert f["expert_hit_rate"] == pytest.approx(d["experts.gpu_hits"] / 727)
+    assert f["host_hit_rate"] == pytest.approx((d["experts.gpu_hits"] + d["experts.host_hits"]) / 727)
+    assert f["prefetch_accuracy"] == pytest.approx(d["experts.predicted_used"] / d["experts.used_after_prediction"])
+    assert (f["h2d_bytes"], f["ssd_bytes"], f["disk_wait_ms"]) == (d["h2d_bytes"], d["ssd_bytes"],
+                                                                   pytest.approx(d["experts.wait_ms"]))
+    busy = [(x["thread_busy"], x["seconds"]) for x in tr["steps"] if x["thread_busy"] is not None]
+    thread = sum(b * w for b, w in busy) / sum(w for _, w in busy)
+    # the CPU engine's thread ran about 15% of the time (a shared, oversubscribed host; the trace
+    # has no load average): nothing saturated, and the 1 s of disk waits are named
+    assert a["resources"]["host_cpu"]["busy"] == pytest.approx(thread) and thread < 0.6
+    assert a["bound"] is None and "1042 ms" in a["verdict"]
+    assert a["resources"]["disk"]["busy"] == pytest.approx(d["ssd_bytes"] / 1e9 / f["active_s"])   # 1 GB/s ceiling
+    assert s == []
+
+
 # ---------------------------------------------------------------------------------------
 # the counter mapping
 
