@@ -90,9 +90,22 @@ def render(html_path, screenshot=None, timeout: float = 60.0, width: int = 1400)
     html_path = Path(html_path).resolve()
     profile = tempfile.mkdtemp(prefix="dsfp4-chromium-")
     proc = subprocess.Popen(
-        [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--remote-debugging-port=0", f"--user-data-dir={profile}", f"--window-size={width},900", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            exe,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},900",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = None
         end = time.time() + timeout
@@ -114,23 +127,30 @@ def render(html_path, screenshot=None, timeout: float = 60.0, width: int = 1400)
             cdp.call("Page.navigate", url=html_path.as_uri())
             if not cdp.wait_for("Page.loadEventFired", timeout):
                 raise TimeoutError(f"{html_path}: the page did not finish loading in {timeout:.0f} s")
-            time.sleep(0.3)   # let late console messages arrive
-            info = json.loads(cdp.call("Runtime.evaluate", expression=CHECK_PAGE, returnByValue=True)
-                              ["result"]["value"])
+            time.sleep(0.3)  # let late console messages arrive
+            info = json.loads(
+                cdp.call("Runtime.evaluate", expression=CHECK_PAGE, returnByValue=True)["result"]["value"]
+            )
             if screenshot is not None:
                 m = cdp.call("Page.getLayoutMetrics")["cssContentSize"]
-                shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                                clip={"x": 0, "y": 0, "width": m["width"], "height": m["height"], "scale": 1})
+                shot = cdp.call(
+                    "Page.captureScreenshot",
+                    format="png",
+                    captureBeyondViewport=True,
+                    clip={"x": 0, "y": 0, "width": m["width"], "height": m["height"], "scale": 1},
+                )
                 Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
-            cdp.wait_for("never", 0.2)   # drain what is queued
+            cdp.wait_for("never", 0.2)  # drain what is queued
         finally:
             cdp.close()
         errors, exceptions, requests = [], [], []
         for e in cdp.events:
             m, p = e.get("method"), e.get("params", {})
             if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+                errors.append(
+                    " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+                )
             elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
                 errors.append(p["entry"].get("text", ""))
             elif m == "Runtime.exceptionThrown":
@@ -158,7 +178,12 @@ def main(argv: List[str]) -> int:
         return 2
     info = render(argv[0], argv[1] if len(argv) == 2 else None)
     print(json.dumps(info, indent=1))
-    bad = info["console_errors"] or info["exceptions"] or info["requests"] or info["images_drawn"] < info["images"]
+    bad = (
+        info["console_errors"]
+        or info["exceptions"]
+        or info["requests"]
+        or info["images_drawn"] < info["images"]
+    )
     return 1 if bad else 0
 
 

@@ -28,17 +28,42 @@ def small_ceilings(tmp_path, monkeypatch):
 
 def test_bench_writes_json_and_report(tiny, tmp_path, capsys, small_ceilings):
     out = tmp_path / "bench"
-    assert main(["bench", "--model", str(tiny), "--out", str(out), "--device", "cpu", "--requests", "3",
-                 "--batch", "2", "--prompt-tokens", "16", "--decode-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--requests",
+                "3",
+                "--batch",
+                "2",
+                "--prompt-tokens",
+                "16",
+                "--decode-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "decode" in table and "verdict" in table and "perf_report.html" in table
     r = json.loads((out / "bench.json").read_text())
     assert r["identity"]["commit"] and "date" in r["identity"]
-    assert r["workload"] == {"requests": 3, "batch": 2, "prompt_tokens": 16, "decode_tokens": 3,
-                             "use_cuda_graph": False}
+    assert r["workload"] == {
+        "requests": 3,
+        "batch": 2,
+        "prompt_tokens": 16,
+        "decode_tokens": 3,
+        "use_cuda_graph": False,
+    }
     assert r["results"]["decode_tokens_per_s"] > 0 and r["results"]["prefill_tokens_per_s"] > 0
     steps = r["trace"]["steps"]
-    assert [s["stage"] for s in steps].count("prefill") == 2                    # two batches: 2 + 1
+    assert [s["stage"] for s in steps].count("prefill") == 2  # two batches: 2 + 1
     assert [s["rows"] for s in steps if s["stage"] == "prefill"] == [32, 16]
     assert r["ceilings"]["host_read_GBps"] > 0 and r["analysis"]["verdict"]
     html = (out / "perf_report.html").read_text()
@@ -46,7 +71,10 @@ def test_bench_writes_json_and_report(tiny, tmp_path, capsys, small_ceilings):
 
 
 def test_bench_bad_arguments(tiny, tmp_path, capsys):
-    assert main(["bench", "--model", str(tiny), "--out", str(tmp_path), "--device", "cpu", "--requests", "0"]) == 2
+    assert (
+        main(["bench", "--model", str(tiny), "--out", str(tmp_path), "--device", "cpu", "--requests", "0"])
+        == 2
+    )
     assert "requests" in capsys.readouterr().err
     assert main(["bench", "--model", str(tmp_path / "nope"), "--out", str(tmp_path), "--device", "cpu"]) == 2
     assert "nope" in capsys.readouterr().err
@@ -56,8 +84,26 @@ def test_tune_writes_a_config_apply_config_takes(tiny, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello there\n\nWhat is a mixture of experts?\n")
     out = tmp_path / "tuned.json"
-    assert main(["tune", "--model", str(tiny), "--out", str(out), "--device", "cpu", "--time-budget", "120",
-                 "--max-tokens", "2", "--prompts", str(prompts)]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--model",
+                str(tiny),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--time-budget",
+                "120",
+                "--max-tokens",
+                "2",
+                "--prompts",
+                str(prompts),
+            ]
+        )
+        == 0
+    )
     assert "tuned throughput" in capsys.readouterr().out
     r = json.loads(out.read_text())
     assert r["workload"]["prompts"] == 2 and len(r["trials"]) >= 1
@@ -67,5 +113,8 @@ def test_tune_writes_a_config_apply_config_takes(tiny, tmp_path, capsys):
     assert model.engine.max_batch_size == cfg["batch_size"]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    assert main(["tune", "--model", str(tiny), "--out", str(out), "--device", "cpu", "--prompts", str(empty)]) == 2
+    assert (
+        main(["tune", "--model", str(tiny), "--out", str(out), "--device", "cpu", "--prompts", str(empty)])
+        == 2
+    )
     assert "no prompts" in capsys.readouterr().err

@@ -13,7 +13,9 @@ from deepseek_fp4_plugin import DeepseekInference, Engine
 from deepseek_fp4_plugin.memory_plan import GiB
 from deepseek_fp4_plugin.tiny import make_tiny
 
-PAGED = dict(device="cpu", dtype="bfloat16", max_batch_size=1, max_seq_len=64, prefill_chunk=16, verbose=False)
+PAGED = dict(
+    device="cpu", dtype="bfloat16", max_batch_size=1, max_seq_len=64, prefill_chunk=16, verbose=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,17 @@ def resident_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def paged_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("knobs_paged")
-    make_tiny(d, seed=3, hidden_size=256, moe_intermediate_size=128, n_routed_experts=32, num_hidden_layers=3,
-              n_group=4, topk_group=2, num_experts_per_tok=4)
+    make_tiny(
+        d,
+        seed=3,
+        hidden_size=256,
+        moe_intermediate_size=128,
+        n_routed_experts=32,
+        num_hidden_layers=3,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=4,
+    )
     return d
 
 
@@ -35,13 +46,15 @@ def quarter_limit(paged_dir) -> float:
     """A budget whose expert cache holds a quarter of the experts."""
     from deepseek_fp4_plugin.bench import memory_limit_for
 
-    return memory_limit_for(str(paged_dir), 0.25, device="cpu", max_seq_len=64, batch=1, prefill_chunk=16,
-                            dtype="bfloat16")
+    return memory_limit_for(
+        str(paged_dir), 0.25, device="cpu", max_seq_len=64, batch=1, prefill_chunk=16, dtype="bfloat16"
+    )
 
 
 def paged(paged_dir, **paging):
-    m = DeepseekInference(paged_dir, memory_limit=quarter_limit(paged_dir), paging={"cpu_cache_size": 0.01, **paging},
-                          **PAGED)
+    m = DeepseekInference(
+        paged_dir, memory_limit=quarter_limit(paged_dir), paging={"cpu_cache_size": 0.01, **paging}, **PAGED
+    )
     assert m.engine.store.pages
     return m
 
@@ -63,22 +76,36 @@ def test_host_cache_workspace_and_batch_knobs(paged_dir):
     after = m.engine.memory_plan
     assert m.engine.prefill_chunk < 16 and after.workspace <= limit * GiB < before.workspace
     assert after.expert_slots >= before.expert_slots
-    bigger = Engine.plan(paged_dir, device="cpu", memory_limit=1024, max_batch_size=1, max_seq_len=64,
-                         prefill_chunk=m.engine.prefill_chunk + 1, dtype="bfloat16")
-    assert bigger.workspace > limit * GiB                              # the chunk is the largest that fits
+    bigger = Engine.plan(
+        paged_dir,
+        device="cpu",
+        memory_limit=1024,
+        max_batch_size=1,
+        max_seq_len=64,
+        prefill_chunk=m.engine.prefill_chunk + 1,
+        dtype="bfloat16",
+    )
+    assert bigger.workspace > limit * GiB  # the chunk is the largest that fits
     engine = m.engine
     with pytest.raises(ValueError, match="max_workspace_size.*one-token"):
         m.apply_config({"max_workspace_size": 0.001})
-    assert m.engine is engine                                         # refused before anything changed
+    assert m.engine is engine  # refused before anything changed
     # prefer_larger_batch: the largest batch whose plan fits the budget
     m.apply_config({"prefer_larger_batch": True})
     b = m.engine.max_batch_size
     assert b > 1
     if b < 64:
         with pytest.raises(ValueError, match="too small"):
-            Engine.plan(paged_dir, device="cpu", memory_limit=m.memory_limit, max_batch_size=2 * b, max_seq_len=64,
-                        prefill_chunk=m.engine.prefill_chunk, dtype="bfloat16",
-                        paging={"cpu_cache_size": 0.002})
+            Engine.plan(
+                paged_dir,
+                device="cpu",
+                memory_limit=m.memory_limit,
+                max_batch_size=2 * b,
+                max_seq_len=64,
+                prefill_chunk=m.engine.prefill_chunk,
+                dtype="bfloat16",
+                paging={"cpu_cache_size": 0.002},
+            )
     with pytest.raises(ValueError, match="not both"):
         m.apply_config({"prefer_larger_batch": True, "batch_size": 2})
 
@@ -92,12 +119,12 @@ def test_prefetch_experts_and_runtime_paging_fields(paged_dir):
         m.engine.generate(prompt, max_tokens=6, ignore_eos=True)
         return m.paging_counters["experts"]["predicted"]
 
-    full = predicted()                                      # top_k = 4 predicted per token
+    full = predicted()  # top_k = 4 predicted per token
     engine = m.engine
     m.apply_config({"prefetch_experts": 1})
-    assert m.engine is engine                               # applied at once
+    assert m.engine is engine  # applied at once
     assert 0 < predicted() < full
-    m.apply_config({"miss_mode": "zero_copy"})              # any PagingSettings field
+    m.apply_config({"miss_mode": "zero_copy"})  # any PagingSettings field
     assert m.engine.store.settings.miss_mode == "zero_copy"
     m.engine.store.reset_counters()
     m.engine.generate(prompt, max_tokens=3, ignore_eos=True)
@@ -110,7 +137,11 @@ def test_overlap_compute_and_tf32(paged_dir):
     m = paged(paged_dir)
     m.apply_config({"overlap_compute": False})
     s = m.engine.store.settings
-    assert s.enable_async_copy is False and s.streams == {"compute": False, "prefetch": False, "transfer": False}
+    assert s.enable_async_copy is False and s.streams == {
+        "compute": False,
+        "prefetch": False,
+        "transfer": False,
+    }
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         m.apply_config({"enable_tf32": not before})

@@ -26,7 +26,7 @@ def _browser():
 def test_report_renders_in_a_browser(tmp_path):
     _browser()
     trace = pcie_bound(frag=0.3, reserved=8 << 30)
-    trace["label"] = "<script>alert(1)</script> escaped"      # text from a run never becomes markup
+    trace["label"] = "<script>alert(1)</script> escaped"  # text from a run never becomes markup
     path = generate_report(PerfMonitor.from_trace(trace), tmp_path / "out" / "perf_report.html")
     text = path.read_text()
     assert "<script>alert" not in text and "http://" not in text and "https://" not in text
@@ -39,15 +39,17 @@ def test_report_renders_in_a_browser(tmp_path):
     assert info["tables"] >= 4
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
-    assert info["height"] > 1500                                 # the whole page, not one viewport
+    assert info["height"] > 1500  # the whole page, not one viewport
 
 
 def test_the_checks_catch_a_broken_page(tmp_path):
     _browser()
     page = tmp_path / "broken.html"
-    page.write_text("<!DOCTYPE html><html><head><title>x</title></head><body>"
-                    "<img src='http://127.0.0.1:9/nothing.png'>"
-                    "<script>console.error('boom'); undefinedFunction();</script></body></html>")
+    page.write_text(
+        "<!DOCTYPE html><html><head><title>x</title></head><body>"
+        "<img src='http://127.0.0.1:9/nothing.png'>"
+        "<script>console.error('boom'); undefinedFunction();</script></body></html>"
+    )
     info = render(page)
     assert any("boom" in e for e in info["console_errors"])
     assert any("undefinedFunction" in e for e in info["exceptions"])

@@ -10,9 +10,20 @@ from deepseek_fp4_plugin import AutoTuner, DeepseekInference
 from deepseek_fp4_plugin.tiny import make_tiny
 from deepseek_fp4_plugin.tuner import EngineTrials, TrialRunner, load_config
 
-SPACE = {"batch_size": [1, 2, 4, 8], "use_cuda_graph": [False, True], "max_gpu_layers": [2, 4, 6, 8],
-         "prefetch_layers": [0, 1, 2, 3, 4], "expert_threshold": [0.0, 0.1]}
-START = {"batch_size": 1, "use_cuda_graph": False, "max_gpu_layers": 2, "prefetch_layers": 1, "expert_threshold": 0.0}
+SPACE = {
+    "batch_size": [1, 2, 4, 8],
+    "use_cuda_graph": [False, True],
+    "max_gpu_layers": [2, 4, 6, 8],
+    "prefetch_layers": [0, 1, 2, 3, 4],
+    "expert_threshold": [0.0, 0.1],
+}
+START = {
+    "batch_size": 1,
+    "use_cuda_graph": False,
+    "max_gpu_layers": 2,
+    "prefetch_layers": 1,
+    "expert_threshold": 0.0,
+}
 
 
 class Simulated(TrialRunner):
@@ -31,8 +42,14 @@ class Simulated(TrialRunner):
         return 2.5 * c["max_gpu_layers"] + 1.0 * c["batch_size"] + 0.5 * c["prefetch_layers"]
 
     def throughput(self, c):
-        return (10 * c["batch_size"] ** 0.7 * (1 + 0.15 * c["max_gpu_layers"]) * (1.4 if c["use_cuda_graph"] else 1.0)
-                * (1.0 - 0.05 * abs(c["prefetch_layers"] - 2)) * (1.3 if c["expert_threshold"] else 1.0))
+        return (
+            10
+            * c["batch_size"] ** 0.7
+            * (1 + 0.15 * c["max_gpu_layers"])
+            * (1.4 if c["use_cuda_graph"] else 1.0)
+            * (1.0 - 0.05 * abs(c["prefetch_layers"] - 2))
+            * (1.3 if c["expert_threshold"] else 1.0)
+        )
 
     def check(self, c):
         m = self.memory(c)
@@ -73,7 +90,7 @@ def test_finds_the_known_optimum_and_never_runs_what_does_not_fit():
     best = tuner.optimize("throughput", time_budget_s=10_000, progress=False)
     want = brute_force(sim, approximate=False)
     assert best == want
-    assert best["expert_threshold"] == 0.0                      # approximation was not allowed
+    assert best["expert_threshold"] == 0.0  # approximation was not allowed
     assert all(c["expert_threshold"] == 0.0 for c in sim.measured)
     assert all(sim.check(c) is None for c in sim.measured)
     r = tuner.result
@@ -82,7 +99,9 @@ def test_finds_the_known_optimum_and_never_runs_what_does_not_fit():
     assert all(sim.check(s["config"]) is not None for s in r["skipped"])
     # with approximation allowed, the threshold is searched too
     sim2 = Simulated()
-    best2 = AutoTuner(sim2, allow_approximation=True, min_gain=0.0).optimize(time_budget_s=10_000, progress=False)
+    best2 = AutoTuner(sim2, allow_approximation=True, min_gain=0.0).optimize(
+        time_budget_s=10_000, progress=False
+    )
     assert best2 == brute_force(sim2, approximate=True) and best2["expert_threshold"] == 0.1
 
 
@@ -92,17 +111,17 @@ def test_respects_the_time_budget():
     best = tuner.optimize("throughput", time_budget_s=120, progress=False)
     r = tuner.result
     assert r["stopped"] == "time budget"
-    assert r["elapsed_s"] <= 120                               # no trial started that could overrun
+    assert r["elapsed_s"] <= 120  # no trial started that could overrun
     assert len(sim.measured) < 10
     assert sim.check(best) is None
-    assert best in [t["config"] for t in r["trials"]]         # only measured configurations are proposed
+    assert best in [t["config"] for t in r["trials"]]  # only measured configurations are proposed
     assert r["value"] == max(t["value"] for t in r["trials"])
 
 
 def test_latency_target_minimizes():
     sim = Simulated()
     best = AutoTuner(sim, min_gain=0.0).optimize("latency", time_budget_s=10_000, progress=False)
-    assert best == brute_force(Simulated(), approximate=False)   # latency = 1 / throughput here
+    assert best == brute_force(Simulated(), approximate=False)  # latency = 1 / throughput here
 
 
 def test_bad_arguments():
@@ -133,15 +152,15 @@ def test_real_trials_on_the_tiny_model(tmp_path):
     make_tiny(tmp_path, seed=1)
     model = DeepseekInference(tmp_path, device="cpu", max_seq_len=64, max_batch_size=1)
     runner = EngineTrials(model, prompts=[[5, 6, 7, 8], [9, 10, 11], [12, 13]], max_tokens=3)
-    assert runner.space(False) == {"batch_size": [1, 2]}        # resident on the CPU: batch only
+    assert runner.space(False) == {"batch_size": [1, 2]}  # resident on the CPU: batch only
     assert runner.check({"batch_size": 2, "use_cuda_graph": False}) is None
     tuner = AutoTuner(runner)
     best = tuner.optimize(time_budget_s=300, progress=False, space={"batch_size": [1, 2]})
     r = tuner.result
     assert [t["config"]["batch_size"] for t in r["trials"]] == [1, 2]
     assert all(t["value"] > 0 for t in r["trials"])
-    assert model.engine.max_batch_size == best["batch_size"]   # the best is left in force
-    model.apply_config(best)                                   # and applies as a config
+    assert model.engine.max_batch_size == best["batch_size"]  # the best is left in force
+    model.apply_config(best)  # and applies as a config
     with pytest.raises(ValueError, match="gpu"):
         AutoTuner(runner).optimize("gpu", time_budget_s=300, progress=False, space={})
 
@@ -158,5 +177,7 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on():
     tuner = AutoTuner(sim, min_gain=0.0)
     best = tuner.optimize(time_budget_s=10_000, progress=False)
     failed = [t for t in tuner.result["trials"] if "error" in t]
-    assert failed and all(t["config"]["max_gpu_layers"] == 4 and "out of memory" in t["error"] for t in failed)
+    assert failed and all(
+        t["config"]["max_gpu_layers"] == 4 and "out of memory" in t["error"] for t in failed
+    )
     assert best["max_gpu_layers"] != 4 and sim.check(best) is None

@@ -32,8 +32,8 @@ MiB = 1 << 20
 _BLOCK = 16 * MiB
 CEILING_KEYS = ("h2d_GBps", "d2h_GBps", "hbm_GBps", "disk_GBps", "host_read_GBps")
 HOST_READ_BYTES = 512 * MiB
-SCRATCH_BYTES = 256 * MiB     # the scratch file timed when no model file is given
-DISK_READ_LIMIT = 512 * MiB   # most bytes read from a model file
+SCRATCH_BYTES = 256 * MiB  # the scratch file timed when no model file is given
+DISK_READ_LIMIT = 512 * MiB  # most bytes read from a model file
 
 
 def default_cache_path() -> Path:
@@ -53,8 +53,12 @@ def machine_key(device: torch.device, disk_path: Optional[Path]) -> str:
     return f"{platform.node()}|{gpu}|{disk}"
 
 
-def measure_ceilings(device: Union[None, str, torch.device] = None, disk_path: Union[None, str, Path] = None,
-                     cache: Union[None, str, Path] = None, refresh: bool = False) -> Dict[str, Any]:
+def measure_ceilings(
+    device: Union[None, str, torch.device] = None,
+    disk_path: Union[None, str, Path] = None,
+    cache: Union[None, str, Path] = None,
+    refresh: bool = False,
+) -> Dict[str, Any]:
     """This machine's ceilings (see the module docstring), from the cache when present.
 
     Parameters
@@ -64,8 +68,15 @@ def measure_ceilings(device: Union[None, str, torch.device] = None, disk_path: U
     cache : JSON file of cached ceilings (default ``default_cache_path()``); "" disables it
     refresh : measure even when cached
     """
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    )
     disk_file = _disk_file(Path(disk_path)) if disk_path is not None else None
     key = machine_key(dev, disk_file)
     path = default_cache_path() if cache is None else (Path(cache) if cache != "" else None)
@@ -74,7 +85,7 @@ def measure_ceilings(device: Union[None, str, torch.device] = None, disk_path: U
         try:
             store = json.loads(path.read_text())
         except (OSError, ValueError):
-            store = {}   # a damaged cache is measured again
+            store = {}  # a damaged cache is measured again
         if not refresh and isinstance(store.get(key), dict):
             return dict(store[key], cached=True)
     out: Dict[str, Any] = {k: None for k in CEILING_KEYS}
@@ -94,7 +105,7 @@ def measure_ceilings(device: Union[None, str, torch.device] = None, disk_path: U
             tmp.write_text(json.dumps(store, indent=1))
             os.replace(tmp, path)
         except OSError:
-            pass   # a read-only home: the figures are still returned
+            pass  # a read-only home: the figures are still returned
     return dict(out, cached=False)
 
 
@@ -167,7 +178,7 @@ def _disk_rate(path: Optional[Path]):
         size = min(path.stat().st_size, DISK_READ_LIMIT) // block * block
         if size == 0:
             return None, "file too small"
-        buf = mmap.mmap(-1, block)   # page-aligned, as O_DIRECT needs
+        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
         method = "O_DIRECT"
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
@@ -182,7 +193,7 @@ def _disk_rate(path: Optional[Path]):
             while off < size:
                 try:
                     n = os.preadv(fd, [buf], off)
-                except OSError:   # a file system that opens O_DIRECT but refuses the read
+                except OSError:  # a file system that opens O_DIRECT but refuses the read
                     os.close(fd)
                     fd = os.open(path, os.O_RDONLY)
                     method = "buffered"

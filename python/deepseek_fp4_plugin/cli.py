@@ -80,10 +80,12 @@ def _add_bench_parser(sub) -> None:
     from .bench import PRESETS
 
     p = sub.add_parser("bench", help="standard prefill + decode workload, table, JSON and HTML report",
-                       description="Runs a standard prefill + decode workload under the performance monitor; "
-                                   "prints a short table and writes bench.json and perf_report.html to --out.")
+                       description="Runs a standard prefill + decode workload under the performance "
+                                   "monitor; prints a short table and writes bench.json and "
+                                   "perf_report.html to --out.")
     p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
-    p.add_argument("--preset", default="default", choices=PRESETS, help="a tuning-guide scenario (default: none)")
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="a tuning-guide scenario (default: none)")
     p.add_argument("--out", default="bench_out", help="output folder (default ./bench_out)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
@@ -91,7 +93,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     p.add_argument("--requests", type=int, default=4, help="requests (default 4)")
     p.add_argument("--batch", type=int, default=1, help="requests run together (default 1)")
-    p.add_argument("--cpu-cache-size", type=float, default=None, help="host expert cache in GiB (paged models)")
+    p.add_argument("--cpu-cache-size", type=float, default=None,
+                   help="host expert cache in GiB (paged models)")
     p.add_argument("--use-cuda-graph", choices=["on", "off"], default=None,
                    help="CUDA-graph decode (default: the preset's choice, else off)")
     p.set_defaults(func=_run_bench)
@@ -102,9 +105,10 @@ def _run_bench(args) -> int:
 
     graphs = None if args.use_cuda_graph is None else args.use_cuda_graph == "on"
     paging = {"cpu_cache_size": args.cpu_cache_size} if args.cpu_cache_size is not None else None
-    r = run_bench(args.model, args.out, preset=args.preset, device=args.device, memory_limit=args.memory_limit,
-                  prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, requests=args.requests,
-                  batch=args.batch, use_cuda_graph=graphs, paging=paging)
+    r = run_bench(args.model, args.out, preset=args.preset, device=args.device,
+                  memory_limit=args.memory_limit, prompt_tokens=args.prompt_tokens,
+                  decode_tokens=args.decode_tokens, requests=args.requests, batch=args.batch,
+                  use_cuda_graph=graphs, paging=paging)
     print_table(r)
     return 0
 
@@ -113,16 +117,18 @@ def _add_tune_parser(sub) -> None:
     from .tuner import METRICS
 
     p = sub.add_parser("tune", help="search knob settings by short measured trials; write the best config",
-                       description="Runs the AutoTuner on your prompts within a time budget and writes the best "
-                                   "configuration (and every trial) as JSON; DeepseekInference.apply_config takes "
-                                   "its 'config'.")
+                       description="Runs the AutoTuner on your prompts within a time budget and writes "
+                                   "the best configuration (and every trial) as JSON; "
+                                   "DeepseekInference.apply_config takes its 'config'.")
     p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
     p.add_argument("--out", default="tuned_config.json", help="result file (default ./tuned_config.json)")
     p.add_argument("--target", default="throughput", choices=list(METRICS), help="what to optimize")
     p.add_argument("--time-budget", type=float, default=120.0, help="seconds for all trials (default 120)")
     p.add_argument("--prompts", help="text file, one prompt per line (default: built-in prompts)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt per trial (default 32)")
-    p.add_argument("--approximate", action="store_true", help="also search expert_threshold (changes outputs)")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="tokens generated per prompt per trial (default 32)")
+    p.add_argument("--approximate", action="store_true",
+                   help="also search expert_threshold (changes outputs)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
     p.add_argument("--batch", type=int, default=1, help="starting batch size (default 1)")

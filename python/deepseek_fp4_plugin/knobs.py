@@ -31,10 +31,14 @@ def sliding_window_refusal(model_path: Path) -> str:
     except (OSError, ValueError):
         pass
     if declared:
-        return (f"config.json declares sliding_window = {declared}, but this engine implements DeepSeek-V3's "
-                f"full-context attention only")
-    return ("the model was trained with full-context attention (config.json declares no sliding_window): a window "
-            "would change its outputs")
+        return (
+            f"config.json declares sliding_window = {declared}, but this engine implements DeepSeek-V3's "
+            f"full-context attention only"
+        )
+    return (
+        "the model was trained with full-context attention (config.json declares no sliding_window): a "
+        "window would change its outputs"
+    )
 
 
 def translate(model, checked: Dict[str, Any], batch_size: Optional[int]) -> Dict[str, Any]:
@@ -44,11 +48,15 @@ def translate(model, checked: Dict[str, Any], batch_size: Optional[int]) -> Dict
     if "max_persistent_cache" in checked:
         gib = checked.pop("max_persistent_cache")
         if "cpu_cache_size" in checked and checked["cpu_cache_size"] != gib:
-            raise ValueError("apply_config: max_persistent_cache is cpu_cache_size under the tuning guide's name; "
-                             f"got both ({gib} and {checked['cpu_cache_size']})")
+            raise ValueError(
+                "apply_config: max_persistent_cache is cpu_cache_size under the tuning guide's name; "
+                f"got both ({gib} and {checked['cpu_cache_size']})"
+            )
         checked["cpu_cache_size"] = gib
     if "max_workspace_size" in checked:
-        out["prefill_chunk"] = _chunk_for_workspace(model, checked.pop("max_workspace_size"), checked, batch_size)
+        out["prefill_chunk"] = _chunk_for_workspace(
+            model, checked.pop("max_workspace_size"), checked, batch_size
+        )
     if checked.pop("prefer_larger_batch", False):
         if batch_size is not None:
             raise ValueError("apply_config: give batch_size or prefer_larger_batch=True, not both")
@@ -60,8 +68,15 @@ def _plan(model, source, paging: Dict[str, Any], batch: int, chunk: int, memory_
     from .engine import Engine
 
     kw = {k: v for k, v in model._engine_kwargs.items() if k in ("dtype", "precision", "max_seq_len")}
-    return Engine.plan(source, device=model.device, memory_limit=memory_limit, paging=paging, max_batch_size=batch,
-                       prefill_chunk=chunk, **kw)
+    return Engine.plan(
+        source,
+        device=model.device,
+        memory_limit=memory_limit,
+        paging=paging,
+        max_batch_size=batch,
+        prefill_chunk=chunk,
+        **kw,
+    )
 
 
 def _paging(model, checked: Dict[str, Any]) -> Dict[str, Any]:
@@ -86,10 +101,12 @@ def _chunk_for_workspace(model, gib: float, checked: Dict[str, Any], batch_size:
             return _plan(model, source, paging, batch, chunk, 1024).workspace
 
         if ws(1) > limit:
-            raise ValueError(f"apply_config: max_workspace_size = {gib} GiB is below the workspace of a one-token "
-                             f"prefill chunk ({ws(1) / GiB:.3f} GiB)")
+            raise ValueError(
+                f"apply_config: max_workspace_size = {gib} GiB is below the workspace of a one-token "
+                f"prefill chunk ({ws(1) / GiB:.3f} GiB)"
+            )
         lo = 1
-        while lo < hi:   # largest chunk whose workspace fits
+        while lo < hi:  # largest chunk whose workspace fits
             mid = (lo + hi + 1) // 2
             if ws(mid) <= limit:
                 lo = mid
@@ -115,8 +132,10 @@ def _largest_batch(model, checked: Dict[str, Any], chunk: Optional[int]) -> int:
                 b //= 2
                 continue
             if plan is None:
-                raise ValueError("apply_config: prefer_larger_batch sizes the batch to the memory budget, and this "
-                                 "engine has none (give memory_limit, or set batch_size)")
+                raise ValueError(
+                    "apply_config: prefer_larger_batch sizes the batch to the memory budget, and this "
+                    "engine has none (give memory_limit, or set batch_size)"
+                )
             return b
         raise ValueError("apply_config: prefer_larger_batch: not even batch 1 fits the budget")
     finally:

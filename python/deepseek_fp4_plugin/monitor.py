@@ -61,12 +61,12 @@ COUNTERS: Dict[str, Tuple[str, ...]] = {
     "layer_requests": ("layers.requests",),
     "layer_hits": ("layers.hits",),
     "layer_copies": ("layers.copies",),
-    "h2d_bytes": ("h2d_bytes",),                     # experts + layer units, host → device copies
+    "h2d_bytes": ("h2d_bytes",),  # experts + layer units, host → device copies
     "layer_h2d_bytes": ("layers.h2d_bytes",),
-    "zero_copy_bytes": ("zero_copy_bytes",),         # read in place over the bus by the GEMM
+    "zero_copy_bytes": ("zero_copy_bytes",),  # read in place over the bus by the GEMM
     "ssd_bytes": ("ssd_bytes",),
-    "wasted_bytes": ("wasted_bytes",),               # speculative copies of experts not used
-    "disk_wait_ms": ("experts.wait_ms",),            # host time resolve() blocked on disk reads
+    "wasted_bytes": ("wasted_bytes",),  # speculative copies of experts not used
+    "disk_wait_ms": ("experts.wait_ms",),  # host time resolve() blocked on disk reads
     # compute waiting for weights, and the CPU expert lane, where the store reports them
     "weight_wait_ms": ("weight_wait_ms", "experts.weight_wait_ms", "experts.stall_ms", "stall_ms"),
     "cpu_experts": ("cpu_experts", "experts.cpu_experts", "experts.cpu_computed", "cpu.experts"),
@@ -101,8 +101,10 @@ def counter(flat: Dict[str, float], metric: str) -> Optional[float]:
 
 def snapshot_counters(counters: Dict[str, Any]) -> Dict[str, Any]:
     per_layer = counters.get("per_layer") or []
-    return {"flat": flatten_counters(counters),
-            "per_layer": [{k: d.get(k, 0) for k in PER_LAYER_KEYS} for d in per_layer if isinstance(d, dict)]}
+    return {
+        "flat": flatten_counters(counters),
+        "per_layer": [{k: d.get(k, 0) for k in PER_LAYER_KEYS} for d in per_layer if isinstance(d, dict)],
+    }
 
 
 def counter_deltas(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Optional[float]]:
@@ -141,15 +143,20 @@ class PerfMonitor:
         from the cache) when the analysis first needs them
     """
 
-    def __init__(self, target: Any = None, interval_s: float = 0.1, capacity: int = 4096,
-                 ceilings: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        target: Any = None,
+        interval_s: float = 0.1,
+        capacity: int = 4096,
+        ceilings: Optional[Dict[str, Any]] = None,
+    ):
         self._target = target
         self.interval_s = _check_interval(interval_s)
         self.capacity = int(capacity)
         self.ceilings = ceilings
-        self.samples: Deque[Dict[str, Any]] = deque(maxlen=self.capacity)     # NVML
-        self.steps: Deque[Dict[str, Any]] = deque(maxlen=self.capacity)       # engine steps
-        self.snapshots: Deque[Dict[str, Any]] = deque(maxlen=self.capacity)   # counters + allocator
+        self.samples: Deque[Dict[str, Any]] = deque(maxlen=self.capacity)  # NVML
+        self.steps: Deque[Dict[str, Any]] = deque(maxlen=self.capacity)  # engine steps
+        self.snapshots: Deque[Dict[str, Any]] = deque(maxlen=self.capacity)  # counters + allocator
         self._lock = threading.Lock()
         self._gpu: Optional[GpuSampler] = None
         self._gpu_reason = "not started"
@@ -160,7 +167,7 @@ class PerfMonitor:
         self._proc: Optional[Tuple[float, float]] = None
         self._last_snap = -1e9
         self._last_thread: Optional[Tuple[float, float]] = None
-        self._offline: Optional[Dict[str, Any]] = None   # a trace read back (from_trace)
+        self._offline: Optional[Dict[str, Any]] = None  # a trace read back (from_trace)
         self.label = ""
 
     # ---- which engine ----------------------------------------------------------------------
@@ -216,7 +223,9 @@ class PerfMonitor:
         if dev is not None and dev.type == "cuda":
             self._gpu, self._gpu_reason = GpuSampler.open(dev.index or 0, self.samples, self.interval_s)
         elif dev is None and torch.cuda.is_available():
-            self._gpu, self._gpu_reason = GpuSampler.open(torch.cuda.current_device(), self.samples, self.interval_s)
+            self._gpu, self._gpu_reason = GpuSampler.open(
+                torch.cuda.current_device(), self.samples, self.interval_s
+            )
         else:
             self._gpu, self._gpu_reason = None, "unavailable: the engine runs on the CPU"
         if self._gpu is not None:
@@ -261,18 +270,25 @@ class PerfMonitor:
         """Called by the engine after each prefill ("prefill", prompt tokens) and decode step
         ("decode", batch rows), in the generating thread."""
         if self._running:
-            self._attach()   # a DeepseekInference may have reloaded its engine
+            self._attach()  # a DeepseekInference may have reloaded its engine
         now = time.perf_counter()
         cpu = time.thread_time()
         busy = None
         if self._last_thread is not None and stage == "decode":
             wall = now - self._last_thread[1]
-            if 0 < wall <= seconds * 1.5 + 0.005:   # consecutive steps of one call
+            if 0 < wall <= seconds * 1.5 + 0.005:  # consecutive steps of one call
                 busy = min(1.0, (cpu - self._last_thread[0]) / wall)
         self._last_thread = (cpu, now)
         with self._lock:
-            self.steps.append({"t": now - self._t0, "stage": stage, "seconds": float(seconds), "rows": int(rows),
-                               "thread_busy": busy})
+            self.steps.append(
+                {
+                    "t": now - self._t0,
+                    "stage": stage,
+                    "seconds": float(seconds),
+                    "rows": int(rows),
+                    "thread_busy": busy,
+                }
+            )
         self._snapshot()
 
     def _snapshot(self, force: bool = False) -> None:
@@ -285,7 +301,7 @@ class PerfMonitor:
         if eng is not None:
             try:
                 snap.update(snapshot_counters(eng.store.counters()))
-            except Exception as e:   # a store mid-failure still leaves the monitor usable
+            except Exception as e:  # a store mid-failure still leaves the monitor usable
                 snap["error"] = str(e)
         snap.update(allocator_stats(self._device()))
         with self._lock:
@@ -303,13 +319,21 @@ class PerfMonitor:
         proc_end = self._proc or (time.process_time(), time.perf_counter())
         with self._lock:
             trace = {
-                "version": TRACE_VERSION, "label": self.label,
+                "version": TRACE_VERSION,
+                "label": self.label,
                 "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "device": self._device_info(), "config": engine_config(self.engine),
+                "device": self._device_info(),
+                "config": engine_config(self.engine),
                 "ceilings": self.ceilings,
-                "process": {"cpu_s": proc_end[0] - self._proc0[0], "wall_s": proc_end[1] - self._proc0[1],
-                            "cores": os.cpu_count(), "load1": _load1()},
-                "samples": list(self.samples), "steps": list(self.steps), "snapshots": list(self.snapshots),
+                "process": {
+                    "cpu_s": proc_end[0] - self._proc0[0],
+                    "wall_s": proc_end[1] - self._proc0[1],
+                    "cores": os.cpu_count(),
+                    "load1": _load1(),
+                },
+                "samples": list(self.samples),
+                "steps": list(self.steps),
+                "snapshots": list(self.snapshots),
             }
         return trace
 
@@ -325,8 +349,11 @@ class PerfMonitor:
 
     def _device_info(self) -> Dict[str, Any]:
         dev = self._device()
-        info: Dict[str, Any] = {"type": dev.type if dev is not None else "none",
-                                "nvml": self._gpu is not None, "nvml_reason": self._gpu_reason}
+        info: Dict[str, Any] = {
+            "type": dev.type if dev is not None else "none",
+            "nvml": self._gpu is not None,
+            "nvml_reason": self._gpu_reason,
+        }
         if self._gpu is not None:
             info.update(name=self._gpu.name, pcie_source=self._gpu.pcie_source, gpm=self._gpu.gpm)
         elif dev is not None and dev.type == "cuda":
@@ -351,23 +378,54 @@ class PerfMonitor:
         s = eng.last_stats
         steps = []
         if s.prompt_tokens:
-            steps.append({"t": 0.0, "stage": "prefill", "seconds": s.prefill_s, "rows": s.prompt_tokens,
-                          "thread_busy": None})
+            steps.append(
+                {
+                    "t": 0.0,
+                    "stage": "prefill",
+                    "seconds": s.prefill_s,
+                    "rows": s.prompt_tokens,
+                    "thread_busy": None,
+                }
+            )
         if s.decode_steps:
-            steps += [{"t": 0.0, "stage": "decode", "seconds": s.decode_s / s.decode_steps,
-                       "rows": s.decoded_rows // s.decode_steps, "thread_busy": None}] * s.decode_steps
+            steps += [
+                {
+                    "t": 0.0,
+                    "stage": "decode",
+                    "seconds": s.decode_s / s.decode_steps,
+                    "rows": s.decoded_rows // s.decode_steps,
+                    "thread_busy": None,
+                }
+            ] * s.decode_steps
         dev = self._device()
-        gpu, why = (GpuSampler.open(dev.index or 0, deque(maxlen=2), self.interval_s)
-                    if dev is not None and dev.type == "cuda" else (None, "unavailable: the engine runs on the CPU"))
+        gpu, why = (
+            GpuSampler.open(dev.index or 0, deque(maxlen=2), self.interval_s)
+            if dev is not None and dev.type == "cuda"
+            else (None, "unavailable: the engine runs on the CPU")
+        )
         samples = [gpu.read()] if gpu is not None else []
         if gpu is not None:
             gpu.close()
-        return {"version": TRACE_VERSION, "label": "since load (monitor not started)", "device": {
-            "type": dev.type if dev is not None else "none", "nvml": gpu is not None, "nvml_reason": why},
-            "config": engine_config(eng), "ceilings": self.ceilings,
-            "process": {"cpu_s": None, "wall_s": s.prefill_s + s.decode_s, "cores": os.cpu_count(),
-                        "load1": _load1()},
-            "samples": samples, "steps": steps, "snapshots": [zero, dict(now, **allocator_stats(dev))]}
+        return {
+            "version": TRACE_VERSION,
+            "label": "since load (monitor not started)",
+            "device": {
+                "type": dev.type if dev is not None else "none",
+                "nvml": gpu is not None,
+                "nvml_reason": why,
+            },
+            "config": engine_config(eng),
+            "ceilings": self.ceilings,
+            "process": {
+                "cpu_s": None,
+                "wall_s": s.prefill_s + s.decode_s,
+                "cores": os.cpu_count(),
+                "load1": _load1(),
+            },
+            "samples": samples,
+            "steps": steps,
+            "snapshots": [zero, dict(now, **allocator_stats(dev))],
+        }
 
     def get_utilization(self) -> Dict[str, Any]:
         """The run's figures (the tuning guide's section 8): ``gpu`` (utilization, memory,
@@ -406,7 +464,7 @@ class PerfMonitor:
             from .ceilings import measure_ceilings
 
             self.ceilings = measure_ceilings(self._device())
-        return self._ceilings_or_none()   # type: ignore[return-value]
+        return self._ceilings_or_none()  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,31 +498,51 @@ def allocator_stats(device: Optional[torch.device]) -> Dict[str, Any]:
     except Exception:
         return {}
     reserved = s.get("reserved_bytes.all.current", 0)
-    return {"allocated": s.get("allocated_bytes.all.current", 0), "reserved": reserved,
-            "fragmentation": (s.get("inactive_split_bytes.all.current", 0) / reserved) if reserved else None}
+    return {
+        "allocated": s.get("allocated_bytes.all.current", 0),
+        "reserved": reserved,
+        "fragmentation": (s.get("inactive_split_bytes.all.current", 0) / reserved) if reserved else None,
+    }
 
 
 def engine_config(eng: Any) -> Dict[str, Any]:
     """The knobs in force and the plan's sizes (what the suggestions reason from)."""
     if eng is None:
         return {}
-    out: Dict[str, Any] = {"device": str(getattr(eng, "device", "")), "max_batch_size": eng.max_batch_size,
-                           "use_cuda_graph": eng.use_cuda_graph, "prefill_chunk": eng.prefill_chunk,
-                           "pages": bool(eng.store.pages), "graph_safe": bool(eng.store.graph_safe)}
+    out: Dict[str, Any] = {
+        "device": str(getattr(eng, "device", "")),
+        "max_batch_size": eng.max_batch_size,
+        "use_cuda_graph": eng.use_cuda_graph,
+        "prefill_chunk": eng.prefill_chunk,
+        "pages": bool(eng.store.pages),
+        "graph_safe": bool(eng.store.graph_safe),
+    }
     c = eng.config
-    out["model"] = {"layers": c.num_hidden_layers, "experts": c.n_routed_experts, "top_k": c.num_experts_per_tok,
-                    "hidden": c.hidden_size}
+    out["model"] = {
+        "layers": c.num_hidden_layers,
+        "experts": c.n_routed_experts,
+        "top_k": c.num_experts_per_tok,
+        "hidden": c.hidden_size,
+    }
     paging = getattr(eng, "paging", None)
     if paging is not None:
         out["paging"] = {k: v for k, v in paging.__dict__.items()}
     plan = getattr(eng, "memory_plan", None)
     if plan is not None:
-        out["plan"] = {"budget": plan.budget, "paged": plan.paged, "paged_layers": list(plan.paged_layers),
-                       "resident_layers": len(plan.resident_layers), "layer_slots": plan.layer_slots,
-                       "layer_slot_bytes": plan.layer_slot_bytes, "expert_slots": plan.expert_slots,
-                       "total_experts": plan.total_experts, "expert_unit_bytes": plan.expert_unit_bytes,
-                       "host_expert_slots": plan.host_expert_slots, "kv_cache": plan.kv_cache,
-                       "workspace": plan.workspace}
+        out["plan"] = {
+            "budget": plan.budget,
+            "paged": plan.paged,
+            "paged_layers": list(plan.paged_layers),
+            "resident_layers": len(plan.resident_layers),
+            "layer_slots": plan.layer_slots,
+            "layer_slot_bytes": plan.layer_slot_bytes,
+            "expert_slots": plan.expert_slots,
+            "total_experts": plan.total_experts,
+            "expert_unit_bytes": plan.expert_unit_bytes,
+            "host_expert_slots": plan.host_expert_slots,
+            "kv_cache": plan.kv_cache,
+            "workspace": plan.workspace,
+        }
     return out
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from typing import Any, Deque, Dict, Optional, Tuple
 
 MiB = 1 << 20
@@ -48,14 +47,15 @@ class GpuSampler:
         self.pcie_source = self._pick_pcie_source()
         self._gpm_prev = None
         self.gpm = self._gpm_supported()
-        self._last: Optional[Tuple[float, Optional[int], Optional[int]]] = None   # t, rx, tx (cumulative)
+        self._last: Optional[Tuple[float, Optional[int], Optional[int]]] = None  # t, rx, tx (cumulative)
         self._rx_total = 0.0
         self._tx_total = 0.0
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, device_index: int, ring: Deque[Dict[str, Any]], interval_s: float
-             ) -> Tuple[Optional["GpuSampler"], str]:
+    def open(
+        cls, device_index: int, ring: Deque[Dict[str, Any]], interval_s: float
+    ) -> Tuple[Optional["GpuSampler"], str]:
         """(sampler, "") or (None, why NVML figures are unavailable)."""
         try:
             nv = _nvml()
@@ -63,7 +63,7 @@ class GpuSampler:
             return None, "unavailable: nvidia-ml-py is not installed (pip install nvidia-ml-py)"
         try:
             nv.nvmlInit()
-        except Exception as e:   # no driver (a CPU-only machine)
+        except Exception as e:  # no driver (a CPU-only machine)
             return None, f"unavailable: NVML could not start ({_msg(e)})"
         try:
             handle = _handle_for(nv, device_index)
@@ -76,8 +76,9 @@ class GpuSampler:
     def _pick_pcie_source(self) -> str:
         nv = self.nv
         try:
-            vals = nv.nvmlDeviceGetFieldValues(self.handle, [nv.NVML_FI_DEV_PCIE_COUNT_RX_BYTES,
-                                                             nv.NVML_FI_DEV_PCIE_COUNT_TX_BYTES])
+            vals = nv.nvmlDeviceGetFieldValues(
+                self.handle, [nv.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, nv.NVML_FI_DEV_PCIE_COUNT_TX_BYTES]
+            )
             if all(v.nvmlReturn == nv.NVML_SUCCESS for v in vals):
                 return "counters"
         except Exception:
@@ -99,9 +100,10 @@ class GpuSampler:
     # ---- reading ---------------------------------------------------------------------------
     def _pcie_cumulative(self) -> Tuple[Optional[int], Optional[int]]:
         nv = self.nv
-        vals = nv.nvmlDeviceGetFieldValues(self.handle, [nv.NVML_FI_DEV_PCIE_COUNT_RX_BYTES,
-                                                         nv.NVML_FI_DEV_PCIE_COUNT_TX_BYTES])
-        return tuple(_field_int(nv, v) for v in vals)   # type: ignore[return-value]
+        vals = nv.nvmlDeviceGetFieldValues(
+            self.handle, [nv.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, nv.NVML_FI_DEV_PCIE_COUNT_TX_BYTES]
+        )
+        return tuple(_field_int(nv, v) for v in vals)  # type: ignore[return-value]
 
     def _gpm_metrics(self) -> Dict[str, float]:
         nv = self.nv
@@ -110,10 +112,13 @@ class GpuSampler:
         prev, self._gpm_prev = self._gpm_prev, cur
         if prev is None:
             return {}
-        ids = {"sm_util": nv.NVML_GPM_METRIC_SM_UTIL, "sm_occupancy": nv.NVML_GPM_METRIC_SM_OCCUPANCY,
-               "dram_bw_util": nv.NVML_GPM_METRIC_DRAM_BW_UTIL,
-               "pcie_rx_MiBps": nv.NVML_GPM_METRIC_PCIE_RX_PER_SEC,
-               "pcie_tx_MiBps": nv.NVML_GPM_METRIC_PCIE_TX_PER_SEC}
+        ids = {
+            "sm_util": nv.NVML_GPM_METRIC_SM_UTIL,
+            "sm_occupancy": nv.NVML_GPM_METRIC_SM_OCCUPANCY,
+            "dram_bw_util": nv.NVML_GPM_METRIC_DRAM_BW_UTIL,
+            "pcie_rx_MiBps": nv.NVML_GPM_METRIC_PCIE_RX_PER_SEC,
+            "pcie_tx_MiBps": nv.NVML_GPM_METRIC_PCIE_TX_PER_SEC,
+        }
         mg = nv.c_nvmlGpmMetricsGet_t()
         mg.version = nv.NVML_GPM_METRICS_GET_VERSION
         mg.numMetrics = len(ids)
@@ -153,8 +158,12 @@ class GpuSampler:
             elif self.pcie_source == "gpm" and dt and "pcie_rx_MiBps" in gpm:
                 rx_b, tx_b = gpm["pcie_rx_MiBps"] * MiB * dt, gpm.get("pcie_tx_MiBps", 0.0) * MiB * dt
             elif self.pcie_source == "throughput" and dt:
-                kbps = _try(lambda: {"rx": nv.nvmlDeviceGetPcieThroughput(h, nv.NVML_PCIE_UTIL_RX_BYTES),
-                                     "tx": nv.nvmlDeviceGetPcieThroughput(h, nv.NVML_PCIE_UTIL_TX_BYTES)})
+                kbps = _try(
+                    lambda: {
+                        "rx": nv.nvmlDeviceGetPcieThroughput(h, nv.NVML_PCIE_UTIL_RX_BYTES),
+                        "tx": nv.nvmlDeviceGetPcieThroughput(h, nv.NVML_PCIE_UTIL_TX_BYTES),
+                    }
+                )
                 if kbps:
                     rx_b, tx_b = kbps["rx"] * 1e3 * dt, kbps["tx"] * 1e3 * dt
             if rx_b is not None and dt:
@@ -183,7 +192,7 @@ class GpuSampler:
         while not self._stop.wait(self.interval_s):
             try:
                 self.ring.append(self.read())
-            except Exception:   # a transient NVML error loses one sample, not the monitor
+            except Exception:  # a transient NVML error loses one sample, not the monitor
                 pass
 
     def stop(self) -> None:
@@ -226,9 +235,13 @@ def _mem(nv, h) -> Dict[str, float]:
 def _field_int(nv, v) -> Optional[int]:
     if v.nvmlReturn != nv.NVML_SUCCESS:
         return None
-    member = {nv.NVML_VALUE_TYPE_DOUBLE: "dVal", nv.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
-              nv.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal", nv.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
-              nv.NVML_VALUE_TYPE_SIGNED_INT: "siVal"}.get(v.valueType, "ullVal")
+    member = {
+        nv.NVML_VALUE_TYPE_DOUBLE: "dVal",
+        nv.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+        nv.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+        nv.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+        nv.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    }.get(v.valueType, "ullVal")
     return int(getattr(v.value, member))
 
 

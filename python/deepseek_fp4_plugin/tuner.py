@@ -115,10 +115,13 @@ class EngineTrials(TrialRunner):
         cur: Dict[str, Any] = {"batch_size": eng.max_batch_size, "use_cuda_graph": eng.use_cuda_graph}
         if eng.store.pages:
             L = eng.config.num_hidden_layers
-            cur.update(max_gpu_layers=s.max_gpu_layers if s.max_gpu_layers is not None else L,
-                       prefetch_layers=s.prefetch_layers, miss_mode=s.miss_mode,
-                       cpu_cache_size=s.cpu_cache_size if s.cpu_cache_size is not None else self._host_gib(),
-                       expert_threshold=s.expert_threshold)
+            cur.update(
+                max_gpu_layers=s.max_gpu_layers if s.max_gpu_layers is not None else L,
+                prefetch_layers=s.prefetch_layers,
+                miss_mode=s.miss_mode,
+                cpu_cache_size=s.cpu_cache_size if s.cpu_cache_size is not None else self._host_gib(),
+                expert_threshold=s.expert_threshold,
+            )
             knob = cpu_thread_knob()
             if knob is not None:
                 cur[knob] = getattr(s, knob)
@@ -132,8 +135,9 @@ class EngineTrials(TrialRunner):
         eng = self.model.engine
         cur = self.current()
         n = len(self.prompts)
-        sp: Dict[str, List[Any]] = {"batch_size": sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= n}
-                                                        | {cur["batch_size"]})}
+        sp: Dict[str, List[Any]] = {
+            "batch_size": sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b <= n} | {cur["batch_size"]})
+        }
         if eng.device.type == "cuda" and eng.store.graph_safe:
             sp["use_cuda_graph"] = [False, True]
         if eng.store.pages:
@@ -143,7 +147,9 @@ class EngineTrials(TrialRunner):
             sp["prefetch_layers"] = [0, 1, 2, 3, 4]
             unit = plan.expert_unit_bytes / GiB
             host = [plan.host_expert_slots // 2, plan.host_expert_slots * 2, plan.total_experts]
-            sp["cpu_cache_size"] = sorted({cur["cpu_cache_size"]} | {math.ceil(h * unit * 1000) / 1000 for h in host if h})
+            sp["cpu_cache_size"] = sorted(
+                {cur["cpu_cache_size"]} | {math.ceil(h * unit * 1000) / 1000 for h in host if h}
+            )
             sp["miss_mode"] = ["copy", "auto", "zero_copy"]
             knob = cpu_thread_knob()
             if knob is not None:
@@ -165,11 +171,21 @@ class EngineTrials(TrialRunner):
         from .engine import Engine
 
         m = self.model
-        kw = {k: v for k, v in m._engine_kwargs.items() if k in ("dtype", "precision", "max_seq_len", "prefill_chunk")}
+        kw = {
+            k: v
+            for k, v in m._engine_kwargs.items()
+            if k in ("dtype", "precision", "max_seq_len", "prefill_chunk")
+        }
         try:
             PagingSettings(**self._paging(config)).validate()
-            Engine.plan(m.model_path, device=m.device, memory_limit=m.memory_limit, paging=self._paging(config),
-                        max_batch_size=config.get("batch_size", m.engine.max_batch_size), **kw)
+            Engine.plan(
+                m.model_path,
+                device=m.device,
+                memory_limit=m.memory_limit,
+                paging=self._paging(config),
+                max_batch_size=config.get("batch_size", m.engine.max_batch_size),
+                **kw,
+            )
         except ValueError as e:
             return " ".join(str(e).split())
         return None
@@ -182,7 +198,7 @@ class EngineTrials(TrialRunner):
         m.apply_config({k: v for k, v in config.items() if cur.get(k) != v})
         eng = m.engine
         batch = eng.max_batch_size
-        eng.generate(self.prompts[:batch], max_tokens=2, ignore_eos=True)   # graphs captured, caches warm
+        eng.generate(self.prompts[:batch], max_tokens=2, ignore_eos=True)  # graphs captured, caches warm
         mon = PerfMonitor(eng, ceilings={})
         mon.start()
         t = time.perf_counter()
@@ -193,14 +209,24 @@ class EngineTrials(TrialRunner):
         u = mon.get_utilization()
         batches = math.ceil(len(self.prompts) / batch)
         gpu = u["gpu"].get("utilization_pct")
-        return {"decode_tokens_per_s": s.decode_tokens_per_s, "prefill_tokens_per_s": s.prefill_tokens_per_s,
-                "latency_s": wall / batches, "gpu_util": gpu if isinstance(gpu, (int, float)) else None,
-                "expert_hit_rate": u["memory"]["expert_hit_rate_pct"], "wall_s": wall}
+        return {
+            "decode_tokens_per_s": s.decode_tokens_per_s,
+            "prefill_tokens_per_s": s.prefill_tokens_per_s,
+            "latency_s": wall / batches,
+            "gpu_util": gpu if isinstance(gpu, (int, float)) else None,
+            "expert_hit_rate": u["memory"]["expert_hit_rate_pct"],
+            "wall_s": wall,
+        }
 
     def describe(self) -> Dict[str, Any]:
         m = self.model
-        return {"model": str(m.model_path), "device": str(m.engine.device), "memory_limit": m.memory_limit,
-                "prompts": len(self.prompts), "max_tokens": self.max_tokens}
+        return {
+            "model": str(m.model_path),
+            "device": str(m.engine.device),
+            "memory_limit": m.memory_limit,
+            "prompts": len(self.prompts),
+            "max_tokens": self.max_tokens,
+        }
 
 
 class AutoTuner:
@@ -215,8 +241,14 @@ class AutoTuner:
     min_gain : relative improvement a value must bring to be kept (measurement noise)
     """
 
-    def __init__(self, target: Any, prompts: Optional[Sequence[Any]] = None, max_tokens: int = 32,
-                 allow_approximation: bool = False, min_gain: float = 0.02):
+    def __init__(
+        self,
+        target: Any,
+        prompts: Optional[Sequence[Any]] = None,
+        max_tokens: int = 32,
+        allow_approximation: bool = False,
+        min_gain: float = 0.02,
+    ):
         if isinstance(target, TrialRunner):
             self.runner = target
         else:
@@ -228,8 +260,10 @@ class AutoTuner:
                     raise ValueError("AutoTuner config must name the model folder: {'model': path, ...}")
                 target = DeepseekInference(cfg.pop("model"), **cfg)
             if not hasattr(target, "apply_config"):
-                raise ValueError(f"AutoTuner takes a DeepseekInference, a config dict or a TrialRunner, "
-                                 f"got {type(target).__name__}")
+                raise ValueError(
+                    f"AutoTuner takes a DeepseekInference, a config dict or a TrialRunner, "
+                    f"got {type(target).__name__}"
+                )
             self.runner = EngineTrials(target, prompts, max_tokens)
         if not isinstance(allow_approximation, bool):
             raise ValueError(f"allow_approximation must be True or False, got {allow_approximation!r}")
@@ -237,9 +271,14 @@ class AutoTuner:
         self.min_gain = float(min_gain)
         self.result: Optional[Dict[str, Any]] = None
 
-    def optimize(self, target_metric: str = "throughput", time_budget_s: float = 300.0,
-                 prompts: Optional[Sequence[Any]] = None, progress: bool = True,
-                 space: Optional[Dict[str, List[Any]]] = None) -> Dict[str, Any]:
+    def optimize(
+        self,
+        target_metric: str = "throughput",
+        time_budget_s: float = 300.0,
+        prompts: Optional[Sequence[Any]] = None,
+        progress: bool = True,
+        space: Optional[Dict[str, List[Any]]] = None,
+    ) -> Dict[str, Any]:
         """The best configuration found (a dict for ``apply_config``); the whole record is
         ``self.result`` (trials, skipped configurations, baseline, elapsed time).
 
@@ -251,7 +290,11 @@ class AutoTuner:
         """
         if target_metric not in METRICS:
             raise ValueError(f"target_metric must be one of {', '.join(METRICS)}, got {target_metric!r}")
-        if isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float)) or not time_budget_s > 0:
+        if (
+            isinstance(time_budget_s, bool)
+            or not isinstance(time_budget_s, (int, float))
+            or not time_budget_s > 0
+        ):
             raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
         if prompts is not None:
             if not isinstance(self.runner, EngineTrials):
@@ -273,16 +316,23 @@ class AutoTuner:
             t0 = r.clock()
             try:
                 meas, err = r.measure(cfg), None
-            except (ValueError, RuntimeError, OSError) as e:   # e.g. out of device memory at load
+            except (ValueError, RuntimeError, OSError) as e:  # e.g. out of device memory at load
                 if not trials:
-                    raise   # the configuration in force cannot run: nothing to compare against
+                    raise  # the configuration in force cannot run: nothing to compare against
                 meas, err = {}, " ".join(str(e).split())
             dt = r.clock() - t0
             val = meas.get(key)
             if val is None and target_metric == "gpu" and err is None:
                 raise ValueError("target_metric='gpu' needs NVML GPU figures, which are unavailable here")
-            trials.append({"config": dict(cfg), "value": val, "measurements": meas, "seconds": dt,
-                           **({"error": err} if err else {})})
+            trials.append(
+                {
+                    "config": dict(cfg),
+                    "value": val,
+                    "measurements": meas,
+                    "seconds": dt,
+                    **({"error": err} if err else {}),
+                }
+            )
             seen[_key(cfg)] = val
             if bar is not None:
                 bar.n = min(time_budget_s, r.clock() - start)
@@ -320,15 +370,29 @@ class AutoTuner:
             bar.close()
         if trials[-1]["config"] != best_cfg and isinstance(r, EngineTrials):
             cur = r.current()
-            r.model.apply_config({k: v for k, v in best_cfg.items() if cur.get(k) != v})   # leave the best in force
+            r.model.apply_config(
+                {k: v for k, v in best_cfg.items() if cur.get(k) != v}
+            )  # leave the best in force
         base = trials[0]
-        self.result = {"target_metric": target_metric, "metric_key": key, "higher_is_better": higher,
-                       "config": best_cfg, "value": best, "baseline": {"config": base["config"], "value": base["value"]},
-                       "gain": (best / base["value"] if higher else base["value"] / best)
-                       if best and base["value"] else None,
-                       "trials": trials, "skipped": skipped, "elapsed_s": r.clock() - start,
-                       "time_budget_s": time_budget_s, "stopped": stopped, "space": space,
-                       "allow_approximation": self.allow_approximation, "workload": r.describe()}
+        self.result = {
+            "target_metric": target_metric,
+            "metric_key": key,
+            "higher_is_better": higher,
+            "config": best_cfg,
+            "value": best,
+            "baseline": {"config": base["config"], "value": base["value"]},
+            "gain": (best / base["value"] if higher else base["value"] / best)
+            if best and base["value"]
+            else None,
+            "trials": trials,
+            "skipped": skipped,
+            "elapsed_s": r.clock() - start,
+            "time_budget_s": time_budget_s,
+            "stopped": stopped,
+            "space": space,
+            "allow_approximation": self.allow_approximation,
+            "workload": r.describe(),
+        }
         return dict(best_cfg)
 
     def save(self, path: Union[str, Path]) -> Path:
@@ -389,12 +453,15 @@ def _bar(progress: bool, total: float, metric: str):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=round(total, 1), desc=f"tuning ({metric})", unit="s",
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}")
+    return tqdm(
+        total=round(total, 1),
+        desc=f"tuning ({metric})",
+        unit="s",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}",
+    )
 
 
 def _json_default(o: Any) -> Any:
     if isinstance(o, float) and (math.isinf(o) or math.isnan(o)):
         return None
     return str(o)
-

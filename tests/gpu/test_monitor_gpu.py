@@ -24,8 +24,15 @@ from deepseek_fp4_plugin.tiny import make_tiny
 GiB = 1 << 30
 KW = dict(device="cuda", max_batch_size=1, max_seq_len=256, prefill_chunk=128, verbose=False)
 # experts of 1.6 MB (hidden 1024, intermediate 1024), 64 per layer, 3 MoE layers: copies dominate the bus
-SHAPE = dict(hidden_size=1024, moe_intermediate_size=1024, n_routed_experts=64, num_hidden_layers=4, n_group=8,
-             topk_group=4, num_experts_per_tok=8)
+SHAPE = dict(
+    hidden_size=1024,
+    moe_intermediate_size=1024,
+    n_routed_experts=64,
+    num_hidden_layers=4,
+    n_group=8,
+    topk_group=4,
+    num_experts_per_tok=8,
+)
 
 
 def _out(name: str, data) -> None:
@@ -69,7 +76,7 @@ def nvml_ratio() -> dict:
     s.start()
     time.sleep(0.3)
     rx0 = s.pcie_totals()[0]
-    reps = 10   # ~0.2 s of traffic: long enough for a sampled source to see it
+    reps = 10  # ~0.2 s of traffic: long enough for a sampled source to see it
     for _ in range(reps):
         dev.copy_(host, non_blocking=True)
     torch.cuda.synchronize()
@@ -84,27 +91,36 @@ def test_nvml_pcie_bytes_agree_with_the_engine_counters(model_dir):
     _out("nvml_calibration", cal)
     assert 0.9 < cal["ratio"] < 1.3, f"NVML saw {cal['ratio']:.3f} bytes per copied byte ({cal['source']})"
     limit = quarter_cache_limit(model_dir)
-    eng = Engine.from_pretrained(model_dir, memory_limit=limit, paging={"cpu_cache_size": 4.0}, use_cuda_graph=True,
-                                 **KW)
+    eng = Engine.from_pretrained(
+        model_dir, memory_limit=limit, paging={"cpu_cache_size": 4.0}, use_cuda_graph=True, **KW
+    )
     assert isinstance(eng.store, PagedWeightStore)
     assert eng.memory_plan.expert_slots < eng.memory_plan.total_experts // 2
     prompt = list(range(3, 120))
-    eng.generate(prompt, max_tokens=8, ignore_eos=True)       # host cache filled, graphs captured
+    eng.generate(prompt, max_tokens=8, ignore_eos=True)  # host cache filled, graphs captured
     torch.cuda.synchronize()
     mon = PerfMonitor(eng, interval_s=0.02, ceilings={})
     mon.start()
     assert mon.export()["device"]["nvml"], mon.export()["device"]["nvml_reason"]
     for i in range(3):
         eng.generate([t + 17 * i for t in prompt], max_tokens=96, ignore_eos=True)
-    torch.cuda.synchronize()   # speculative copies issued at the last step are counted when issued
+    torch.cuda.synchronize()  # speculative copies issued at the last step are counted when issued
     time.sleep(0.3)
     mon.stop()
     f = figures(mon.export())
     engine_bytes = f["pcie_bytes"]
     nvml_bytes = f["nvml_pcie_rx_bytes"]
-    _out("pcie_agreement", {"engine_bytes": engine_bytes, "nvml_rx_bytes": nvml_bytes, "ratio": cal["ratio"],
-                            "source": cal["source"], "expert_hit_rate": f["expert_hit_rate"],
-                            "decode_tokens_per_s": f["decode_tokens_per_s"]})
+    _out(
+        "pcie_agreement",
+        {
+            "engine_bytes": engine_bytes,
+            "nvml_rx_bytes": nvml_bytes,
+            "ratio": cal["ratio"],
+            "source": cal["source"],
+            "expert_hit_rate": f["expert_hit_rate"],
+            "decode_tokens_per_s": f["decode_tokens_per_s"],
+        },
+    )
     assert engine_bytes > 1e9, "the run should move over a gigabyte of experts"
     assert nvml_bytes is not None
     assert abs(nvml_bytes / cal["ratio"] - engine_bytes) / engine_bytes < 0.10
@@ -112,7 +128,9 @@ def test_nvml_pcie_bytes_agree_with_the_engine_counters(model_dir):
     # the live figures of the same run
     u = mon.get_utilization()
     assert u["gpu"]["available"] and isinstance(u["gpu"]["utilization_pct"], float)
-    assert u["memory"]["expert_hit_rate_pct"] is not None and len(u["memory"]["per_layer_expert_hit_rate"]) == 3
+    assert (
+        u["memory"]["expert_hit_rate_pct"] is not None and len(u["memory"]["per_layer_expert_hit_rate"]) == 3
+    )
     mon.ceilings = {"h2d_GBps": 50.0, "disk_GBps": 1.0}
     a = mon.analyze_bottlenecks()
     _out("verdict", {"verdict": a["verdict"], "busy": {k: v["busy"] for k, v in a["resources"].items()}})
@@ -133,7 +151,7 @@ def test_enable_tf32_changes_the_float32_matmuls(tmp_path):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert torch.isfinite(tf32).all()
-    assert (tf32 - exact).abs().max().item() > 0        # the routers' float32 GEMMs round to TF32
+    assert (tf32 - exact).abs().max().item() > 0  # the routers' float32 GEMMs round to TF32
 
 
 def test_cuda_graphs_and_overlap_compute_change_the_run(model_dir):
@@ -148,9 +166,9 @@ def test_cuda_graphs_and_overlap_compute_change_the_run(model_dir):
         assert model.stats.cuda_graph is graphs
         rates[graphs] = model.stats.decode_tokens_per_s
     _out("decode_tokens_per_s", {"eager": rates[False], "graphs": rates[True]})
-    assert rates[True] > 1.2 * rates[False]              # eager decode pays Python per layer
+    assert rates[True] > 1.2 * rates[False]  # eager decode pays Python per layer
     assert model.engine.store.compute_stream is not None
-    model.apply_config({"overlap_compute": False})       # copies and compute on one stream, synchronous copies
+    model.apply_config({"overlap_compute": False})  # copies and compute on one stream, synchronous copies
     store = model.engine.store
     assert store.compute_stream is None and store.transfer_stream is None and store.prefetch_stream is None
     assert store.settings.enable_async_copy is False
