@@ -146,9 +146,10 @@ class EngineTrials(TrialRunner):
             sp["max_gpu_layers"] = sorted({x for x in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48) if x < L} | {L})
             sp["prefetch_layers"] = [0, 1, 2, 3, 4]
             unit = plan.expert_unit_bytes / GiB
-            host = [plan.host_expert_slots // 2, plan.host_expert_slots * 2, plan.total_experts]
+            have, total = plan.host_expert_slots, plan.total_experts
+            host = {have // 2, min(2 * have, total), total} - {have, 0}   # beyond total changes nothing
             sp["cpu_cache_size"] = sorted(
-                {cur["cpu_cache_size"]} | {math.ceil(h * unit * 1000) / 1000 for h in host if h}
+                {cur["cpu_cache_size"]} | {math.ceil(h * unit * 1000) / 1000 for h in host}
             )
             sp["miss_mode"] = ["copy", "auto", "zero_copy"]
             knob = cpu_thread_knob()
