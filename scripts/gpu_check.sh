@@ -2,12 +2,16 @@
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
 #   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
-#                        [peer-llama] [cpu-experts]
+#                        [peer-llama] [cpu-experts] [bench-report]
 # With no arguments: build tests sanitizer bench-gemm.
 # fp8: the FP8 block GEMM's GPU tests, compute-sanitizer on a quick subset and bench_fp8_gemm.py
 # (add tune to sweep its tactics); logs under $OUT/fp8_*.
 # cpu-experts (after build): the CPU expert kernels on every instruction set of this CPU (ctest and
 # tests/test_cpu_experts.py), then benchmarks/bench_cpu_experts.py → $OUT/cpu_experts.json.
+# bench-report: `deepseek-fp4 bench` and `deepseek-fp4 tune` on a paged demo model (experts of 1.6 MB,
+# a quarter of them on the GPU); the report and JSON land in $OUT/bench, the tuner's result in
+# $OUT/tuned.json. Screenshot the report elsewhere: python tests/headless_browser.py
+# $OUT/bench/perf_report.html docs/perf_report.png
 # trt: builds with the TensorRT plugins (headers from TENSORRT_ROOT, else .deps/tensorrt-11.1),
 # runs ctest (the C++ example from the installed package, the expert runner), the plugin tests
 # (tests/test_trt_plugins.py with the lean runtime's registry, tests/gpu/test_trt_plugins_gpu.py)
@@ -163,5 +167,21 @@ if has peer-llama; then  # llama.cpp, experts on the CPU (docs/peers.md): $OUT/l
   timeout ${PEER_LLAMA_TIMEOUT:-560} bash benchmarks/peers/run_on_gpu.sh > "$OUT/peer_llama.log" 2>&1 \
     || status=1
   tail -25 "$OUT/peer_llama.log"
+fi
+if has bench-report; then
+  echo "== deepseek-fp4 bench + tune (paged demo model)"
+  demo=${BENCH_REPORT_MODEL:-/tmp/dsfp4_demo}
+  [ -f "$demo/config.json" ] || python3 -c "from deepseek_fp4_plugin.tiny import make_tiny; make_tiny('$demo', \
+seed=4, hidden_size=1024, moe_intermediate_size=1024, n_routed_experts=64, num_hidden_layers=4, n_group=8, \
+topk_group=4, num_experts_per_tok=8)" || status=1
+  limit=$(python3 -c "from deepseek_fp4_plugin.bench import memory_limit_for as m; print(m('$demo', 0.25))")
+  echo "memory limit $limit GiB (a quarter of the experts on the GPU)"
+  timeout 300 python3 -m deepseek_fp4_plugin.cli bench --model "$demo" --memory-limit "$limit" --cpu-cache-size 4 \
+    --use-cuda-graph on --requests 8 --prompt-tokens 256 --decode-tokens 96 --out "$OUT/bench" \
+    > "$OUT/bench_report.log" 2>&1 || status=1
+  grep -v "it/s\]\|batch/s\]\|s/batch\]" "$OUT/bench_report.log" | tail -16
+  timeout ${TUNE_TIMEOUT:-330} python3 -m deepseek_fp4_plugin.cli tune --model "$demo" --memory-limit "$limit" \
+    --time-budget ${TUNE_BUDGET:-240} --out "$OUT/tuned.json" > "$OUT/tune.log" 2>&1 || status=1
+  tail -4 "$OUT/tune.log"
 fi
 exit $status

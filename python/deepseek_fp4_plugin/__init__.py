@@ -13,3 +13,7 @@ from .sampling import SamplingParams  # noqa: F401,E402
 from .precision import PrecisionPolicy  # noqa: F401,E402
 from .resident import ResidentWeightStore  # noqa: F401,E402
 from .weights import WeightStore  # noqa: F401,E402
+from .monitor import PerfMonitor  # noqa: F401,E402
+from .report import PerfVisualizer, generate_report  # noqa: F401,E402
+from .tuner import AutoTuner  # noqa: F401,E402
+from .ceilings import measure_ceilings  # noqa: F401,E402

@@ -21,7 +21,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -85,6 +85,9 @@ class Engine:
         self.set_use_cuda_graph(use_cuda_graph)
         self.last_stats = GenerationStats()
         self.last_completion: Optional[Completion] = None   # set by stream()
+        # called after each step as fn(stage, seconds, rows): "prefill" with the prompt tokens,
+        # "decode" with the batch rows (PerfMonitor's per-step figures)
+        self.step_observers: List[Callable[[str, float, int], None]] = []
         self._occupancy = Occupancy()   # one generation at a time (guard.py)
 
     @property
@@ -478,6 +481,7 @@ class Engine:
         while True:
             next_tokens, finite = sample_checked(logits, plan.params, gens)               # [B], [B]
             t1 = time.perf_counter()
+            stage = "prefill" if first else "decode"
             if first:
                 stats.prefill_s += t1 - t0
                 first = False
@@ -485,6 +489,8 @@ class Engine:
                 stats.decode_s += t1 - t0
                 stats.decode_steps += 1
                 stats.decoded_rows += B
+            for fn in self.step_observers:
+                fn(stage, t1 - t0, sum(lengths) if stage == "prefill" else B)
             t0 = t1
             for b, s in enumerate(seqs):
                 if s.done:

@@ -23,7 +23,9 @@ import torch
 
 from .engine import Engine, GenerationStats
 from .guard import stream_or_raise, text_or_raise
+from .knobs import sliding_window_refusal, translate
 from .memory_plan import PagingSettings
+from .monitor import follow_reload, monitor_for
 
 # seed name → (PagingSettings field or engine argument, validator kind, minimum)
 _MEMORY_CONFIG = {
@@ -40,21 +42,25 @@ _MEMORY_STRATEGY = {
 }
 _COMPUTE_STREAMS = {"prefetch": ("bool", None), "compute": ("bool", None), "transfer": ("bool", None)}
 _CONFIG = {
+    # any PagingSettings field (checked by PagingSettings.validate), then the seed names
+    **{k: ("setting", None) for k in PagingSettings.__dataclass_fields__},
     **_MEMORY_CONFIG,
+    **_MEMORY_STRATEGY,
     "prefetch_experts": ("int", 1),
     "pinned_memory": ("bool", None),
     "enable_async_copy": ("bool", None),
     "overlap_compute": ("bool", None),
     "gpu_memory_fraction": ("fraction", None),
     "enable_tf32": ("bool", None),
+    # the guide's names that knobs.translate turns into the above
+    "max_persistent_cache": ("gib", None),
+    "max_workspace_size": ("gib", None),
+    "prefer_larger_batch": ("bool", None),
 }
 # keys of the tuning guide that name things this runtime does not have
 _UNSUPPORTED = {
     "sliding_window": "DeepSeek-V3 attends over the whole context",
     "expert_parallelism": "all selected experts of a layer run in one grouped GEMM launch",
-    "max_persistent_cache": "the host-side cache is cpu_cache_size (set_memory_strategy)",
-    "max_workspace_size": "the workspace follows prefill_chunk (an Engine argument)",
-    "prefer_larger_batch": "set batch_size",
 }
 # what changes the memory plan (a reload); the rest apply to the running engine
 _PLAN_KEYS = {"max_gpu_layers", "gpu_reserved", "cpu_cache_size", "prefetch_size", "min_layers", "max_experts",
@@ -115,16 +121,20 @@ class DeepseekInference:
 
     def _load(self, **engine_overrides: Any) -> Engine:
         kw = {**self._engine_kwargs, **engine_overrides}
-        return Engine.from_pretrained(self.model_path, device=self.device, memory_limit=self.memory_limit,
-                                      paging=dict(self._paging), **kw)
+        engine = Engine.from_pretrained(self.model_path, device=self.device, memory_limit=self.memory_limit,
+                                        paging=dict(self._paging), **kw)
+        follow_reload(self, engine)   # a started perf_monitor records the new engine's steps
+        return engine
 
     # ---- applying settings -----------------------------------------------------------------
-    def _apply(self, changes: Dict[str, Any], batch_size: Optional[int] = None) -> None:
+    def _apply(self, changes: Dict[str, Any], batch_size: Optional[int] = None,
+               prefill_chunk: Optional[int] = None) -> None:
         """Applies PagingSettings changes: a reload when the plan changes, else at once."""
         new = {**self._paging, **changes}
         PagingSettings(**new).validate()   # raises, naming the field, before anything changes
         reload = batch_size is not None and batch_size != self.engine.max_batch_size
         reload = reload or any(new.get(k) != self._paging.get(k) for k in _PLAN_KEYS if k in changes)
+        reload = reload or (prefill_chunk is not None and prefill_chunk != self.engine.prefill_chunk)
         store = self.engine.store
         if not reload and store.pages:
             try:
@@ -138,6 +148,8 @@ class DeepseekInference:
         if reload:
             cuda_graph = self.engine.use_cuda_graph
             overrides = {"max_batch_size": batch_size} if batch_size is not None else {}
+            if prefill_chunk is not None:
+                overrides["prefill_chunk"] = prefill_chunk
             kw = {**self._engine_kwargs, **overrides}
             # plan first (reads headers only): a budget the new settings cannot carve raises here,
             # with the old engine untouched
@@ -157,6 +169,8 @@ class DeepseekInference:
         if batch_size is not None:
             self.batch_size = batch_size
             self._engine_kwargs["max_batch_size"] = batch_size
+        if prefill_chunk is not None:
+            self._engine_kwargs["prefill_chunk"] = prefill_chunk
 
     def _record(self, section: str, schema: Dict[str, tuple], values: Dict[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(values) - set(schema))
@@ -236,8 +250,9 @@ class DeepseekInference:
             raise ValueError(f"config must be a dict, got {type(config).__name__}")
         for k in config:
             if k in _UNSUPPORTED:
-                raise ValueError(f"apply_config: {k} is not supported ({_UNSUPPORTED[k]})")
-        now = {"use_cuda_graph", "batch_size"}
+                why = sliding_window_refusal(self.model_path) if k == "sliding_window" else _UNSUPPORTED[k]
+                raise ValueError(f"apply_config: {k} is not supported ({why})")
+        now = {"use_cuda_graph", "batch_size", "prefill_chunk"}
         unknown = sorted(set(config) - now - set(_CONFIG))
         if unknown:
             raise ValueError(f"apply_config: unknown key(s) {unknown} "
@@ -245,6 +260,8 @@ class DeepseekInference:
         batch = None
         if "batch_size" in config:
             batch = _validate("apply_config", "batch_size", "int", 1, config["batch_size"])
+        chunk = _validate("apply_config", "prefill_chunk", "int", 1, config["prefill_chunk"]) \
+            if "prefill_chunk" in config else None
         checked = self._record("config", _CONFIG, {k: v for k, v in config.items() if k in _CONFIG})
         if "expert_threshold" in checked and checked["expert_threshold"] >= 1:
             raise ValueError("apply_config: expert_threshold must be below 1")
@@ -255,7 +272,9 @@ class DeepseekInference:
             on = checked.pop("overlap_compute")
             checked["streams"] = {"compute": on, "prefetch": on, "transfer": on}
             checked["enable_async_copy"] = on
-        self._apply(checked, batch_size=batch)
+        engine = translate(self, checked, batch)   # the guide's names that are engine arguments
+        self._apply(checked, batch_size=engine.get("max_batch_size", batch),
+                    prefill_chunk=engine.get("prefill_chunk", chunk))
         if "use_cuda_graph" in config:
             self.engine.set_use_cuda_graph(_validate("apply_config", "use_cuda_graph", "bool", None,
                                                      config["use_cuda_graph"]))
@@ -277,6 +296,12 @@ class DeepseekInference:
         return stream_or_raise(self.engine, self.engine.stream(
             prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop=stop, chat=chat))
+
+    @property
+    def perf_monitor(self):
+        """This model's PerfMonitor (monitor.py), created on first use; it follows the engine
+        across reloads. ``start()`` it for a window with NVML samples and per-step figures."""
+        return monitor_for(self)
 
     @property
     def stats(self) -> GenerationStats:
