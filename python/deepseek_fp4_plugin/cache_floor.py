@@ -272,3 +272,24 @@ def prefill_floor(trace, pinned: Iterable = (), experts=None) -> np.ndarray:
     used = np.zeros((layers, experts), dtype=bool)
     np.put_along_axis(used, t4[:, :, 0, :].transpose(1, 0, 2).reshape(layers, -1), True, axis=1)
     return (used & ~pin).sum(1).astype(np.int64)
+
+
+def max_request(trace) -> int:
+    """The most distinct experts one (step, layer) of a trace [steps, layers, batch, top_k] uses: the
+    fewest slots any cache simulation of it needs."""
+    t, _ = check_trace(trace)
+    steps, layers, batch, k = t.shape
+    s = np.sort(t.reshape(steps, layers, batch * k), -1)
+    return int((1 + (s[..., 1:] != s[..., :-1]).sum(-1)).max())
+
+
+def equivalent_capacity(capacity: int, layers: int, sub_layers: int, working_set: float) -> int:
+    """Slots for a model of ``sub_layers`` layers that leave each layer the room ``capacity`` slots
+    leave each of ``layers`` layers once the current request is held. That request (``working_set``:
+    the mean distinct experts of a (step, layer)) is resident whatever the depth, so a plain share
+    (capacity · sub_layers / layers) leaves a shallow model less room per layer."""
+    if not (isinstance(layers, int) and isinstance(sub_layers, int) and 1 <= sub_layers <= layers):
+        raise ValueError(f"sub_layers must be an integer in [1, layers], got {sub_layers!r} of {layers!r}")
+    if not 0 <= working_set <= capacity:
+        raise ValueError(f"working_set must be in [0, capacity {capacity}], got {working_set!r}")
+    return int(round((capacity - working_set) * sub_layers / layers + working_set))

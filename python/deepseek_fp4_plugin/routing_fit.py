@@ -16,6 +16,7 @@ import csv
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -355,6 +356,9 @@ def generator_stats(model: RoutingModel, steps: int = 256, batch: int = 32,
     out = {"decode": trace_stats(model.decode_trace(steps, batch, **shape), e),
            "prefill": trace_stats(model.prefill_trace(prefill_tokens, **shape), e)}
     out["decode"]["settings"] = {"steps": steps, "batch": batch, "seed": 0}
+    # skew from many short independent sequences (the serving counts pool many requests)
+    out["decode_skew"] = trace_stats(model.decode_trace(16, 16 * batch, **shape), e, distances=(1,))
+    out["decode_skew"]["settings"] = {"steps": 16, "batch": 16 * batch, "seed": 0}
     out["decode"]["layers"]["distinct_per_step_batch8"] = [
         float(x) for x in distinct_per_step(model.decode_trace(steps, 8, **shape))]
     out["decode"]["summary"]["distinct_per_step_batch8"] = float(
@@ -371,3 +375,119 @@ def generator_stats(model: RoutingModel, steps: int = 256, batch: int = 32,
 
 __all__ = ["fit_routing_model", "fit_weights", "generator_stats", "load_sglang_counts", "load_v2_lite",
            "map_by_depth", "observed_reuse", "r1_popularity", "read_v2_lite_csv", "reuse_curve"]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and the summary the docs quote
+
+def uniform_trace(steps: int, layers: int, batch: int, experts: int = 256, top_k: int = 8,
+                  seed: int = 0) -> np.ndarray:
+    """What random weights route like: each token a uniform draw of top_k distinct experts."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((steps, layers, batch, top_k), np.int32)
+    for t in range(steps):
+        out[t] = np.argpartition(rng.random((layers, batch, experts)), top_k - 1, axis=-1)[..., :top_k]
+    return out
+
+
+def cache_evaluation(model: RoutingModel, steps: int = 1000, share: float = 120 / 14848,
+                     batches: Sequence[int] = (1, 8), sub_layers: int = 6,
+                     progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Misses per token per MoE layer of Belady's MIN, LRU and LRFU (λ 0.05) on decode traces with
+    an expert cache of ``share`` of the experts (default: DeepSeek-R1's full-depth share in a 16 GiB
+    plan, 120 of 58 · 256), for all layers, for ``sub_layers`` layers picked each way with the same
+    share (never below one request), for the representative ones with ``equivalent_capacity``, and
+    for uniform routing. CPU seconds of each simulation are recorded."""
+    from .cache_floor import belady_misses, equivalent_capacity, lrfu_misses, lru_misses, max_request
+
+    out = {"steps": steps, "share": share, "rows": []}
+    for batch in batches:
+        full = model.decode_trace(steps, batch, layers=model.layers)
+        work = float(distinct_per_step(full).mean())
+        full_cap = max(int(round(share * model.layers * model.experts)), max_request(full))
+        rep = model.select_layers(sub_layers, "representative")
+        cases = [("all", np.arange(model.layers), full, full_cap)]
+        for how in ("representative", "spread", "first"):
+            ids = model.select_layers(sub_layers, how)
+            cases.append((how, ids, full[:, ids], None))
+        cases.append(("representative, equivalent slots", rep, full[:, rep],
+                      equivalent_capacity(full_cap, model.layers, sub_layers, work)))
+        cases.append(("uniform", np.arange(model.layers),
+                      uniform_trace(steps, model.layers, batch, model.experts, model.top_k), full_cap))
+        for name, ids, trace, capacity in cases:
+            want = int(round(share * len(ids) * model.experts))
+            capacity = max(want if capacity is None else capacity, max_request(trace))
+            row = {"batch": batch, "layers": name, "layer_ids": [int(i) for i in ids], "capacity": capacity,
+                   "capacity_from_share": want}
+            for policy, fn in (("belady", belady_misses), ("lru", lru_misses), ("lrfu", lrfu_misses)):
+                if name == "uniform" and policy != "belady":
+                    continue
+                t0 = time.process_time()
+                r = fn(trace, capacity, experts=model.experts)
+                row[f"{policy}_cpu_s"] = time.process_time() - t0
+                row[f"{policy}_misses_per_token_layer"] = r.total_misses / (steps * len(ids) * batch)
+                row[f"{policy}_miss_rate"] = r.miss_rate
+            out["rows"].append(row)
+            progress(f"cache eval batch {batch} {name}: {capacity} slots, belady "
+                     f"{row['belady_misses_per_token_layer']:.3f} misses/token/layer "
+                     f"({row['belady_cpu_s']:.1f} s cpu)")
+    return out
+
+
+def _fmt(s: dict, name: str, scale: float = 1.0, digits: int = 2) -> str:
+    v = s.get(name)
+    if not isinstance(v, dict):
+        return "–"
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(v['mean'] * scale)} ({f.format(v['min'] * scale)}–{f.format(v['max'] * scale)})"
+
+
+def summary_table(model: RoutingModel, cache_eval: Optional[dict] = None) -> str:
+    """Markdown tables: the sources' statistics beside the generator's (mean over layers, range)."""
+    src, gen = model.meta["source_stats"], model.meta["generator_stats"]
+    lines = ["Skew per MoE layer, R1 shape (mean over layers, min–max):", "",
+             "| quantity | serving counts, decode | generator, decode | serving counts, prefill | "
+             "generator, prefill (one prompt) |", "| --- | --- | --- | --- | --- |"]
+    dec_gen = gen.get("decode_skew", gen["decode"])["summary"]
+    for q, label in (("max_over_mean", "busiest expert / mean"), ("top10_share", "top-10% share")):
+        lines.append(f"| {label} | {_fmt(src['r1_decode']['summary'], q)} | {_fmt(dec_gen, q)} | "
+                     f"{_fmt(src['r1_prefill']['summary'], q)} | {_fmt(gen['prefill']['summary'], q)} |")
+    ev, od, sg = src["v2_lite_even"]["summary"], src["v2_lite_odd"]["summary"], gen["source_shape"]["summary"]
+
+    def row(label, a, b, c):
+        return f"| {label} | {a} | {b} | {c} |"
+
+    lines += ["", "Reuse, V2-Lite shape (26 layers, 64 experts, top-6):", "",
+              row("quantity", "even files (fit)", "generator", "odd files (evaluation)"),
+              "| --- | --- | --- | --- |",
+              row("reuse d=1", *(_fmt(x, "reuse", digits=3) for x in (ev, sg, od)))]
+    for d in ("2", "4", "16", "64"):
+        lines.append(row(f"reuse d={d}", *(f"{x['reuse_at'][d]:.3f}" for x in (ev, sg, od))))
+    lines.append(row("distinct experts per step, batch 8", f"{ev['distinct_per_step']['mean']:.1f}",
+                     f"{sg['distinct_per_step_batch8']:.1f}", f"{od['distinct_per_step']['mean']:.1f}"))
+    lines.append(row("the same, 8 prompts started together", f"{ev['distinct_per_step_aligned']:.1f}", "–",
+                     f"{od['distinct_per_step_aligned']:.1f}"))
+    lines.append(row("busiest expert / mean", *(_fmt(x, "max_over_mean") for x in (ev, sg, od))))
+    d = gen["decode"]["summary"]
+    far = " | ".join(f"{d['reuse_at'][k]:.3f}" for k in ("2", "4", "16", "64"))
+    lines += ["", "Generator at R1's shape (58 layers, 256 experts, top-8), decode:", "",
+              "| reuse d=1 | d=2 | d=4 | d=16 | d=64 | distinct per step, batch 8 |",
+              "| --- | --- | --- | --- | --- | --- |",
+              f"| {_fmt(d, 'reuse', digits=3)} | {far} | {d['distinct_per_step_batch8']:.1f} of 64 |"]
+    if cache_eval:
+        lines += ["", f"Expert cache at {cache_eval['share'] * 100:.2f}% of the experts, "
+                  f"{cache_eval['steps']} decode steps: misses per token per MoE layer (CPU s of the "
+                  "simulation):", "",
+                  "| batch | layers | slots | Belady | LRU | LRFU |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in cache_eval["rows"]:
+            def cell(p):
+                k = f"{p}_misses_per_token_layer"
+                return f"{r[k]:.3f} ({r[f'{p}_cpu_s']:.1f} s)" if k in r else "–"
+            slots = f"{r['capacity']}" + ("" if r["capacity"] == r["capacity_from_share"] else
+                                          f" (share: {r['capacity_from_share']})")
+            which = r["layers"]
+            if len(r["layer_ids"]) < 10:
+                which += " (R1 layers " + ", ".join(str(i + kR1DenseLayers) for i in r["layer_ids"]) + ")"
+            cells = " | ".join(cell(p) for p in ("belady", "lru", "lrfu"))
+            lines.append(f"| {r['batch']} | {which} | {slots} | {cells} |")
+    return "\n".join(lines)

@@ -28,7 +28,15 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .cache_floor import CacheResult, belady_misses, lrfu_misses, lru_misses, prefill_floor  # noqa: F401
+from .cache_floor import (  # noqa: F401  (re-exported: the benchmark's one import)
+    CacheResult,
+    belady_misses,
+    equivalent_capacity,
+    lrfu_misses,
+    lru_misses,
+    max_request,
+    prefill_floor,
+)
 
 kR1Layers = 61
 kR1DenseLayers = 3
@@ -142,40 +150,51 @@ def generate(bias: np.ndarray, weights: np.ndarray, taus: Sequence[float], steps
     streams (with seed, phase and the stream number)."""
     bias = np.asarray(bias, dtype=np.float32)
     n_layers, experts = bias.shape
+    weights = np.asarray(weights, dtype=np.float64)
+    out = np.empty((steps, n_layers * streams, top_k), np.int32)
+    # (layer, stream) units are independent: run them in chunks that bound the memory of a block
+    per_unit = kBlock * (len(taus) + 2) * experts * 4
+    chunk = max(1, (64 << 20) // per_unit)
+    units = [(i, s) for i in range(n_layers) for s in range(streams)]
+    for a in range(0, len(units), chunk):
+        part = units[a:a + chunk]
+        rows = [i for i, _ in part]
+        keys = [(seed, phase, int(layer_ids[i]), s) for i, s in part]
+        out[:, a:a + len(part)] = _generate_units(bias[rows], weights[rows], taus, steps, top_k, keys)
+    return out.reshape(steps, n_layers, streams, top_k)
+
+
+def _generate_units(bias: np.ndarray, weights: np.ndarray, taus, steps: int, top_k: int, keys) -> np.ndarray:
+    """[steps, U, top_k] for U independent token streams with their own bias [U, E], weights [U, C+2]
+    and random-stream keys."""
+    n, experts = bias.shape
     c = len(taus)
-    rho = np.exp(-1.0 / np.asarray(taus, dtype=np.float64)).astype(np.float32)
-    innov = np.sqrt(1.0 - rho.astype(np.float64) ** 2).astype(np.float32)
-    w = np.sqrt(np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)).astype(np.float32)
-    w_ar = w[:, :c]                      # [L, C]
-    w_p = w[:, c][:, None, None]         # [L, 1, 1]
-    w_white = w[:, c + 1][:, None, None]
-    rngs = [[np.random.default_rng(np.random.SeedSequence([seed, phase, int(lid), s]))
-             for s in range(streams)] for lid in layer_ids]
-    u = np.empty((n_layers, streams, experts), np.float32)
-    x = np.empty((n_layers, streams, c, experts), np.float32)
-    for i in range(n_layers):
-        for s in range(streams):
-            u[i, s] = rngs[i][s].standard_normal(experts, dtype=np.float32)
-            x[i, s] = rngs[i][s].standard_normal((c, experts), dtype=np.float32)
-    out = np.empty((steps, n_layers, streams, top_k), np.int32)
-    eps = np.empty((kBlock, n_layers, streams, c + 1, experts), np.float32)
-    z = np.empty((kBlock, n_layers, streams, experts), np.float32)
-    rho_b = rho[None, None, :, None]
-    innov_b = innov[None, None, :, None]
+    rho = np.exp(-1.0 / np.asarray(taus, dtype=np.float64))
+    rho_b = rho.astype(np.float32)[None, :, None]
+    innov_b = np.sqrt(1.0 - rho ** 2).astype(np.float32)[None, :, None]
+    w = np.sqrt(np.clip(weights, 0.0, None)).astype(np.float32)
+    w_ar, w_p, w_white = w[:, :c], w[:, c][:, None], w[:, c + 1][:, None]
+    rngs = [np.random.default_rng(np.random.SeedSequence(list(k))) for k in keys]
+    u = np.stack([g.standard_normal(experts, dtype=np.float32) for g in rngs])        # persistent [U, E]
+    x = np.stack([g.standard_normal((c, experts), dtype=np.float32) for g in rngs])   # AR states [U, C, E]
+    up = w_p * u
+    out = np.empty((steps, n, top_k), np.int32)
+    eps = np.empty((kBlock, n, c + 1, experts), np.float32)
+    z = np.empty((kBlock, n, experts), np.float32)
     for t0 in range(0, steps, kBlock):
-        for i in range(n_layers):
-            for s in range(streams):
-                eps[:, i, s] = rngs[i][s].standard_normal((kBlock, c + 1, experts), dtype=np.float32)
-        n = min(kBlock, steps - t0)
-        for t in range(n):
+        for j, g in enumerate(rngs):  # whole blocks always: a shorter trace is a prefix of a longer one
+            eps[:, j] = g.standard_normal((kBlock, c + 1, experts), dtype=np.float32)
+        m = min(kBlock, steps - t0)
+        for t in range(m):
             x *= rho_b
-            x += innov_b * eps[t, :, :, :c]
-            np.einsum("lc,lsce->lse", w_ar, x, out=z[t])
-            z[t] += w_p * u + w_white * eps[t, :, :, c]
-        score = z[:n] + bias[None, :, None, :]
+            x += innov_b * eps[t, :, :c]
+            np.einsum("uc,uce->ue", w_ar, x, out=z[t])
+            z[t] += up
+            z[t] += w_white * eps[t, :, c]
+        score = z[:m] + bias[None]
         top = np.argpartition(-score, top_k - 1, axis=-1)[..., :top_k]
         order = np.argsort(-np.take_along_axis(score, top, -1), axis=-1, kind="stable")
-        out[t0:t0 + n] = np.take_along_axis(top, order, -1)
+        out[t0:t0 + m] = np.take_along_axis(top, order, -1)
     return out
 
 
