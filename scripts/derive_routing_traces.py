@@ -94,6 +94,8 @@ def main(argv=None) -> int:
                     help="also write the statistics JSON here (default: routing_stats.json beside --out)")
     ap.add_argument("--cache-eval-steps", type=int, default=1000,
                     help="steps of the cache evaluation in the statistics (0: skip it)")
+    ap.add_argument("--top-k", type=int, default=8, help="experts per token of the serving counts' model")
+    ap.add_argument("--v2-lite-experts", type=int, default=64, help="routed experts of the per-token model")
     args = ap.parse_args(argv)
     rf, rr = load_routing_modules()
     t0 = time.time()
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
             meta["sources"][key] = {**src, "commit": rev or "unknown (not a git repository)"}
         meta["fit"] = {"v2_lite_fit_files": "even prompt numbers", "v2_lite_eval_files": "odd prompt numbers",
                        "r1_popularity": "mean over each phase's files of the normalized counts"}
-        model = rf.fit_routing_model(dirs["sglang"], dirs["v2_lite"], meta=meta, progress=progress)
+        model = rf.fit_routing_model(dirs["sglang"], dirs["v2_lite"], meta=meta, top_k=args.top_k,
+                                     v2_experts=args.v2_lite_experts, progress=progress)
     model.save(args.out)
     progress(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
 

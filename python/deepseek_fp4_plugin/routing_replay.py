@@ -31,6 +31,7 @@ import numpy as np
 from .cache_floor import (  # noqa: F401  (re-exported: the benchmark's one import)
     CacheResult,
     belady_misses,
+    check_trace,
     equivalent_capacity,
     lrfu_misses,
     lru_misses,
@@ -274,8 +275,6 @@ def trace_stats(trace, experts: Optional[int] = None, distances: Sequence[int] =
     t = np.asarray(trace)
     if t.ndim == 3:
         t = t.transpose(1, 0, 2)[:, :, None, :]
-    from .cache_floor import check_trace
-
     t, experts = check_trace(t, experts)
     _validate_distances(distances)
     stats = sequence_stats([t[:, :, b].transpose(1, 0, 2) for b in range(t.shape[2])], experts, distances)
