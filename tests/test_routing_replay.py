@@ -432,8 +432,9 @@ def test_derive_script_from_folders_and_a_bare_repository(tmp_path, capsys):
     out = tmp_path / "out" / "model.npz"
     with pytest.raises(ValueError, match="does not exist"):
         script.main(["--sglang", str(tmp_path / "nowhere"), "--v2-lite", str(v2_arg), "--out", str(out)])
-    assert script.main(["--sglang", str(sg / "attachment_ep_statistics"), "--v2-lite", str(v2_arg),
-                        "--out", str(out), "--cache-eval-steps", "0", "--top-k", "4", "--v2-lite-experts", "16"]) == 0
+    args = ["--sglang", str(sg / "attachment_ep_statistics"), "--v2-lite", str(v2_arg), "--out", str(out),
+            "--cache-eval-steps", "0", "--top-k", "4", "--v2-lite-experts", "16"]
+    assert script.main(args) == 0
     m = rr.RoutingModel.load(out)
     assert (m.layers, m.experts, m.top_k) == (4, 32, 4)
     src = m.meta["sources"]
