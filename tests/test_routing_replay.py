@@ -539,3 +539,53 @@ def test_fitted_model_shape_and_layers():
     assert len(rep) == 6 and np.all(np.diff(rep) > 0)
     t = _FITTED.decode_trace(4, 2, layers=6)
     assert t.shape == (4, 6, 2, 8) and t.dtype == np.int32
+
+
+def test_min_misses_requests_equals_exhaustive_search():
+    """The benchmark's decode floor (a missed key may be used without being cached) against an
+    exhaustive search over every cache state after every request, on small random traces: multi-key
+    requests, requests larger than the cache, keys of several layers, warm-up requests not counted."""
+    import itertools
+    import random
+
+    from deepseek_fp4_plugin.cache_floor import min_misses_requests
+
+    def exhaustive(reqs, cap, counted):
+        best = [1 << 30]
+
+        def go(i, cache, m):
+            if m >= best[0]:
+                return
+            if i == len(reqs):
+                best[0] = m
+                return
+            miss = sum(k not in cache for k in reqs[i]) if counted[i] else 0
+            pool = sorted(set(cache) | set(reqs[i]))
+            for r in range(min(cap, len(pool)) + 1):
+                for keep in itertools.combinations(pool, r):
+                    go(i + 1, frozenset(keep), m + miss)
+
+        go(0, frozenset(), 0)
+        return best[0]
+
+    rnd = random.Random(3)
+    for _ in range(60):
+        reqs = [[(rnd.randint(0, 1), e) for e in rnd.sample(range(4), rnd.randint(1, 3))] for _ in range(7)]
+        cap = rnd.randint(0, 4)
+        counted = [i >= 2 or rnd.random() < 0.5 for i in range(len(reqs))]
+        assert min_misses_requests(reqs, cap, counted) == exhaustive(reqs, cap, counted), (reqs, cap, counted)
+    with pytest.raises(ValueError, match="capacity"):
+        min_misses_requests([[1]], -1)
+    with pytest.raises(ValueError, match="counted"):
+        min_misses_requests([[1], [2]], 1, [True])
+
+
+def test_min_misses_requests_is_never_above_belady():
+    from deepseek_fp4_plugin.cache_floor import belady_misses, min_misses_requests
+
+    rng = np.random.default_rng(4)
+    trace = np.stack([[[rng.choice(32, 4, replace=False) for _ in range(2)] for _ in range(3)]
+                      for _ in range(40)]).astype(np.int32)               # [steps, layers, batch, k]
+    reqs = [[(l, int(e)) for e in np.unique(trace[s, l])] for s in range(40) for l in range(3)]
+    for cap in (8, 12, 30):
+        assert min_misses_requests(reqs, cap) <= int(belady_misses(trace, cap, experts=32).misses.sum())

@@ -293,3 +293,49 @@ def equivalent_capacity(capacity: int, layers: int, sub_layers: int, working_set
     if not 0 <= working_set <= capacity:
         raise ValueError(f"working_set must be in [0, capacity {capacity}], got {working_set!r}")
     return int(round((capacity - working_set) * sub_layers / layers + working_set))
+
+
+def min_misses_requests(requests, capacity: int, counted=None) -> int:
+    """Misses of the optimal offline schedule over a list of requests when a missed key may also
+    be used without being cached (the engine reads such an expert in place from host memory):
+    after each request the cache keeps the ``capacity`` keys needed soonest, among those it held
+    and the request's. Never above Belady's MIN (which must cache every miss), and defined when a
+    request needs more keys than the cache holds. The benchmark's decode floor, over the routing
+    the engine resolved.
+
+    Parameters
+    ----------
+    requests : sequence of sequences of hashable keys, e.g. (layer, expert); distinct within one
+    capacity : cache slots (≥ 0)
+    counted : per request, whether its misses count (default all): earlier requests warm the cache
+
+    Returns
+    -------
+    int, the counted misses
+    """
+    if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 0:
+        raise ValueError(f"capacity must be a non-negative integer, got {capacity!r}")
+    reqs = [list(r) for r in requests]
+    if counted is None:
+        counted = [True] * len(reqs)
+    if len(counted) != len(reqs):
+        raise ValueError(f"counted has {len(counted)} entries for {len(reqs)} requests")
+    never = len(reqs) + 1
+    nxt, last = [None] * len(reqs), {}
+    for i in range(len(reqs) - 1, -1, -1):
+        nxt[i] = [last.get(k, never) for k in reqs[i]]
+        for k in reqs[i]:
+            last[k] = i
+    cache, heap, misses = {}, [], 0     # key → next use; max-heap of (−next use, key), lazily pruned
+    for i, req in enumerate(reqs):
+        for k, nu in zip(req, nxt[i]):
+            if k not in cache:
+                misses += bool(counted[i])
+            cache[k] = nu
+            heapq.heappush(heap, (-nu, k))
+        while len(cache) > capacity:
+            neg, v = heapq.heappop(heap)
+            if cache.get(v) == -neg:
+                del cache[v]
+    return misses
+
