@@ -82,6 +82,7 @@ class Ticket:
         self.id = next(Ticket._ids)
         self.prompt, self.plan, self.sink = prompt, plan, sink
         self.submitted_at = time.perf_counter()
+        self.admitted_at: Optional[float] = None   # got a row
         self.first_token_at: Optional[float] = None
         self.finished_at: Optional[float] = None
         self.generated = 0                   # tokens sampled (an ending EOS included)
@@ -185,7 +186,8 @@ class BatchScheduler:
         with self._cond:
             if not self.accepting:
                 raise ShuttingDownError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and not self._has_free_row():
+            # rows are taken by the loop: requests not yet admitted count as waiting
+            if len(self._live) + len(self._waiting) >= self.slots + self.max_queue:
                 self.stats.rejected_queue_full += 1
                 raise QueueFullError(f"all {self.slots} batch slots are busy and {len(self._waiting)} "
                                      f"requests are waiting (max_queue = {self.max_queue})", self.retry_after())
@@ -234,9 +236,6 @@ class BatchScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _has_free_row(self) -> bool:
-        return len(self._live) + len(self._waiting) < self.slots
-
     # ---- the loop (its own thread) -------------------------------------------------------------
     def _main(self, started: concurrent.futures.Future) -> None:
         occupancy = self.engine._occupancy   # one generation at a time: this loop is it
@@ -268,38 +267,45 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         free = list(range(self.slots))
-        while True:
-            with self._cond:
-                while not (self._waiting or self._live or self._calls or self._deadline is not None):
-                    self._cond.wait()
-                calls, self._calls = self._calls, []
-                closing = self._deadline is not None
-                dropped = [t for t in self._waiting if t.cancelled or closing]
-                if dropped:
-                    self._waiting = collections.deque(t for t in self._waiting if not (t.cancelled or closing))
-                admitted = []
-                if not closing:
-                    free.sort()
-                    while self._waiting and free:
-                        t = self._waiting.popleft()
-                        t.row = free.pop(0)
-                        self._live[t.row] = t
-                        admitted.append(t)
-                past_deadline = closing and time.monotonic() >= self._deadline
-            for fn, fut in calls:
-                _run_call(fn, fut)
-            for t in dropped:
+        while self._step(free):
+            pass
+
+    def _step(self, free: List[int]) -> bool:
+        """One step: waits for work, then admits, prefills and decodes; False once shut down.
+        (A method of its own, so no finished request stays referenced while the loop waits.)"""
+        with self._cond:
+            while not (self._waiting or self._live or self._calls or self._deadline is not None):
+                self._cond.wait()
+            calls, self._calls = self._calls, []
+            closing = self._deadline is not None
+            dropped = [t for t in self._waiting if t.cancelled or closing]
+            if dropped:
+                self._waiting = collections.deque(t for t in self._waiting if not (t.cancelled or closing))
+            admitted = []
+            if not closing:
+                free.sort()
+                while self._waiting and free:
+                    t = self._waiting.popleft()
+                    t.row = free.pop(0)
+                    t.admitted_at = time.perf_counter()
+                    self._live[t.row] = t
+                    admitted.append(t)
+            past_deadline = closing and time.monotonic() >= self._deadline
+        for fn, fut in calls:
+            _run_call(fn, fut)
+        for t in dropped:
+            self._drop(t)
+        for t in list(self._live.values()):
+            if t.cancelled or past_deadline:
+                self._release(t, free)
                 self._drop(t)
-            for t in list(self._live.values()):
-                if t.cancelled or past_deadline:
-                    self._release(t, free)
-                    self._drop(t)
-            if closing and not self._live:
-                return
-            if admitted:
-                self._prefill([t for t in admitted if not t.cancelled], free)
-            if self._live:
-                self._decode(free)
+        if closing and not self._live:
+            return False
+        if admitted:
+            self._prefill([t for t in admitted if not t.cancelled], free)
+        if self._live:
+            self._decode(free)
+        return True
 
     def _prefill(self, tickets: List[Ticket], free: List[int]) -> None:
         groups = [tickets] if self.batch_prefill else [[t] for t in tickets]
