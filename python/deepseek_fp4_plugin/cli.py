@@ -146,7 +146,11 @@ def _run_serve(args) -> int:
     from pathlib import Path
 
     from .engine import Engine
-    from .server import make_server
+
+    try:
+        from .server import make_server
+    except ImportError as e:
+        raise ValueError(f"serving needs {e.name or 'fastapi and uvicorn'}: pip install 'deepseek-fp4[serve]'") from e
 
     model = args.model
     if model is None:
