@@ -2,6 +2,7 @@
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
 #   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt]
+#                        [serve]
 # With no arguments: build tests sanitizer bench-gemm.
 # trt: builds with the TensorRT plugins (headers from TENSORRT_ROOT, else .deps/tensorrt-11.1),
 # runs ctest (the C++ example from the installed package, the expert runner), the plugin tests
@@ -109,5 +110,17 @@ if has bench-paging; then
   timeout ${BENCH_PAGING_TIMEOUT:-560} python3 benchmarks/bench_paging.py --dir "${BENCH_PAGING_DIR:-/tmp/dsfp4_v3}" \
     ${BENCH_PAGING_ARGS:-} --out "$OUT/paging.json" > "$OUT/bench_paging.log" 2>&1 || status=1
   tail -25 "$OUT/bench_paging.log"
+fi
+if has serve; then
+  # continuous batching on CUDA, then the server benchmark (tiny model unless BENCH_SERVER_ARGS
+  # names one). The server needs fastapi, uvicorn, prometheus-client and openai: on a machine
+  # without a registry, carry them in .whl/ (pip download --only-binary=:all: --python-version 3.12
+  # --platform manylinux2014_x86_64 --platform any -d .whl fastapi uvicorn prometheus-client openai)
+  echo "== serve"
+  timeout 600 python3 -m pytest tests/gpu/test_server_gpu.py -q -s -rs 2>&1 | tee "$OUT/serve_tests.log" | tail -14
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  timeout ${BENCH_SERVER_TIMEOUT:-560} python3 benchmarks/bench_server.py --device cuda --use-cuda-graph \
+    ${BENCH_SERVER_ARGS:-} --out "$OUT/server.json" > "$OUT/bench_server.log" 2>&1 || status=1
+  tail -8 "$OUT/bench_server.log"
 fi
 exit $status
