@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-
 from deepseek_fp4_plugin import Engine, EngineBusyError
 from deepseek_fp4_plugin.batching import ABORTED, CANCELLED, BatchScheduler, QueueFullError, ShuttingDownError
 from deepseek_fp4_plugin.guard import sample_checked, sample_checked_rows
@@ -60,8 +59,17 @@ class Collector:
 
 def submit(sched, engine, prompt, sink, max_tokens, **kw):
     ids = engine.requests.prompts(prompt, False, None)[1]
-    plan = engine.requests.plan(ids, max_tokens, kw.get("temperature", 0.0), 1.0, kw.get("top_k", 0),
-                                kw.get("seed"), None, None, kw.get("ignore_eos", True))
+    plan = engine.requests.plan(
+        ids,
+        max_tokens,
+        kw.get("temperature", 0.0),
+        1.0,
+        kw.get("top_k", 0),
+        kw.get("seed"),
+        None,
+        None,
+        kw.get("ignore_eos", True),
+    )
     return sched.submit(ids[0], plan, sink)
 
 
@@ -71,8 +79,14 @@ def submit(sched, engine, prompt, sink, max_tokens, **kw):
 def test_sample_checked_rows_equals_each_row_alone():
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1))
     logits[2, 5] = float("nan")
-    params = [SamplingParams(), SamplingParams(0.8, seed=3), SamplingParams(0.8, seed=4), None,
-              SamplingParams(1.2, 0.9, 20, seed=5), SamplingParams(0.8, seed=6)]
+    params = [
+        SamplingParams(),
+        SamplingParams(0.8, seed=3),
+        SamplingParams(0.8, seed=4),
+        None,
+        SamplingParams(1.2, 0.9, 20, seed=5),
+        SamplingParams(0.8, seed=6),
+    ]
 
     def gens():
         return [None if p is None else (p.generators(1, torch.device("cpu")) or [None])[0] for p in params]
@@ -81,7 +95,7 @@ def test_sample_checked_rows_equals_each_row_alone():
     assert finite == [True, True, False, True, True, True]
     for b, (p, g) in enumerate(zip(params, gens())):
         if p is not None and finite[b]:
-            want, _ = sample_checked(logits[b:b + 1], p, None if g is None else [g])
+            want, _ = sample_checked(logits[b : b + 1], p, None if g is None else [g])
             assert tokens[b] == want[0], b
 
 
@@ -94,13 +108,13 @@ def test_prefill_into_rows(engine):
     padded = torch.zeros(2, T, dtype=torch.long)
     for i, x in enumerate(ids[1:]):
         padded[i, : len(x)] = torch.tensor(x)
-    both = engine.prefill(padded, [len(x) for x in ids[1:]], rows=[3, 1])       # not consecutive
-    assert torch.equal(engine.cache.kv[:, 0], row0)                               # row 0 untouched
+    both = engine.prefill(padded, [len(x) for x in ids[1:]], rows=[3, 1])  # not consecutive
+    assert torch.equal(engine.cache.kv[:, 0], row0)  # row 0 untouched
     for i, row in ((1, 3), (2, 1)):
         assert torch.allclose(both[i - 1], alone[i][0], atol=1e-4)
         n = len(ids[i])
         single = engine.prefill(torch.tensor([ids[i]]), [n], rows=[2])
-        assert torch.equal(single[0], alone[i][0])                                # bit-identical alone
+        assert torch.equal(single[0], alone[i][0])  # bit-identical alone
         assert torch.allclose(engine.cache.kv[:, row, :n], engine.cache.kv[:, 2, :n], atol=1e-5)
     for rows in ([0, 0], [4, 1], [1], [-1, 2]):
         with pytest.raises(ValueError, match="rows must be 2 distinct cache rows"):
@@ -127,7 +141,7 @@ def test_join_and_leave_equals_generate(engine, batch_prefill):
             tickets.append(submit(sched, engine, p, sink, n, **kw))
             if i % 2:
                 sink.first.clear()
-                sink.first.wait(30)                   # the next ones join a running batch
+                sink.first.wait(30)  # the next ones join a running batch
         sink.wait(tickets)
     finally:
         sched.stop()
@@ -135,7 +149,7 @@ def test_join_and_leave_equals_generate(engine, batch_prefill):
         c = sink.done[t.id]
         assert (c.token_ids, c.finish_reason, sink.text[t.id]) == (w.token_ids, w.finish_reason, w.text)
     assert sched.stats.decode_steps > 0 and sched.stats.finished["length"] == len(jobs)
-    assert engine.generate("x", max_tokens=2).finish_reason      # the engine is free again
+    assert engine.generate("x", max_tokens=2).finish_reason  # the engine is free again
 
 
 def test_queue_cancel_error_and_shutdown(engine):
@@ -149,7 +163,7 @@ def test_queue_cancel_error_and_shutdown(engine):
         assert e.value.retry_after >= 1
         time.sleep(0.2)
         assert not queued.done and sched.waiting == 1
-        sched.cancel(running[0])                        # its row goes to the queued request
+        sched.cancel(running[0])  # its row goes to the queued request
         sink.wait([running[0], queued])
         assert sink.done[running[0].id].finish_reason == CANCELLED
         assert sink.done[queued.id].finish_reason == "length" and not any(t.done for t in running[1:])
@@ -157,7 +171,7 @@ def test_queue_cancel_error_and_shutdown(engine):
         calls = [0]
         real = engine.decode_one_token
 
-        def broken(*a, **k):                           # one failing step: its requests end, others go on
+        def broken(*a, **k):  # one failing step: its requests end, others go on
             calls[0] += 1
             if calls[0] == 1:
                 raise OSError("reading model-00001.safetensors: Input/output error")
@@ -189,8 +203,17 @@ def test_queue_cancel_error_and_shutdown(engine):
 
 def test_paged_store(tiny_dir):
     """The same through a paged store (experts paged from the checkpoint): rows join and leave."""
-    eng = Engine.from_pretrained(tiny_dir, device="cpu", dtype="bfloat16", memory_limit=0.0195, max_batch_size=3,
-                                 max_seq_len=128, prefill_chunk=32, paging={"cpu_cache_size": 0.01}, verbose=False)
+    eng = Engine.from_pretrained(
+        tiny_dir,
+        device="cpu",
+        dtype="bfloat16",
+        memory_limit=0.0195,
+        max_batch_size=3,
+        max_seq_len=128,
+        prefill_chunk=32,
+        paging={"cpu_cache_size": 0.01},
+        verbose=False,
+    )
     assert isinstance(eng.store, PagedWeightStore)
     jobs = [(PROMPTS[0], 6), (PROMPTS[1], 10), (PROMPTS[3], 5), (PROMPTS[5], 7)]
     want = [eng.generate(p, max_tokens=n, ignore_eos=True) for p, n in jobs]
@@ -206,6 +229,6 @@ def test_paged_store(tiny_dir):
         sched.stop()
     for t, w in zip(tickets, want):
         assert sink.done[t.id].token_ids == w.token_ids and sink.text[t.id] == w.text
-    assert sched.stats.decode_rows > sched.stats.decode_steps          # batched steps happened
+    assert sched.stats.decode_rows > sched.stats.decode_steps  # batched steps happened
     experts = eng.store.counters()["experts"]
-    assert experts["requests"] > experts["gpu_hits"] > 0                # and experts were paged in
+    assert experts["requests"] > experts["gpu_hits"] > 0  # and experts were paged in

@@ -25,7 +25,6 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-
 from deepseek_fp4_plugin import Engine
 from deepseek_fp4_plugin.batching import BatchScheduler
 from deepseek_fp4_plugin.server import make_server
@@ -34,9 +33,17 @@ from deepseek_fp4_plugin.tiny import make_tiny
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 SLOTS, MAX_QUEUE, CONTEXT = 4, 4, 256
-PROMPTS = ["The sea", "Good morning to all of you", "1, 2, 3,", "A mixture of experts splits the layer",
-           "Four-bit weights", "Numbers appear in text", "When it writes, it writes nonsense", "Hello"]
-LONG = dict(max_tokens=CONTEXT - 16, extra_body={"ignore_eos": True})   # runs until cancelled
+PROMPTS = [
+    "The sea",
+    "Good morning to all of you",
+    "1, 2, 3,",
+    "A mixture of experts splits the layer",
+    "Four-bit weights",
+    "Numbers appear in text",
+    "When it writes, it writes nonsense",
+    "Hello",
+]
+LONG = dict(max_tokens=CONTEXT - 16, extra_body={"ignore_eos": True})  # runs until cancelled
 
 
 def free_port() -> int:
@@ -109,7 +116,9 @@ def ref(tiny_dir, one_thread):
 @pytest.fixture(scope="module")
 def server(engine):
     port = free_port()
-    srv = make_server(engine, port=port, model_name="tiny", max_queue=MAX_QUEUE, shutdown_grace=1.0, log_level="warning")
+    srv = make_server(
+        engine, port=port, model_name="tiny", max_queue=MAX_QUEUE, shutdown_grace=1.0, log_level="warning"
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, 60, "the server to start")
@@ -122,8 +131,9 @@ def server(engine):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0,
-                         timeout=120)
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=120
+    )
 
 
 def wait_idle(server):
@@ -149,21 +159,28 @@ def test_models_health_metrics(server, client):
     client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
     status, headers, text = request(server.port, "GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert values["dsfp4_requests_submitted_total"] >= 1
     assert values["dsfp4_generation_tokens_total"] >= 1 and values["dsfp4_batch_slots"] == SLOTS
     assert values['dsfp4_requests_finished_total{finish_reason="length"}'] >= 1
     assert values["dsfp4_time_to_first_token_seconds_count"] >= 1
-    assert "dsfp4_store_h2d_bytes" in values                  # the store's counters (a resident store: 0)
+    assert "dsfp4_store_h2d_bytes" in values  # the store's counters (a resident store: 0)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_equals_generate(server, client, ref, stream):
     for i in (0, 3):
         want = ref(PROMPTS[i], 6 + 3 * i, chat=True)
-        kw = dict(model="tiny", messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=6 + 3 * i,
-                  temperature=0)
+        kw = dict(
+            model="tiny",
+            messages=[{"role": "user", "content": PROMPTS[i]}],
+            max_tokens=6 + 3 * i,
+            temperature=0,
+        )
         if stream:
             got = chat_text(client.chat.completions.create(stream=True, **kw))
         else:
@@ -199,10 +216,18 @@ def test_eight_concurrent_streams(server, client, ref):
         chat = n % 2 == 0
         start.wait()
         extra = {"top_k": kw["top_k"]} if "top_k" in kw else None
-        args = dict(model="tiny", max_tokens=n, temperature=kw.get("temperature", 0), seed=kw.get("seed"),
-                    extra_body=extra, stream=True)
+        args = dict(
+            model="tiny",
+            max_tokens=n,
+            temperature=kw.get("temperature", 0),
+            seed=kw.get("seed"),
+            extra_body=extra,
+            stream=True,
+        )
         if chat:
-            return chat_text(client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **args))
+            return chat_text(
+                client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **args)
+            )
         return completion_text(client.completions.create(prompt=prompt, **args))
 
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -213,8 +238,10 @@ def test_eight_concurrent_streams(server, client, ref):
 
 
 def open_long_streams(client, n):
-    streams = [client.completions.create(model="tiny", prompt=PROMPTS[i % 8], stream=True, temperature=0, **LONG)
-               for i in range(n)]
+    streams = [
+        client.completions.create(model="tiny", prompt=PROMPTS[i % 8], stream=True, temperature=0, **LONG)
+        for i in range(n)
+    ]
     return streams
 
 
@@ -230,7 +257,7 @@ def test_full_queue_answers_429(server, client):
     finally:
         for s in streams:
             s.close()
-    wait_idle(server)                                   # the disconnects freed every row
+    wait_idle(server)  # the disconnects freed every row
 
 
 def test_disconnect_frees_the_row(server, client):
@@ -238,13 +265,18 @@ def test_disconnect_frees_the_row(server, client):
     streams = open_long_streams(client, SLOTS)
     try:
         for s in streams:
-            next(iter(s))                               # all rows generating
-        queued = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
-                                                stream=True, temperature=0, max_tokens=5)
+            next(iter(s))  # all rows generating
+        queued = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hello"}],
+            stream=True,
+            temperature=0,
+            max_tokens=5,
+        )
         wait_until(lambda: sched.waiting == 1, what="the fifth request to queue")
-        streams[1].close()                              # the client goes away
-        assert chat_text(queued)                        # the queued request got the row and finished
-        assert sched.running == SLOTS - 1               # the other long streams still run
+        streams[1].close()  # the client goes away
+        assert chat_text(queued)  # the queued request got the row and finished
+        assert sched.running == SLOTS - 1  # the other long streams still run
     finally:
         for s in streams:
             s.close()
@@ -267,8 +299,11 @@ BAD = [
     ({"prompt": "x", "max_tokens": 0}, "/v1/completions", "max_tokens"),
     ({"prompt": "x", "max_tokens": -3}, "/v1/completions", "max_tokens"),
     ({"prompt": "x", "max_tokens": CONTEXT}, "/v1/completions", "max_tokens", "context_length_exceeded"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "/v1/chat/completions",
-     "max_completion_tokens"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+        "/v1/chat/completions",
+        "max_completion_tokens",
+    ),
     ({"prompt": "x", "temperature": -0.1}, "/v1/completions", "temperature"),
     ({"prompt": "x", "temperature": 2.5}, "/v1/completions", "temperature"),
     ({"prompt": "x", "top_p": 0}, "/v1/completions", "top_p"),
@@ -276,8 +311,12 @@ BAD = [
     ({"messages": []}, "/v1/chat/completions", "messages"),
     ({}, "/v1/chat/completions", "messages"),
     ({"prompt": "word " * CONTEXT}, "/v1/completions", "prompt", "context_length_exceeded"),
-    ({"messages": [{"role": "user", "content": "word " * CONTEXT}]}, "/v1/chat/completions", "messages",
-     "context_length_exceeded"),
+    (
+        {"messages": [{"role": "user", "content": "word " * CONTEXT}]},
+        "/v1/chat/completions",
+        "messages",
+        "context_length_exceeded",
+    ),
     ({"prompt": [1, 2, 100000]}, "/v1/completions", "prompt"),
     ({"prompt": "x", "n": 2}, "/v1/completions", "n"),
     ({"prompt": "x", "stop": ["ok", ""]}, "/v1/completions", "stop"),
@@ -315,11 +354,22 @@ def test_nonfinite_logits_end_one_request(server, client, engine, ref):
     saved = emb[bad].clone()
     emb[bad] = float("nan")
     try:
-        streams = [client.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0, stream=True,
-                                             extra_body={"ignore_eos": True}) for p, n in good]
+        streams = [
+            client.completions.create(
+                model="tiny",
+                prompt=p,
+                max_tokens=n,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for p, n in good
+        ]
         first = [next(iter(s)).choices[0].text for s in streams]
         with pytest.raises(openai.APIError, match="non-finite logits"):
-            completion_text(client.completions.create(model="tiny", prompt=[5, 6, bad], max_tokens=8, stream=True))
+            completion_text(
+                client.completions.create(model="tiny", prompt=[5, 6, bad], max_tokens=8, stream=True)
+            )
         with pytest.raises(openai.InternalServerError, match="non-finite logits") as e:
             client.completions.create(model="tiny", prompt=[7, bad], max_tokens=8)
         assert e.value.response.headers["x-should-retry"] == "false"
@@ -349,11 +399,15 @@ def test_load_no_failure_no_growth(server, client, ref):
         prompt = PROMPTS[i % len(PROMPTS)]
         chat, stream = i % 2 == 0, (i // 2) % 2 == 0
         if chat:
-            kw = dict(model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=10, temperature=0)
+            kw = dict(
+                model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=10, temperature=0
+            )
             r = client.chat.completions.create(stream=stream, **kw)
             text = chat_text(r) if stream else r.choices[0].message.content
         else:
-            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=stream)
+            r = client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=stream
+            )
             text = completion_text(r) if stream else r.choices[0].text
         assert text == ref(prompt, 10 if chat else 12, chat=chat).text
         return True
@@ -363,7 +417,7 @@ def test_load_no_failure_no_growth(server, client, ref):
             assert all(pool.map(one, range(n)))
         wait_idle(server)
 
-    round_(32)                                          # warm-up: lazy allocations, caches
+    round_(32)  # warm-up: lazy allocations, caches
     failed = dict(sched.stats.finished)
     sched.submit = tracking_submit
     gc.collect()
@@ -394,12 +448,37 @@ def test_serve_command_api_key_and_shutdown(tiny_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     root = Path(__file__).resolve().parent.parent / "python"
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, "-m", "deepseek_fp4_plugin.cli", "serve", "--model", str(tiny_dir),
-                             "--device", "cpu", "--port", str(port), "--max-batch-size", "2", "--max-seq-len",
-                             str(CONTEXT), "--api-key", "s3cret", "--shutdown-grace", "0.5", "--no-progress",
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deepseek_fp4_plugin.cli",
+            "serve",
+            "--model",
+            str(tiny_dir),
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "2",
+            "--max-seq-len",
+            str(CONTEXT),
+            "--api-key",
+            "s3cret",
+            "--shutdown-grace",
+            "0.5",
+            "--no-progress",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def up():
             try:
                 return request(port, "GET", "/health")[0] == 200
@@ -411,17 +490,19 @@ def test_serve_command_api_key_and_shutdown(tiny_dir):
         assert request(port, "GET", "/v1/models")[0] == 401
         status, headers, body = request(port, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
-        assert request(port, "POST", "/v1/completions", b"{not json")[0] == 401    # the key is checked first
+        assert request(port, "POST", "/v1/completions", b"{not json")[0] == 401  # the key is checked first
         assert request(port, "GET", "/metrics")[0] == 401
 
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret", max_retries=0, timeout=60)
         assert c.models.list().data[0].id == "tiny"
-        streams = [c.completions.create(model="tiny", prompt=p, stream=True, temperature=0, **LONG)
-                   for p in PROMPTS[:3]]                # 2 rows: two run, one waits
+        streams = [
+            c.completions.create(model="tiny", prompt=p, stream=True, temperature=0, **LONG)
+            for p in PROMPTS[:3]
+        ]  # 2 rows: two run, one waits
         heads = [next(iter(s)) for s in streams[:2]]
         assert all(h.choices[0].text is not None for h in heads)
         proc.send_signal(signal.SIGINT)
-        for s in streams:                               # each ends with the server's error event
+        for s in streams:  # each ends with the server's error event
             with pytest.raises(openai.APIError, match="shut down"):
                 completion_text(s)
         out, err = proc.communicate(timeout=60)

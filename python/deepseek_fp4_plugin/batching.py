@@ -50,8 +50,8 @@ from .requests import Completion, RequestPlan, SequenceState
 log = logging.getLogger(__name__)
 
 # finish reasons besides the Completion's own ("eos", "stop", "length", "error")
-CANCELLED = "cancelled"   # the caller went away
-ABORTED = "aborted"       # the scheduler shut down before the request finished
+CANCELLED = "cancelled"  # the caller went away
+ABORTED = "aborted"  # the scheduler shut down before the request finished
 SHUTDOWN_MESSAGE = "the server shut down before the request finished"
 
 
@@ -82,16 +82,16 @@ class Ticket:
         self.id = next(Ticket._ids)
         self.prompt, self.plan, self.sink = prompt, plan, sink
         self.submitted_at = time.perf_counter()
-        self.admitted_at: Optional[float] = None   # got a row
+        self.admitted_at: Optional[float] = None  # got a row
         self.first_token_at: Optional[float] = None
         self.finished_at: Optional[float] = None
-        self.generated = 0                   # tokens sampled (an ending EOS included)
+        self.generated = 0  # tokens sampled (an ending EOS included)
         self.completion: Optional[Completion] = None
         self.cancelled = False
         # set by the scheduler while the request runs
         self.row = -1
         self.state: Optional[SequenceState] = None
-        self.position = 0                    # where the next token goes
+        self.position = 0  # where the next token goes
         self.generator: Optional[torch.Generator] = None
 
     @property
@@ -112,14 +112,14 @@ class SchedulerStats:
 
     submitted: int = 0
     rejected_queue_full: int = 0
-    finished: Dict[str, int] = None     # finish reason → requests
+    finished: Dict[str, int] = None  # finish reason → requests
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefills: int = 0
     prefill_s: float = 0.0
     decode_steps: int = 0
-    decode_rows: int = 0                # rows through decode steps (holes included)
-    decode_live_rows: int = 0           # of which held a live request
+    decode_rows: int = 0  # rows through decode steps (holes included)
+    decode_live_rows: int = 0  # of which held a live request
     decode_s: float = 0.0
     engine_errors: int = 0
 
@@ -150,13 +150,13 @@ class BatchScheduler:
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
         self._waiting: Deque[Ticket] = collections.deque()
-        self._live: Dict[int, Ticket] = {}                  # row → ticket (loop thread only)
-        self._calls: List[tuple] = []                       # (fn, Future) to run between steps
+        self._live: Dict[int, Ticket] = {}  # row → ticket (loop thread only)
+        self._calls: List[tuple] = []  # (fn, Future) to run between steps
         self._accepting = True
-        self._deadline: Optional[float] = None              # abort running requests after it
+        self._deadline: Optional[float] = None  # abort running requests after it
         self._thread: Optional[threading.Thread] = None
         self._stopped = threading.Event()
-        self._service_s = 1.0                               # running mean of a request's time in a row
+        self._service_s = 1.0  # running mean of a request's time in a row
 
     # ---- any thread -------------------------------------------------------------------------
     @property
@@ -177,7 +177,7 @@ class BatchScheduler:
         started = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._main, args=(started,), name="dsfp4-batch", daemon=True)
         self._thread.start()
-        started.result()   # raises EngineBusyError when the engine is in use
+        started.result()  # raises EngineBusyError when the engine is in use
         return self
 
     def submit(self, prompt: Sequence[int], plan: RequestPlan, sink: Sink) -> Ticket:
@@ -189,8 +189,11 @@ class BatchScheduler:
             # rows are taken by the loop: requests not yet admitted count as waiting
             if len(self._live) + len(self._waiting) >= self.slots + self.max_queue:
                 self.stats.rejected_queue_full += 1
-                raise QueueFullError(f"all {self.slots} batch slots are busy and {len(self._waiting)} "
-                                     f"requests are waiting (max_queue = {self.max_queue})", self.retry_after())
+                raise QueueFullError(
+                    f"all {self.slots} batch slots are busy and {len(self._waiting)} "
+                    f"requests are waiting (max_queue = {self.max_queue})",
+                    self.retry_after(),
+                )
             self._waiting.append(ticket)
             self.stats.submitted += 1
             self._cond.notify_all()
@@ -238,7 +241,7 @@ class BatchScheduler:
 
     # ---- the loop (its own thread) -------------------------------------------------------------
     def _main(self, started: concurrent.futures.Future) -> None:
-        occupancy = self.engine._occupancy   # one generation at a time: this loop is it
+        occupancy = self.engine._occupancy  # one generation at a time: this loop is it
         try:
             occupancy.acquire("the batch scheduler")
         except BaseException as e:
@@ -248,7 +251,7 @@ class BatchScheduler:
         started.set_result(None)
         try:
             self._loop()
-        except BaseException:   # a bug here must not leave callers waiting forever
+        except BaseException:  # a bug here must not leave callers waiting forever
             log.exception("batch scheduler stopped on an unexpected error")
             raise
         finally:
@@ -314,7 +317,7 @@ class BatchScheduler:
             if not group:
                 continue
             lengths = [t.prompt_tokens for t in group]
-            tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)                # [b, T]
+            tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)  # [b, T]
             for i, t in enumerate(group):
                 tokens[i, : len(t.prompt)] = torch.tensor(t.prompt)
                 t.state = SequenceState(t.id, len(t.prompt), eng._decoder(), t.plan)
@@ -324,7 +327,7 @@ class BatchScheduler:
             t0 = time.perf_counter()
             try:
                 logits = eng.prefill(tokens.to(eng.device), lengths, rows=[t.row for t in group])  # [b, V]
-            except Exception as e:   # e.g. a paged store's read error: these requests fail, others go on
+            except Exception as e:  # e.g. a paged store's read error: these requests fail, others go on
                 self._engine_error(group, e, free)
                 continue
             self.stats.prefills += 1
@@ -336,15 +339,17 @@ class BatchScheduler:
         eng = self.engine
         live = list(self._live.values())
         rows = max(self._live) + 1
-        feed, pos = [0] * rows, [0] * rows   # holes: token 0 at position 0 (see the module docstring)
+        feed, pos = [0] * rows, [0] * rows  # holes: token 0 at position 0 (see the module docstring)
         for t in live:
             feed[t.row] = t.state.last_token
             pos[t.row] = min(t.position, eng.max_seq_len - 1)
         t0 = time.perf_counter()
         try:
-            logits = eng.decode_one_token(torch.tensor(feed, dtype=torch.long, device=eng.device),
-                                          torch.tensor(pos, dtype=torch.long, device=eng.device),
-                                          kv_len=max(pos) + 1)                            # [rows, V]
+            logits = eng.decode_one_token(
+                torch.tensor(feed, dtype=torch.long, device=eng.device),
+                torch.tensor(pos, dtype=torch.long, device=eng.device),
+                kv_len=max(pos) + 1,
+            )  # [rows, V]
         except Exception as e:
             self._engine_error(live, e, free)
             return
@@ -356,7 +361,9 @@ class BatchScheduler:
         self.stats.decode_live_rows += len(live)
         self.stats.decode_s += time.perf_counter() - t0
 
-    def _sample(self, logits: torch.Tensor, tickets: List[Ticket], rows: Sequence[int], free: List[int]) -> None:
+    def _sample(
+        self, logits: torch.Tensor, tickets: List[Ticket], rows: Sequence[int], free: List[int]
+    ) -> None:
         """Samples the next token of each ticket (its logits: row rows[i] of tickets[i]) and
         hands out the new text; finished tickets leave their cache row."""
         params: List[Any] = [None] * logits.shape[0]
@@ -425,7 +432,7 @@ class BatchScheduler:
     def _emit(self, t: Ticket, delta: str, done: Optional[Completion]) -> None:
         try:
             t.sink(t, delta, done)
-        except Exception:   # a broken consumer must not stop the other requests
+        except Exception:  # a broken consumer must not stop the other requests
             log.exception("request %d: the result consumer failed", t.id)
             t.cancel()
 

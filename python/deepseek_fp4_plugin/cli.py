@@ -81,8 +81,10 @@ def _run_generate(args) -> int:
 
 # PagingSettings fields offered as options: (field, type, help)
 _SERVE_PAGING_OPTIONS = (
-    ("cpu_cache_size", float, "GiB of pinned host memory for expert units (default: what the host can spare)"),
-    ("prefetch_layers", int, "layers (and predicted experts) brought in ahead; 0 disables prefetch (default 1)"),
+    ("cpu_cache_size", float, "GiB of pinned host memory for expert units (default: what the host "
+                              "can spare)"),
+    ("prefetch_layers", int, "layers (and predicted experts) brought in ahead; 0 disables prefetch "
+                             "(default 1)"),
     ("max_gpu_layers", int, "most layers whose attention / dense weights are on the GPU at once"),
     ("expert_threshold", float, "opt-in approximation: skip a non-resident expert whose routing weight is "
                                 "below this (default 0 = exact)"),
@@ -102,16 +104,17 @@ def _port(text: str) -> int:
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
-                       description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-                                   "/v1/completions, /v1/models, /health, /metrics). Many clients share one "
-                                   "engine: requests join the running batch at the next decode step.")
+                       description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,"
+                                   " /v1/completions, /v1/models, /health, /metrics). Many clients share one"
+                                   " engine: requests join the running batch at the next decode step.")
     p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("DEEPSEEK_FP4_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $DEEPSEEK_FP4_API_KEY, else no key)")
-    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the folder's name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id in the API (default: the folder's name)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a batch row; more get 429 (default 64)")
     p.add_argument("--shutdown-grace", type=float, default=5.0,
@@ -133,7 +136,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--max-batch-size", type=int, default=8,
                    help="batch rows: requests generating at once (default 8)")
     e.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + generated)")
-    e.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward (default 2048)")
+    e.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens per prefill forward (default 2048)")
     e.add_argument("--use-cuda-graph", action="store_true", help="replay decode steps from CUDA graphs")
     g = p.add_argument_group("paging (see PagingSettings)")
     for name, kind, text in _SERVE_PAGING_OPTIONS:
@@ -150,7 +154,8 @@ def _run_serve(args) -> int:
     try:
         from .server import make_server
     except ImportError as e:
-        raise ValueError(f"serving needs {e.name or 'fastapi and uvicorn'}: pip install 'deepseek-fp4[serve]'") from e
+        missing = e.name or "fastapi and uvicorn"
+        raise ValueError(f"serving needs {missing}: pip install 'deepseek-fp4[serve]'") from e
 
     model = args.model
     if model is None:
@@ -159,9 +164,10 @@ def _run_serve(args) -> int:
         model = ensure_tiny()
         print(f"(no --model: serving the built-in tiny random model at {model}; its output is gibberish)",
               file=sys.stderr)
-    paging = {name: getattr(args, name) for name, _, _ in _SERVE_PAGING_OPTIONS if getattr(args, name) is not None}
-    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit, dtype=args.dtype,
-                                    precision=args.precision, max_seq_len=args.max_seq_len,
+    paging = {name: getattr(args, name) for name, _, _ in _SERVE_PAGING_OPTIONS
+              if getattr(args, name) is not None}
+    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit,
+                                    dtype=args.dtype, precision=args.precision, max_seq_len=args.max_seq_len,
                                     max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk,
                                     use_cuda_graph=args.use_cuda_graph, paging=paging,
                                     progress=not args.no_progress, verbose=False)
@@ -169,10 +175,11 @@ def _run_serve(args) -> int:
     if plan is not None and plan.paged:
         print(plan.table(), file=sys.stderr)
     name = args.served_model_name or Path(model).resolve().name
-    server = make_server(engine, args.host, args.port, name, args.api_key, args.max_queue, args.shutdown_grace,
-                         args.batch_prefill, log_level=args.log_level)
-    print(f"serving {name} at http://{args.host}:{args.port}/v1 ({engine.max_batch_size} batch rows, context "
-          f"{engine.max_seq_len}{', API key required' if args.api_key else ''}); Ctrl-C stops", file=sys.stderr)
+    server = make_server(engine, args.host, args.port, name, args.api_key, args.max_queue,
+                         args.shutdown_grace, args.batch_prefill, log_level=args.log_level)
+    key = ", API key required" if args.api_key else ""
+    print(f"serving {name} at http://{args.host}:{args.port}/v1 ({engine.max_batch_size} batch rows, "
+          f"context {engine.max_seq_len}{key}); Ctrl-C stops", file=sys.stderr)
     try:
         server.run()
     except KeyboardInterrupt:   # uvicorn shut down gracefully, then re-raised the Ctrl-C

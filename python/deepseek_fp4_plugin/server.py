@@ -36,12 +36,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batching import ABORTED, CANCELLED, BatchScheduler, QueueFullError, ShuttingDownError, Ticket
 from .requests import Completion
-from .server_protocol import APIError, ChatCompletionRequest, CompletionRequest, Reply, error_body, validation_error
+from .server_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Reply,
+    error_body,
+    validation_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class _Pipe:
     def __call__(self, ticket: Ticket, delta: str, done: Optional[Completion]) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (delta, done))
-        except RuntimeError:   # the loop is closed: nobody is listening any more
+        except RuntimeError:  # the loop is closed: nobody is listening any more
             ticket.cancel()
 
 
@@ -80,8 +86,12 @@ class _ApiKey:
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
-                e = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                e = APIError(
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await _error_response(e)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -94,20 +104,37 @@ def _error_response(e: APIError) -> JSONResponse:
 class ServerState:
     """What the routes share: the engine, its scheduler, the metrics."""
 
-    def __init__(self, engine, scheduler: BatchScheduler, model_name: str,
-                 metric_sources: Optional[Mapping[str, MetricSource]]):
+    def __init__(
+        self,
+        engine,
+        scheduler: BatchScheduler,
+        model_name: str,
+        metric_sources: Optional[Mapping[str, MetricSource]],
+    ):
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.created = int(time.time())
         sources = {"store": engine.store.counters} if metric_sources is None else dict(metric_sources)
         self.metric_sources: Dict[str, MetricSource] = sources
         self.rejected: Dict[str, int] = {"invalid": 0}
         self.registry = CollectorRegistry(auto_describe=True)
-        self.ttft = Histogram("dsfp4_time_to_first_token_seconds", "Submission to first generated token",
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.latency = Histogram("dsfp4_request_duration_seconds", "Submission to the last token",
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.queue_time = Histogram("dsfp4_request_queue_seconds", "Submission to getting a batch row",
-                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "dsfp4_time_to_first_token_seconds",
+            "Submission to first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "dsfp4_request_duration_seconds",
+            "Submission to the last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "dsfp4_request_queue_seconds",
+            "Submission to getting a batch row",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._snapshot: Dict[str, Any] = {}
         self.registry.register(_Collector(self))
 
@@ -126,8 +153,13 @@ class ServerState:
         return generate_latest(self.registry)
 
 
-def create_app(engine, scheduler: BatchScheduler, model_name: str = "deepseek-fp4", api_key: Optional[str] = None,
-               metric_sources: Optional[Mapping[str, MetricSource]] = None) -> FastAPI:
+def create_app(
+    engine,
+    scheduler: BatchScheduler,
+    model_name: str = "deepseek-fp4",
+    api_key: Optional[str] = None,
+    metric_sources: Optional[Mapping[str, MetricSource]] = None,
+) -> FastAPI:
     """The ASGI app. ``scheduler`` (over ``engine``) is started with the app and stopped with
     it. ``metric_sources``: name → function returning a (nested) dict of numbers, exported
     under ``dsfp4_<name>_…`` by /metrics and read between two engine steps (default
@@ -145,8 +177,13 @@ def create_app(engine, scheduler: BatchScheduler, model_name: str = "deepseek-fp
         finally:
             await asyncio.to_thread(scheduler.stop, 0.0)
 
-    app = FastAPI(title="deepseek-fp4", lifespan=lifespan, docs_url=None if api_key else "/docs",
-                  redoc_url=None, openapi_url=None if api_key else "/openapi.json")
+    app = FastAPI(
+        title="deepseek-fp4",
+        lifespan=lifespan,
+        docs_url=None if api_key else "/docs",
+        redoc_url=None,
+        openapi_url=None if api_key else "/openapi.json",
+    )
     app.state.server = state
 
     @app.exception_handler(APIError)
@@ -163,8 +200,11 @@ def create_app(engine, scheduler: BatchScheduler, model_name: str = "deepseek-fp
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(f"{e.detail}: {request.method} {request.url.path}", kind),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        return JSONResponse(
+            error_body(f"{e.detail}: {request.method} {request.url.path}", kind),
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     @app.get("/health")
     async def health():
@@ -174,12 +214,24 @@ def create_app(engine, scheduler: BatchScheduler, model_name: str = "deepseek-fp
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": state.created,
-                                            "owned_by": "deepseek-fp4", "max_model_len": engine.max_seq_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "deepseek-fp4",
+                    "max_model_len": engine.max_seq_len,
+                }
+            ],
+        }
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(await state.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            await state.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -208,11 +260,13 @@ def _tokenize(engine, prompt, chat: bool, param: str) -> List[int]:
         _, ids = engine.requests.prompts(prompt, chat, None)
     except ValueError as e:
         msg = " ".join(str(e).split())
-        if "max_seq_len" in msg:   # the prompt does not fit the context
+        if "max_seq_len" in msg:  # the prompt does not fit the context
             n = re.search(r"has (\d+) tokens", msg)
-            msg = (f"This model's maximum context length is {engine.max_seq_len} tokens, but the "
-                   f"{'messages' if chat else 'prompt'} take {n.group(1) if n else 'more'} tokens "
-                   f"(at least one must be left for the completion).")
+            msg = (
+                f"This model's maximum context length is {engine.max_seq_len} tokens, but the "
+                f"{'messages' if chat else 'prompt'} take {n.group(1) if n else 'more'} tokens "
+                f"(at least one must be left for the completion)."
+            )
         raise APIError(400, msg, param, code="context_length_exceeded" if "context length" in msg else None)
     return ids[0]
 
@@ -226,38 +280,60 @@ def _plan(engine, body, ids: List[int], default_max: Optional[int]):
     elif want < 1:
         raise APIError(400, f"{name} must be at least 1, got {want}.", name)
     elif want > room:
-        raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens: the prompt's "
-                            f"{len(ids)} tokens plus {name} = {want} do not fit (at most {room}).", name,
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {engine.max_seq_len} tokens: the prompt's "
+            f"{len(ids)} tokens plus {name} = {want} do not fit (at most {room}).",
+            name,
+            code="context_length_exceeded",
+        )
     else:
         max_tokens = want
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
     try:
-        return engine.requests.plan([ids], max_tokens, 1.0 if body.temperature is None else body.temperature,
-                                    1.0 if body.top_p is None else body.top_p, top_k, body.seed, body.stop,
-                                    body.stop_token_ids, bool(body.ignore_eos))
+        return engine.requests.plan(
+            [ids],
+            max_tokens,
+            1.0 if body.temperature is None else body.temperature,
+            1.0 if body.top_p is None else body.top_p,
+            top_k,
+            body.seed,
+            body.stop,
+            body.stop_token_ids,
+            bool(body.ignore_eos),
+        )
     except ValueError as e:
         msg = " ".join(str(e).split())
         word = re.match(r"[a-z_]+", msg)
         param = next((p for p in _PARAM_NAMES if word and word.group(0) == p), None) or (
-            "stop" if msg.startswith("stop strings") else None)
+            "stop" if msg.startswith("stop strings") else None
+        )
         raise APIError(400, msg, param)
 
 
-async def _generate(state: ServerState, request: Request, body, ids: List[int], reply: Reply,
-                    default_max: Optional[int]):
+async def _generate(
+    state: ServerState, request: Request, body, ids: List[int], reply: Reply, default_max: Optional[int]
+):
     plan = _plan(state.engine, body, ids, default_max)
     pipe = _Pipe(asyncio.get_running_loop())
     try:
         ticket = state.scheduler.submit(ids, plan, pipe)
     except QueueFullError as e:
-        raise APIError(429, f"The server is busy: {e}. Retry after {e.retry_after} s.", type="rate_limit_exceeded",
-                       code="queue_full", headers={"Retry-After": str(e.retry_after)})
+        raise APIError(
+            429,
+            f"The server is busy: {e}. Retry after {e.retry_after} s.",
+            type="rate_limit_exceeded",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after)},
+        )
     except ShuttingDownError as e:
         raise APIError(503, f"The server is shutting down ({e}).", type="server_error", code="shutting_down")
     if body.stream:
-        return StreamingResponse(_events(state, ticket, pipe, reply, body.include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _events(state, ticket, pipe, reply, body.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await _collect(state, request, ticket, pipe, reply)
 
 
@@ -265,11 +341,20 @@ def _end_error(c: Completion) -> Optional[APIError]:
     """The error a request's end is answered with (None: it finished)."""
     if c.finish_reason == "error":
         kind = "nonfinite_logits" if "non-finite" in (c.error or "") else "generation_failed"
-        return APIError(500, f"Generation failed: {c.error}", type="server_error", code=kind,
-                        headers={"x-should-retry": "false"})
+        return APIError(
+            500,
+            f"Generation failed: {c.error}",
+            type="server_error",
+            code=kind,
+            headers={"x-should-retry": "false"},
+        )
     if c.finish_reason == ABORTED:
-        return APIError(503, "The server shut down before this request finished.", type="server_error",
-                        code="shutting_down")
+        return APIError(
+            503,
+            "The server shut down before this request finished.",
+            type="server_error",
+            code="shutting_down",
+        )
     return None
 
 
@@ -311,7 +396,9 @@ def _sse(obj: Union[str, Dict[str, Any]]) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(state: ServerState, ticket: Ticket, pipe: _Pipe, reply: Reply, usage: bool) -> AsyncIterator[str]:
+async def _events(
+    state: ServerState, ticket: Ticket, pipe: _Pipe, reply: Reply, usage: bool
+) -> AsyncIterator[str]:
     """The server-sent events of a streaming request. Starlette cancels this generator when the
     client disconnects; the finally then frees the request's row."""
     try:
@@ -357,29 +444,36 @@ class _Collector:
             ("prefills", "Prefill forwards", s.prefills),
             ("prefill_seconds", "Time in prefill forwards and their sampling", s.prefill_s),
             ("decode_steps", "Decode steps", s.decode_steps),
-            ("decode_rows", "Batch rows through decode steps (free rows below the highest live one included)",
-             s.decode_rows),
+            (
+                "decode_rows",
+                "Batch rows through decode steps (free rows below the highest live one included)",
+                s.decode_rows,
+            ),
             ("decode_live_rows", "Batch rows through decode steps that held a request", s.decode_live_rows),
             ("decode_seconds", "Time in decode steps and their sampling", s.decode_s),
             ("engine_errors", "Forwards that raised (their requests ended with an error)", s.engine_errors),
         )
         for name, text, value in counters:
             yield CounterMetricFamily(f"dsfp4_{name}", text, value=value)
-        finished = CounterMetricFamily("dsfp4_requests_finished", "Requests ended, by finish reason",
-                                       labels=["finish_reason"])
+        finished = CounterMetricFamily(
+            "dsfp4_requests_finished", "Requests ended, by finish reason", labels=["finish_reason"]
+        )
         for reason in ("eos", "stop", "length", "error", CANCELLED, ABORTED):
             finished.add_metric([reason], s.finished.get(reason, 0))
         yield finished
-        rejected = CounterMetricFamily("dsfp4_requests_rejected", "Requests refused before queueing",
-                                       labels=["reason"])
+        rejected = CounterMetricFamily(
+            "dsfp4_requests_rejected", "Requests refused before queueing", labels=["reason"]
+        )
         rejected.add_metric(["queue_full"], s.rejected_queue_full)
         rejected.add_metric(["invalid"], st.rejected["invalid"])
         yield rejected
         sched = st.scheduler
-        for name, text, value in (("requests_running", "Requests holding a batch row", sched.running),
-                                  ("requests_waiting", "Requests waiting for a row", sched.waiting),
-                                  ("batch_slots", "Batch rows (max_batch_size)", sched.slots),
-                                  ("queue_capacity", "Most requests waiting (max_queue)", sched.max_queue)):
+        for name, text, value in (
+            ("requests_running", "Requests holding a batch row", sched.running),
+            ("requests_waiting", "Requests waiting for a row", sched.waiting),
+            ("batch_slots", "Batch rows (max_batch_size)", sched.slots),
+            ("queue_capacity", "Most requests waiting (max_queue)", sched.max_queue),
+        ):
             yield GaugeMetricFamily(f"dsfp4_{name}", text, value=value)
         for source, snap in st._snapshot.items():
             yield from _source_metrics(f"dsfp4_{_name(source)}", snap)
@@ -410,8 +504,9 @@ def _source_metrics(prefix: str, snap: Mapping[str, Any]) -> Iterator[GaugeMetri
     walk(prefix, snap, ())
     for name, points in series.items():
         labelled = any(ix for ix, _ in points)
-        g = GaugeMetricFamily(name, f"{name[len('dsfp4_'):]} (metric source counter)",
-                              labels=["index"] if labelled else None)
+        g = GaugeMetricFamily(
+            name, f"{name[len('dsfp4_') :]} (metric source counter)", labels=["index"] if labelled else None
+        )
         for ix, value in points:
             g.add_metric(list(ix) if labelled else [], value)
         yield g
@@ -434,13 +529,27 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def make_server(engine, host: str = "127.0.0.1", port: int = 8000, model_name: str = "deepseek-fp4",
-                api_key: Optional[str] = None, max_queue: int = 64, shutdown_grace: float = 5.0,
-                batch_prefill: bool = False, metric_sources: Optional[Mapping[str, MetricSource]] = None,
-                log_level: str = "info") -> Server:
+def make_server(
+    engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "deepseek-fp4",
+    api_key: Optional[str] = None,
+    max_queue: int = 64,
+    shutdown_grace: float = 5.0,
+    batch_prefill: bool = False,
+    metric_sources: Optional[Mapping[str, MetricSource]] = None,
+    log_level: str = "info",
+) -> Server:
     """A ready-to-run server over ``engine`` (``.run()`` blocks until SIGINT / SIGTERM)."""
     scheduler = BatchScheduler(engine, max_queue=max_queue, batch_prefill=batch_prefill)
     app = create_app(engine, scheduler, model_name, api_key, metric_sources)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=shutdown_grace + 30)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=shutdown_grace + 30,
+    )
     return Server(config, scheduler, shutdown_grace)

@@ -23,8 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 class APIError(Exception):
     """An error answered with the OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, type: str = "invalid_request_error",
-                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        type: str = "invalid_request_error",
+        code: Optional[str] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers or {}
@@ -33,8 +40,9 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> Dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
+) -> Dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -42,11 +50,14 @@ def validation_error(errors: List[Dict[str, Any]]) -> APIError:
     """The first of pydantic's (or FastAPI's) validation errors as a 400 naming the field."""
     e = errors[0]
     loc = [p for p in e.get("loc", ()) if p != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc)) or None
+    param = (
+        "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+        or None
+    )
     kind = e.get("type", "")
     msg = str(e.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if kind == "json_invalid":
         detail = (e.get("ctx") or {}).get("error", msg)
         return APIError(400, f"The request body is not valid JSON ({detail}).", None, code="invalid_json")
@@ -63,6 +74,7 @@ def validation_error(errors: List[Dict[str, Any]]) -> APIError:
 # ---------------------------------------------------------------------------------------
 # request bodies
 
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: Optional[StrictBool] = None
@@ -71,18 +83,18 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="ignore")   # unknown fields are ignored (llama.cpp, vLLM)
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored (llama.cpp, vLLM)
 
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = None
     temperature: Optional[float] = Field(default=None, strict=True, allow_inf_nan=False, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, strict=True, allow_inf_nan=False, gt=0, le=1)
-    top_k: Optional[StrictInt] = Field(default=None, ge=-1)            # -1 or 0: off
+    top_k: Optional[StrictInt] = Field(default=None, ge=-1)  # -1 or 0: off
     n: Optional[StrictInt] = None
     stream: Optional[StrictBool] = None
     stream_options: Optional[StreamOptions] = None
     stop: Any = None
-    seed: Optional[StrictInt] = Field(default=None, ge=0, lt=2 ** 63)
+    seed: Optional[StrictInt] = Field(default=None, ge=0, lt=2**63)
     presence_penalty: Optional[float] = Field(default=None, strict=True, allow_inf_nan=False, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, strict=True, allow_inf_nan=False, ge=-2, le=2)
     logit_bias: Optional[Dict[str, float]] = None
@@ -131,8 +143,14 @@ class ChatMessage(BaseModel):
         if isinstance(v, list):
             texts = []
             for i, part in enumerate(v):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"part {i}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported")
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
+                    raise ValueError(
+                        f'part {i}: only text parts ({{"type": "text", "text": ...}}) are supported'
+                    )
                 texts.append(part["text"])
             return "".join(texts)
         raise ValueError("must be a string or a list of text parts")
@@ -151,11 +169,13 @@ class ChatCompletionRequest(_Sampling):
     def check_supported(self) -> None:
         super().check_supported()
         if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs are not supported.", "logprobs" if self.logprobs else "top_logprobs")
+            raise APIError(
+                400, "logprobs are not supported.", "logprobs" if self.logprobs else "top_logprobs"
+            )
         if self.tools or self.functions:
             raise APIError(400, "Tool calls are not supported.", "tools" if self.tools else "functions")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "Only response_format {\"type\": \"text\"} is supported.", "response_format")
+            raise APIError(400, 'Only response_format {"type": "text"} is supported.', "response_format")
 
     def requested_max_tokens(self) -> Optional[int]:
         if self.max_completion_tokens is not None:
@@ -177,8 +197,13 @@ class CompletionRequest(_Sampling):
     @classmethod
     def _prompt(cls, v):
         """A string or a list of token ids; a list of one of those is taken as that one."""
+
         def ids(x):
-            return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            return (
+                isinstance(x, list)
+                and len(x) > 0
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            )
 
         if isinstance(v, list) and len(v) == 1 and (isinstance(v[0], str) or ids(v[0])):
             v = v[0]
@@ -225,14 +250,23 @@ class Reply:
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
-    def full(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> Dict[str, Any]:
+    def full(
+        self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    ) -> Dict[str, Any]:
         reason = FINISH_REASONS.get(finish_reason, finish_reason)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
             out = self._head("chat.completion")
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
@@ -241,7 +275,9 @@ class Reply:
         out["usage"] = self.usage(prompt_tokens, completion_tokens)
         return out
 
-    def chunk(self, text: Optional[str], finish_reason: Optional[str] = None, first: bool = False) -> Dict[str, Any]:
+    def chunk(
+        self, text: Optional[str], finish_reason: Optional[str] = None, first: bool = False
+    ) -> Dict[str, Any]:
         reason = None if finish_reason is None else FINISH_REASONS.get(finish_reason, finish_reason)
         if self.chat:
             delta: Dict[str, Any] = {}

@@ -14,7 +14,6 @@ import time
 
 import pytest
 import torch
-
 from deepseek_fp4_plugin import Engine
 from deepseek_fp4_plugin.batching import BatchScheduler
 from deepseek_fp4_plugin.paged import PagedWeightStore
@@ -27,8 +26,17 @@ PROMPTS = [list(range(3, 40)), [7, 9, 11, 13, 200, 201, 5], list(range(100, 230)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve_tiny")
-    make_tiny(d, seed=1, hidden_size=512, moe_intermediate_size=256, n_routed_experts=128, num_hidden_layers=6,
-              n_group=8, topk_group=4, num_experts_per_tok=6)
+    make_tiny(
+        d,
+        seed=1,
+        hidden_size=512,
+        moe_intermediate_size=256,
+        n_routed_experts=128,
+        num_hidden_layers=6,
+        n_group=8,
+        topk_group=4,
+        num_experts_per_tok=6,
+    )
     return d
 
 
@@ -69,7 +77,9 @@ def serve(eng, jobs, join_at=()):
             elif i in join_at:
                 first.clear()
                 first.wait(60)
-            tickets.append(sched.submit(p, eng.requests.plan([p], n, 0.0, 1.0, 0, None, None, None, True), sink))
+            tickets.append(
+                sched.submit(p, eng.requests.plan([p], n, 0.0, 1.0, 0, None, None, None, True), sink)
+            )
         wait(tickets)
     finally:
         sched.stop()
@@ -83,15 +93,17 @@ def test_scheduler_on_cuda(model_dir, paged, graph):
     jobs = [(p, 6 + 4 * i) for i, p in enumerate(PROMPTS)]
     want = [eng.generate(p, max_tokens=n, ignore_eos=True).token_ids for p, n in jobs]
     alone, _ = serve(eng, jobs, join_at=None)
-    assert [c.token_ids for c in alone] == want                     # exact: the same batch shapes
+    assert [c.token_ids for c in alone] == want  # exact: the same batch shapes
     mixed, stats = serve(eng, jobs, join_at=(1, 3))
-    assert stats.decode_rows > stats.decode_steps                   # rows joined a running batch
+    assert stats.decode_rows > stats.decode_steps  # rows joined a running batch
     for c, w, (p, n) in zip(mixed, want, jobs):
         assert c.finish_reason == "length" and len(c.token_ids) == n
-        assert c.token_ids[0] == w[0]                               # prefilled alone: bit for bit
+        assert c.token_ids[0] == w[0]  # prefilled alone: bit for bit
     same = sum(c.token_ids == w for c, w in zip(mixed, want))
-    print(f"\n{'paged' if paged else 'resident'} {'graph' if graph else 'eager'}: {same} of {len(jobs)} "
-          f"requests equal Engine.generate's tokens with others joining and leaving")
+    print(
+        f"\n{'paged' if paged else 'resident'} {'graph' if graph else 'eager'}: {same} of {len(jobs)} "
+        f"requests equal Engine.generate's tokens with others joining and leaving"
+    )
 
 
 def test_row_logits_against_alone(model_dir):
@@ -110,7 +122,9 @@ def test_row_logits_against_alone(model_dir):
         for s in range(steps):
             feed = [toks.get(r, 0) for r in range(batch)]
             at = [pos.get(r, 0) for r in range(batch)]
-            lg = eng.decode_one_token(torch.tensor(feed, device="cuda"), torch.tensor(at, device="cuda"), max(at) + 1)
+            lg = eng.decode_one_token(
+                torch.tensor(feed, device="cuda"), torch.tensor(at, device="cuda"), max(at) + 1
+            )
             for i, r in enumerate(rows):
                 logs[r].append(lg[r].float().cpu())
                 toks[r], pos[r] = (forced[i][s + 1] if forced else int(lg[r].argmax())), pos[r] + 1
@@ -120,9 +134,11 @@ def test_row_logits_against_alone(model_dir):
     tokens = [[int(x.argmax()) for x in a] for a in alone]
     batched = run(prompts, [0, 1, 3], 4, forced=tokens)
     for a, b in zip(alone, batched):
-        assert torch.equal(a[0], b[0])                                # prefill: bit for bit
+        assert torch.equal(a[0], b[0])  # prefill: bit for bit
         assert all(torch.isfinite(x).all() for x in b)
     diffs = [[float((x - y).abs().max()) for x, y in zip(a[1:], b[1:])] for a, b in zip(alone, batched)]
     first = [next((s for s, d in enumerate(ds) if d > 0), None) for ds in diffs]
-    print(f"\nbatched vs alone decode logits (bf16, CUDA graphs): first differing step per row {first}, "
-          f"largest |diff| per row {[max(ds) for ds in diffs]}")
+    print(
+        f"\nbatched vs alone decode logits (bf16, CUDA graphs): first differing step per row {first}, "
+        f"largest |diff| per row {[max(ds) for ds in diffs]}"
+    )
