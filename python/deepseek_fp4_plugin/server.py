@@ -237,13 +237,14 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         body.check_supported()
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        ids = _tokenize(engine, messages, chat=True, param="messages")
+        # off the event loop: a long prompt or chat template must not stall the other streams
+        ids = await asyncio.to_thread(_tokenize, engine, messages, True, "messages")
         return await _generate(state, request, body, ids, Reply(True, model_name), default_max=None)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.check_supported()
-        ids = _tokenize(engine, body.prompt, chat=False, param="prompt")
+        ids = await asyncio.to_thread(_tokenize, engine, body.prompt, False, "prompt")
         return await _generate(state, request, body, ids, Reply(False, model_name), default_max=16)
 
     if api_key is not None:
