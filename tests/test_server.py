@@ -283,6 +283,21 @@ def test_disconnect_frees_the_row(server, client):
     wait_idle(server)
 
 
+def test_disconnect_without_streaming_frees_the_row(server):
+    sched = server.config.app.state.server.scheduler
+    cancelled = sched.stats.finished["cancelled"]
+    body = json.dumps({"prompt": "The sea", "temperature": 0, "max_tokens": CONTEXT - 16, "ignore_eos": True})
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    wait_until(lambda: sched.running == 1, what="the request to start")
+    sock.close()
+    wait_until(lambda: sched.running == 0, 10, "the row to be freed")
+    assert sched.stats.finished["cancelled"] == cancelled + 1
+
+
 BAD = [
     (b'{"model": "tiny", "prompt": "x", ', "/v1/completions", None, "invalid_json"),
     ({"prompt": "x", "temperature": "0.5"}, "/v1/completions", "temperature"),
