@@ -299,18 +299,24 @@ def test_host_unit_not_refilled_under_a_copy_still_in_flight(tmp_path):
 
 
 def test_table_row_is_a_snapshot_not_the_live_mirror(tmp_path):
-    """A layer's device table row is copied late (simulated stream); resolves of the other layer
-    change the host mirror meanwhile. The row must show the addresses of its own resolve: the old
-    store copied straight from the mirror."""
+    """A layer's device table row (the only writer of its hits' entries) is copied late on the
+    simulated stream; a resolve of the other layer evicts those experts meanwhile, changing the host
+    mirror. The row must show the addresses of its own resolve: the old store copied straight from
+    the mirror, so the late copy wrote the new, wrong addresses."""
     store, gpu, tables, lay, ref, keep = _two_layer_store(tmp_path, gpu_slots=4, host_slots=6, delay_us=100_000)
     ids = lambda *xs: np.array(xs, dtype=np.int32)  # noqa: E731
     first = ids(0, 1)
     store.begin_step()
-    store.resolve_ready(0, first.ctypes.data, 2, 1, 0)          # row of layer 0, queued late
+    store.resolve_ready(0, first.ctypes.data, 2, 1, 0)          # copies experts 0 and 1 of layer 0
+    store.sync_copies()
+    store.begin_step()
+    store.resolve_ready(0, first.ctypes.data, 2, 2, 0)          # both hits: only the row writes them, late
     want = [int(store.gpu_address(0, e)) for e in (0, 1)]
+    assert all(want)
     other = ids(0, 1, 2, 3)
     store.begin_step()
     store.resolve_ready(1, other.ctypes.data, 4, 1, 0)          # evicts layer 0's experts from the slots
+    assert store.gpu_address(0, 0) == 0
     store.sync_copies()
     got = [int(tables[0, e]) for e in (0, 1)]
     assert got == want, (got, want)                           # layer 0's row as its resolve wrote it
