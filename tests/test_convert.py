@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepseek_fp4_plugin import convert as convert_mod
+from deepseek_fp4_plugin.cli import main as cli_main
 from deepseek_fp4_plugin import ops
 from deepseek_fp4_plugin.checkpoint import NVFP4
 from deepseek_fp4_plugin.convert import DEFAULT_EXCLUDE, MANIFEST_FILE, convert_checkpoint
@@ -271,7 +272,7 @@ def test_bad_source_writes_nothing(small, tmp_path):
 
 
 def test_command_line(small, tmp_path, capsys):
-    assert convert_mod.main([str(small), str(tmp_path / "out"), "--exclude", "lm_head"]) == 0
+    assert cli_main(["convert", str(small), str(tmp_path / "out"), "--exclude", "lm_head"]) == 0
     captured = capsys.readouterr()
     assert "wrote" in captured.out and "convert" in captured.err     # the progress bar
     with open_checkpoint(tmp_path / "out") as ck:
@@ -308,7 +309,7 @@ def test_bad_options_write_nothing(small, tmp_path, kw, word):
 def test_cuda_device_without_cuda(small, tmp_path, capsys):
     with pytest.raises(ValueError, match="no CUDA device"):
         convert_checkpoint(small, tmp_path / "out", progress=False, device="cuda")
-    assert convert_mod.main([str(small), str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert cli_main(["convert", str(small), str(tmp_path / "out"), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CUDA" in err
     assert not (tmp_path / "out").exists()
@@ -316,7 +317,7 @@ def test_cuda_device_without_cuda(small, tmp_path, capsys):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
 def test_command_line_input_scale(small, tmp_path, capsys, value):
-    assert convert_mod.main([str(small), str(tmp_path / "out"), f"--input-scale={value}"]) == 2
+    assert cli_main(["convert", str(small), str(tmp_path / "out"), f"--input-scale={value}"]) == 2
     assert "input_scale must be a finite number > 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -327,7 +328,7 @@ def test_destination_under_a_file(small, tmp_path, capsys):
     with pytest.raises(convert_mod.ConvertError, match=rf"{dst}: cannot create the destination folder "
                                                        rf"\(Not a directory"):
         convert_checkpoint(small, dst, progress=False)
-    assert convert_mod.main([str(small), str(dst), "--no-progress"]) == 2
+    assert cli_main(["convert", str(small), str(dst), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"convert: error: {dst}: cannot create" in err
 
@@ -339,7 +340,7 @@ def test_read_only_destination(small, tmp_path, capsys):
     try:
         if os.access(ro, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        assert convert_mod.main([str(small), str(ro / "a" / "b"), "--no-progress"]) == 2
+        assert cli_main(["convert", str(small), str(ro / "a" / "b"), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{ro / 'a'}" in err and "Permission denied" in err
         assert list(ro.iterdir()) == []
@@ -361,7 +362,7 @@ def test_permission_denied_named(small, tmp_path, capsys, monkeypatch):
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
     dst = tmp_path / "ro" / "a" / "b"
-    assert convert_mod.main([str(small), str(dst), "--no-progress"]) == 2
+    assert cli_main(["convert", str(small), str(dst), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"convert: error: {dst}: cannot create the destination folder (Permission denied: {dst.parent})" in err

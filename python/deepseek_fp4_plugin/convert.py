@@ -44,7 +44,6 @@ and no reader takes it for a model.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -606,52 +605,3 @@ def _write_metadata_files(ck: SafetensorsCheckpoint, dst: Path, exclude: List[st
             _atomic_write(dst / p.name, lambda tmp, p=p: shutil.copyfile(p, tmp))
     _write_json(dst / HF_QUANT_CONFIG_FILE, hf)
     _write_json(dst / CONFIG_FILE, cfg)
-
-
-# ---------------------------------------------------------------------------------------
-# command line (``deepseek-fp4 convert SRC DST``)
-
-
-_DESCRIPTION = ("Convert a DeepSeek-V3/R1 checkpoint folder (BF16/FP16/FP32, FP8 block or NVFP4) to NVFP4 "
-                "in the NVIDIA ModelOpt layout. Resumable: run the same command again after an interruption.")
-
-
-def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the converter's arguments to ``p`` and sets ``func`` (call ``args.func(args)``)."""
-    p.add_argument("src", help="source model folder")
-    p.add_argument("dst", help="destination folder (new, empty, or an unfinished conversion to resume)")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="module-name pattern to keep unquantized (repeatable; default: "
-                        f"{' '.join(DEFAULT_EXCLUDE)})")
-    p.add_argument("--input-scale", type=float, default=1.0,
-                   help="input_scale written for each quantized layer (uncalibrated; default 1.0)")
-    p.add_argument("--device", default="cpu", help="device to quantize on (cpu or cuda)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_convert)
-    return p
-
-
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the ``convert`` subcommand to an argparse subparsers object."""
-    return add_convert_arguments(subparsers.add_parser(
-        "convert", help="convert a checkpoint to NVFP4 (ModelOpt layout)", description=_DESCRIPTION))
-
-
-def _run_convert(args) -> int:
-    out = convert_checkpoint(args.src, args.dst, exclude=args.exclude, progress=not args.no_progress,
-                             input_scale=args.input_scale, device=args.device)
-    print(f"wrote {out}")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deepseek_fp4_plugin.convert SRC DST [options]``"""
-    args = add_convert_arguments(argparse.ArgumentParser(prog="python -m deepseek_fp4_plugin.convert",
-                                                         description=_DESCRIPTION)).parse_args(argv)
-    from .cli import run_command
-
-    return run_command(args, "convert")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
