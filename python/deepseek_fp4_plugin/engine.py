@@ -46,6 +46,7 @@ from .weights import HostPoint, WeightStore, run_host_points
 GiB = 1 << 30
 CUBLAS_WORKSPACE = 32 << 20   # PyTorch's default per-stream cuBLAS workspace on Hopper (":4096:8")
 DEFAULT_MAX_SEQ_LEN = 4096
+MAX_MEMORY_LIMIT = 1 << 20   # GiB (1 PiB): larger budgets overflow byte counts
 DEFAULT_MAX_TOKENS = 256
 _GRAPH_MIN_BUCKET = 128
 
@@ -132,8 +133,9 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
              prefill_chunk: int) -> Optional[MemoryPlan]:
     """The memory plan, or None when there is no budget to plan (CPU without memory_limit)."""
     if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))
-                                     or not math.isfinite(memory_limit) or not memory_limit > 0):
-        raise ValueError(f"memory_limit must be a positive number of GiB, got {memory_limit!r}")
+                                     or not math.isfinite(memory_limit) or not 0 < memory_limit <= MAX_MEMORY_LIMIT):
+        raise ValueError(f"memory_limit must be a positive number of GiB up to {MAX_MEMORY_LIMIT}, "
+                         f"got {memory_limit!r}")
     total = None
     budget = None if memory_limit is None else int(memory_limit * GiB)
     if dev.type == "cuda":
