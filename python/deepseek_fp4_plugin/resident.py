@@ -60,6 +60,35 @@ class ResidentWeightStore(BuiltWeights, WeightStore):
         rep["total"] = sum(rep.values())
         return rep
 
+    def counters(self) -> Dict[str, object]:
+        """The paging counters of PagedWeightStore.counters(), with the same keys: every count
+        is zero and every rate None, since nothing pages (every expert is always on the device)."""
+        moe = sum(1 for lw in self._layers if lw.moe is not None)
+        return {
+            "experts": dict.fromkeys(EXPERT_COUNTERS, 0),
+            "per_layer": [dict.fromkeys(EXPERT_COUNTERS, 0) for _ in range(moe)],
+            "layers": {},
+            "files": dict.fromkeys(FILE_COUNTERS, 0),
+            "expert_hit_rate": None,
+            "host_hit_rate": None,
+            "prefetch_accuracy": None,
+            "wasted_bytes": 0,
+            "h2d_bytes": 0,
+            "zero_copy_bytes": 0,
+            "ssd_bytes": 0,
+            "layer_hit_rate": None,
+        }
+
+    def reset_counters(self) -> None:
+        pass   # nothing is counted
+
+
+# keys of the paging store's counters (python/bindings/paging_bindings.cpp), for stores that page nothing
+EXPERT_COUNTERS = ("requests", "gpu_hits", "prefetch_hits", "host_hits", "ssd_reads", "demand_ssd_reads", "copies",
+                   "zero_copy", "h2d_bytes", "zero_copy_bytes", "ssd_bytes", "prefetch_copies", "prefetch_wasted",
+                   "predicted", "predicted_used", "used_after_prediction", "evictions", "skipped", "wait_ms")
+FILE_COUNTERS = ("bytes", "device_bytes", "reads", "direct_reads", "seconds")
+
 
 def resolve_store_device(device: Union[str, torch.device]) -> torch.device:
     dev = torch.device(device)
