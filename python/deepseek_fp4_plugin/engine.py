@@ -33,7 +33,7 @@ from torch import Tensor
 from ._ext import _C, has_cuda_kernels
 from .checkpoint import CheckpointSource
 from .guard import Occupancy, exclusive, exclusive_iter, nonfinite_message, sample_checked
-from .memory_plan import MemoryPlan, PagingSettings, plan_memory
+from .memory_plan import MemoryPlan, PagingSettings, plan_memory, size_text
 from .model import DeepseekV3, KVCache, rms_norm
 from .paged import PagedWeightStore, RoutePoint, non_nvfp4_expert
 from .precision import PrecisionPolicy, resolve_compute_dtype
@@ -150,16 +150,27 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
     c = source.config
     unit = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)["bytes"] if (
         c.hidden_size % 16 == 0 and c.moe_intermediate_size % 16 == 0) else 1 << 40
-    pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and non_nvfp4_expert(source) is None
+    if not hasattr(source, "tensor_info"):
+        not_pageable = "paging reads routed experts from safetensors files (open the model folder)"
+    elif cdt != torch.bfloat16:
+        not_pageable = (f"paging runs the NVFP4 kernels on bfloat16 activations: use dtype='bfloat16' "
+                        f"(got {str(cdt).replace('torch.', '')})")
+    elif non_nvfp4_expert(source) is not None:
+        not_pageable = ("paging experts reads them from NVFP4 safetensors files (convert FP8/BF16 checkpoints "
+                        "with `deepseek-fp4 convert`)")
+    else:
+        not_pageable = ""
+    pageable = not not_pageable
     # cuBLAS keeps a workspace per stream that runs a matmul: the compute and the graph side stream
     cublas = 2 * CUBLAS_WORKSPACE if dev.type == "cuda" else 0
     plan = plan_memory(source, policy, cdt, budget, settings, max_batch_size, max_seq_len, prefill_chunk, unit,
-                       device_total=total, experts_pageable=pageable, library_workspace=cublas)
+                       device_total=total, experts_pageable=pageable, library_workspace=cublas,
+                       not_pageable_reason=not_pageable)
     if plan.paged and cdt != torch.bfloat16:
-        raise ValueError(f"the model needs paging within {budget / GiB:.2f} GiB, which runs the FP4 kernels: "
-                         f"use dtype='bfloat16' (got {cdt})")
+        raise ValueError(f"the model needs paging within {size_text(budget)}, which runs the FP4 kernels: "
+                         f"use dtype='bfloat16' (got {str(cdt).replace('torch.', '')})")
     if plan.paged and plan.paged_layers and not pageable:
-        raise ValueError("paging needs the routed experts stored in NVFP4 safetensors files")
+        raise ValueError(f"the model needs paging within {size_text(budget)}: {not_pageable}")
     return plan
 
 

@@ -254,7 +254,7 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
                 budget: int, settings: PagingSettings, max_batch_size: int, max_seq_len: int,
                 prefill_chunk: int, expert_unit_bytes: int, device_total: Optional[int] = None,
                 host_bytes: Optional[int] = None, experts_pageable: bool = True,
-                library_workspace: int = 0) -> MemoryPlan:
+                library_workspace: int = 0, not_pageable_reason: str = "") -> MemoryPlan:
     """Carves ``budget`` bytes (see the module docstring). Raises ValueError, with the sizes
     that would fit, when the budget cannot hold the minimum working set."""
     s = settings.validate()
@@ -332,8 +332,9 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
     used, slots, slot_bytes = cost(n_paged)
     expert_slots = min(total_experts, (budget - used) // expert_unit_bytes) if moe_layers else 0
     if not experts_pageable and expert_slots < total_experts:
-        raise ValueError("the routed experts do not fit the budget and cannot be paged: paging experts reads them "
-                         "from NVFP4 safetensors files (convert FP8/BF16 checkpoints with `deepseek-fp4 convert`)")
+        raise ValueError("the routed experts do not fit the budget and cannot be paged: " + (
+            not_pageable_reason or "paging experts reads them from NVFP4 safetensors files (convert FP8/BF16 "
+                                   "checkpoints with `deepseek-fp4 convert`)"))
     paged_layers = sorted(order[:n_paged])
     is_paged = bool(paged_layers) or expert_slots < total_experts
     if not is_paged:

@@ -1,0 +1,71 @@
+"""What a new user and a hostile model folder hit: every store's counters, inputs the engine
+must refuse with one clear line, failed setters that must leave everything as it was,
+chat templates that must not run forever, model folders that must not crash or hang the
+process. Each test failed before its fix."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepseek_fp4_plugin import DeepseekInference, Engine
+from deepseek_fp4_plugin.paged import PagedWeightStore
+from deepseek_fp4_plugin.resident import ResidentWeightStore
+from deepseek_fp4_plugin.tiny import make_tiny
+
+SMALL = dict(device="cpu", max_seq_len=128, max_batch_size=2, prefill_chunk=32, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("bad_input") / "tiny", seed=2)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return Engine.from_pretrained(tiny, device="cpu")
+
+
+def fresh_copy(tiny, tmp_path):
+    return shutil.copytree(tiny, tmp_path / "model")
+
+
+# ---- every store answers the same counters ----------------------------------------------------
+
+
+def _shape(x):
+    """Key structure of a counters dict (values replaced by their kind)."""
+    if isinstance(x, dict):
+        return {k: _shape(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_shape(v) for v in x]
+    return "number"
+
+
+def test_every_store_answers_the_same_counters(tiny):
+    resident = Engine.from_pretrained(tiny, memory_limit=1, dtype="bfloat16", **SMALL)
+    paged = Engine.from_pretrained(tiny, memory_limit=0.02, dtype="bfloat16",
+                                   paging={"cpu_cache_size": 0.01}, **SMALL)
+    assert isinstance(resident.store, ResidentWeightStore) and isinstance(paged.store, PagedWeightStore)
+    resident.generate([1, 2, 3], max_tokens=2)
+    c = resident.store.counters()
+    p = paged.store.counters()
+    assert set(c) == set(p) and set(c["experts"]) == set(p["experts"]) and set(c["files"]) == set(p["files"])
+    assert len(c["per_layer"]) == len(p["per_layer"]) and set(c["per_layer"][0]) == set(p["per_layer"][0])
+    # nothing pages: every count is zero, no rate is measured
+    assert all(v == 0 for v in c["experts"].values()) and all(v == 0 for v in c["files"].values())
+    assert c["h2d_bytes"] == c["ssd_bytes"] == c["wasted_bytes"] == c["zero_copy_bytes"] == 0
+    assert c["expert_hit_rate"] is None and c["prefetch_accuracy"] is None and c["layers"] == {}
+    resident.store.reset_counters()
+    assert _shape(resident.store.counters()) == _shape(c)
+
+
+def test_float32_paging_names_the_dtype_not_the_format(tiny):
+    """An NVFP4 model that must page, in the CPU's default float32: the error says dtype."""
+    with pytest.raises(ValueError, match=r"dtype='bfloat16'") as e:
+        Engine.from_pretrained(tiny, memory_limit=0.025, **SMALL)
+    assert "convert" not in str(e.value) and "NVFP4 safetensors" not in str(e.value)
