@@ -69,3 +69,45 @@ def test_float32_paging_names_the_dtype_not_the_format(tiny):
     with pytest.raises(ValueError, match=r"dtype='bfloat16'") as e:
         Engine.from_pretrained(tiny, memory_limit=0.025, **SMALL)
     assert "convert" not in str(e.value) and "NVFP4 safetensors" not in str(e.value)
+
+
+# ---- a failed setter leaves everything as it was ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def facade(tiny):
+    return DeepseekInference(tiny, device="cpu", max_seq_len=128, max_batch_size=2, verbose=False)
+
+
+def _state(model):
+    return (json.dumps(model.settings, sort_keys=True), json.dumps(model.pending_settings(), sort_keys=True),
+            dict(model._paging), model.engine.max_batch_size, model.engine.use_cuda_graph,
+            torch.backends.cuda.matmul.allow_tf32)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.set_memory_config(expert_threshold=1.0),
+    lambda m: m.set_memory_config(prefetch_layers=2, expert_threshold=1.0),
+    lambda m: m.apply_config({"gpu_memory_fraction": 0}),
+    lambda m: m.apply_config({"enable_tf32": not torch.backends.cuda.matmul.allow_tf32, "gpu_memory_fraction": 0}),
+    lambda m: m.apply_config({"prefetch_layers": 3, "use_cuda_graph": "yes"}),
+    lambda m: m.apply_config({"prefetch_layers": 3, "expert_threshold": 1.0}),
+    lambda m: m.set_memory_strategy({"cpu_cache_size": 4, "max_experts": 0}),
+    lambda m: m.set_compute_streams({"prefetch": False, "compute": "no"}),
+    lambda m: m.optimize_for_single_task("yes"),
+    lambda m: m.optimize_for_batch(approximate=1),
+], ids=["threshold", "threshold-with-good", "fraction", "tf32-with-bad", "graph-bool", "threshold-config",
+        "strategy", "streams", "preset-yes", "preset-1"])
+def test_failed_setter_changes_nothing(facade, call):
+    facade.set_memory_config(prefetch_layers=1)          # something recorded before
+    before = _state(facade)
+    engine = facade.engine
+    with pytest.raises(ValueError):
+        call(facade)
+    assert _state(facade) == before and facade.engine is engine
+
+
+def test_preset_approximate_must_be_a_bool(facade):
+    with pytest.raises(ValueError, match="approximate"):
+        facade.optimize_for_long_sequence(approximate="no")
+    assert facade.settings["config"].get("expert_threshold", 0.0) == 0.0
