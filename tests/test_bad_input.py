@@ -111,3 +111,47 @@ def test_preset_approximate_must_be_a_bool(facade):
     with pytest.raises(ValueError, match="approximate"):
         facade.optimize_for_long_sequence(approximate="no")
     assert facade.settings["config"].get("expert_threshold", 0.0) == 0.0
+
+
+# ---- prompts and token ids: one clear ValueError naming the argument ------------------------------
+
+
+@pytest.mark.parametrize("prompt,chat,match", [
+    ("", False, r"prompt is empty"),
+    ("", True, r"prompt is empty"),
+    (["ok", ""], False, r"prompts\[1\] is empty"),
+    ([[]], False, r"prompts\[0\] is empty"),
+    ([True, 2], False, r"prompt\[0\] must be an integer token id, got True \(bool\)"),
+    ([3, 2.0], False, r"prompt\[1\] must be an integer token id, got 2.0 \(float\)"),
+    ("a\ud800b", False, r"prompt: not valid Unicode.*index 1"),
+    (["fine", "x\udcffy"], False, r"prompts\[1\]: not valid Unicode.*index 1"),
+    ([{"role": 5, "content": "x"}], True, r"messages\[0\]\['role'\] must be a string, got 5"),
+    ([{"role": "user", "content": 7}], True, r"messages\[0\]\['content'\] must be a string, got 7"),
+    ([{"role": "user", "content": "\ud800"}], True, r"messages\[0\]\['content'\]: not valid Unicode"),
+    ([{"role": "user"}], True, r"messages\[0\] needs 'role' and 'content'"),
+])
+def test_bad_prompts_are_one_clear_error(engine, prompt, chat, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompt, chat=chat, max_tokens=2)
+    assert engine.generate([1, 2, 3], max_tokens=2).token_ids       # still usable
+
+
+@pytest.mark.parametrize("bad", [-1, 512, 10**6])
+def test_prefill_refuses_ids_outside_the_vocabulary(engine, bad):
+    assert engine.config.vocab_size == 512
+    with pytest.raises(ValueError, match=rf"tokens: token id {bad} is outside the vocabulary \[0, 512\)"):
+        engine.prefill(torch.tensor([[5, bad, 7]]), [3])
+    with pytest.raises(ValueError, match="tokens must be"):
+        engine.prefill(torch.tensor([[5.0, 6.0]]), [2])
+    assert engine.prefill(torch.tensor([[5, 6, 7]]), [3]).shape == (1, 512)
+
+
+def test_non_utf8_command_line_prompt_is_one_line(tiny):
+    """Bytes that are not UTF-8 on the command line (Python hands them over as lone surrogates)."""
+    cmd = [sys.executable, "-m", "deepseek_fp4_plugin.cli", "generate", "--model", str(tiny), "--device", "cpu",
+           "--max-tokens", "2", "--no-progress", "--prompt"]
+    r = subprocess.run([os.fsencode(a) for a in cmd] + [b"caf\xe9"], capture_output=True, timeout=300,
+                       env=dict(os.environ, LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8"))
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2, err
+    assert err.count("\n") == 1 and "prompt: not valid Unicode" in err

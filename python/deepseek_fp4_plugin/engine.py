@@ -39,7 +39,7 @@ from .paged import PagedWeightStore, RoutePoint, non_nvfp4_expert
 from .precision import PrecisionPolicy, resolve_compute_dtype
 from .resident import ResidentWeightStore
 from .sampling import SamplingParams
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .tokenizer import IncrementalDecoder, Tokenizer, check_messages, check_text
 from .validation import check_tokenizer_fits
 from .weights import HostPoint, WeightStore, run_host_points
 
@@ -352,9 +352,20 @@ class Engine:
         -------
         float32 [B, V] logits of each prompt's last token
         """
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
+                or tokens.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise ValueError(f"tokens must be an integer tensor [B, T], got "
+                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
         B, T = tokens.shape
         if T > self.max_seq_len:
             raise ValueError(f"tokens has {T} positions, more than max_seq_len = {self.max_seq_len}")
+        if tokens.numel():
+            # one sync; an id out of range would index past the embedding (or wrap around, if negative)
+            lo, hi = torch.aminmax(tokens)
+            v = self.config.vocab_size
+            for t in (int(lo), int(hi)):
+                if not 0 <= t < v:
+                    raise ValueError(f"tokens: token id {t} is outside the vocabulary [0, {v})")
         if len(lengths) != B or not all(_is_int(n) and 1 <= n <= T for n in lengths):
             raise ValueError(f"lengths must be {B} integers in [1, {T}], got {list(lengths)!r}")
         with self._compute():
@@ -569,8 +580,12 @@ class Engine:
             if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise ValueError(f"{name} must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
             ids = ids.tolist()
-        if not isinstance(ids, (list, tuple, range)) or not all(_is_int(t) for t in ids):
+        if not isinstance(ids, (list, tuple, range)):
             raise ValueError(f"{name} must be a sequence of integer token ids")
+        bad = next((i for i, t in enumerate(ids) if not _is_int(t)), None)
+        if bad is not None:
+            t = ids[bad]
+            raise ValueError(f"{name}[{bad}] must be an integer token id, got {t!r} ({type(t).__name__})")
         ids = list(ids)
         if not ids:
             raise ValueError(f"{name} is empty")
@@ -583,8 +598,9 @@ class Engine:
     def _prompts(self, prompts, chat: bool, add_bos: Optional[bool]) -> Tuple[bool, List[List[int]]]:
         """(single?, token ids per prompt)."""
         def is_ids(p) -> bool:
+            # numbers of any kind: token ids (a bool or float among them is named by _check_ids)
             return isinstance(p, Tensor) or (isinstance(p, (list, tuple)) and len(p) > 0 and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in p))
+                isinstance(t, (int, float)) for t in p))
 
         def is_messages(p) -> bool:
             return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
@@ -598,13 +614,17 @@ class Engine:
         out = []
         for i, p in enumerate(items):
             name = "prompt" if single else f"prompts[{i}]"
+            if (isinstance(p, str) and p == "") or (isinstance(p, (list, tuple)) and len(p) == 0):
+                raise ValueError(f"{name} is empty")
             if isinstance(p, str) or (chat and is_messages(p)):
                 if self.tokenizer is None:
                     raise ValueError(f"{name}: text prompts need a tokenizer (the model has no "
                                      f"tokenizer.json); pass token ids")
                 if chat:
+                    check_messages(p, name if isinstance(p, str) else "messages")
                     ids = self.tokenizer.encode_chat(p)
                 else:
+                    check_text(p, name)
                     ids = self.tokenizer.encode(p, add_bos=add_bos)
                 if not ids:
                     raise ValueError(f"{name} is empty")

@@ -127,11 +127,9 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError(f"{self.path}: the tokenizer has no chat template "
                              f"(tokenizer_config.json 'chat_template' or {CHAT_TEMPLATE_FILE})")
+        check_messages(messages)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        if not isinstance(messages, (list, tuple)) or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
@@ -143,6 +141,33 @@ class Tokenizer:
 
     def decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
+
+
+def check_text(text: Any, name: str) -> None:
+    """ValueError naming ``name`` unless ``text`` is a string that encodes as UTF-8 (a lone
+    surrogate, e.g. from command-line bytes that were not UTF-8, does not)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {text!r} ({type(text).__name__})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: not valid Unicode text: lone surrogate {text[e.start]!r} at index {e.start} "
+                         f"(decoded from bytes that are not UTF-8?)") from None
+
+
+def check_messages(messages: Any, name: str = "messages") -> None:
+    """ValueError naming the message and field unless ``messages`` is a string or a list of
+    {"role": str, "content": str} dicts."""
+    if isinstance(messages, str):
+        check_text(messages, name)
+        return
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{name} must be a string or a non-empty list of {{'role': ..., 'content': ...}} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{name}[{i}] needs 'role' and 'content', got {m!r}"[:300])
+        for key in ("role", "content"):
+            check_text(m[key], f"{name}[{i}][{key!r}]")
 
 
 def _compile_template(source: str):
