@@ -155,3 +155,76 @@ def test_non_utf8_command_line_prompt_is_one_line(tiny):
     err = r.stderr.decode("utf-8", "replace")
     assert r.returncode == 2, err
     assert err.count("\n") == 1 and "prompt: not valid Unicode" in err
+
+
+# ---- chat templates: bounded in time and size, sandbox escapes named ---------------------------
+
+
+def _with_template(tiny, tmp_path, template):
+    from deepseek_fp4_plugin.tokenizer import Tokenizer
+
+    d = fresh_copy(tiny, tmp_path)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d, Tokenizer(d)
+
+
+NESTED = ("{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% for c in r %}"
+          "{% endfor %}{% endfor %}{% endfor %}")
+HUGE = "{% for a in range(100000) %}{% for b in range(100000) %}0123456789abcdef{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize("template,match", [
+    (NESTED, r"took longer than 0.5 s"),
+    (HUGE, r"output exceeds"),
+    ("{{ 'x' * 10000000000 }}", r"too large"),
+    ("{{ 'x' | center(10000000000) }}", r"too large"),
+    ("{{ 'x'.ljust(10000000000) }}", r"too large"),
+    ("{{ '%10000000000s' % 'x' }}", r"too large"),
+    ("{{ 2 ** 1000000000 }}", r"too large"),
+    ("{% set s = 'x' * 4000000 %}{% set s = s ~ s ~ s ~ s ~ s %}{% set s = s ~ s ~ s ~ s ~ s %}{{ s }}",
+     r"too large"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", r"unsafe"),
+    ("{{ messages.__class__.__name__ }}", r"unsafe"),
+    ("{{ messages.append(1) }}", r"unsafe"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", r"recursion"),
+    ("{{ messages[0]['content'] + 5 }}", r"TypeError"),
+])
+def test_chat_template_is_bounded_and_named(tiny, tmp_path, monkeypatch, template, match):
+    import time
+
+    from deepseek_fp4_plugin import tokenizer as tokmod
+
+    monkeypatch.setattr(tokmod, "TEMPLATE_TIME_LIMIT", 0.5 if template == NESTED else 60)
+    d, tok = _with_template(tiny, tmp_path, template)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=match) as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 30
+    assert "tokenizer_config.json" in str(e.value) and "chat template" in str(e.value)
+
+
+def test_engine_stays_usable_after_a_hostile_template(tiny, tmp_path, monkeypatch):
+    from deepseek_fp4_plugin import tokenizer as tokmod
+
+    monkeypatch.setattr(tokmod, "TEMPLATE_TIME_LIMIT", 0.5)
+    d, _ = _with_template(tiny, tmp_path, NESTED)
+    eng = Engine.from_pretrained(d, device="cpu")
+    with pytest.raises(ValueError, match="took longer"):
+        eng.generate("hi", chat=True, max_tokens=2)
+    assert eng.generate("hi", max_tokens=2).token_ids
+
+
+def test_chat_template_file_is_named(tiny, tmp_path, monkeypatch):
+    from deepseek_fp4_plugin import tokenizer as tokmod
+    from deepseek_fp4_plugin.tokenizer import Tokenizer
+
+    monkeypatch.setattr(tokmod, "TEMPLATE_TIME_LIMIT", 0.5)
+    d = fresh_copy(tiny, tmp_path)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "chat_template.jinja").write_text(NESTED)
+    with pytest.raises(ValueError, match=r"chat_template\.jinja: chat template.*took longer"):
+        Tokenizer(d).apply_chat_template("hi")
