@@ -228,3 +228,94 @@ def test_chat_template_file_is_named(tiny, tmp_path, monkeypatch):
     (d / "chat_template.jinja").write_text(NESTED)
     with pytest.raises(ValueError, match=r"chat_template\.jinja: chat template.*took longer"):
         Tokenizer(d).apply_chat_template("hi")
+
+
+# ---- hostile model folders: one clear line naming the file, never a crash or a hang ---------------
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _run_limited(code, timeout=60):
+    """Runs ``code`` in a fresh interpreter with 8 GiB of address space: a config that makes
+    the loader build something huge fails there instead of taking this machine's memory."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_hidden_layers", 10**9, r"num_hidden_layers = 1000000000 but .*model\.safetensors\.index\.json holds "
+                                 r"the tensors of 4 layers"),
+    ("n_routed_experts", 10**12, r"n_routed_experts = 1000000000000 but .*model\.safetensors\.index\.json holds "
+                                 r"16 experts per layer"),
+])
+def test_config_sizes_are_checked_against_the_index_first(tiny, tmp_path, field, value, match):
+    d = fresh_copy(tiny, tmp_path)
+    _edit_config(d, **{field: value})
+    code = ("from deepseek_fp4_plugin import Engine\n"
+            "try:\n"
+            f"    Engine.from_pretrained({str(d)!r}, device='cpu')\n"
+            "except ValueError as e:\n"
+            "    print('ValueError:', e)\n")
+    r = _run_limited(code)
+    assert r.returncode == 0 and "ValueError:" in r.stdout, r.stderr[-2000:]
+    import re
+
+    assert re.search(match, r.stdout) and "config.json" in r.stdout, r.stdout
+
+
+def test_deeply_nested_config_names_the_file(tiny, tmp_path):
+    d = fresh_copy(tiny, tmp_path)
+    (d / "config.json").write_text("[" * 200000 + "]" * 200000)
+    with pytest.raises(ValueError, match=r"config\.json: nested too deeply"):
+        Engine.from_pretrained(d, device="cpu")
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "kv_lora_rank",
+                                   "n_routed_experts", "moe_intermediate_size", "q_lora_rank"])
+def test_config_without_a_size_field_says_so(tiny, tmp_path, field):
+    d = fresh_copy(tiny, tmp_path)
+    _edit_config(d, **{field: None})
+    with pytest.raises(ValueError, match=rf"config\.json: {field} is missing"):
+        Engine.from_pretrained(d, device="cpu")
+
+
+def test_shard_that_is_not_a_regular_file(tiny, tmp_path):
+    d = fresh_copy(tiny, tmp_path)
+    shard = sorted(d.glob("*.safetensors"))[0]
+    shard.unlink()
+    shard.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=rf"{shard.name}.* is not a regular file") as e:
+        Engine.from_pretrained(d, device="cpu")
+    assert "missing" not in str(e.value)
+
+
+def test_unreadable_shard_says_permission_denied(tiny, tmp_path):
+    d = fresh_copy(tiny, tmp_path)
+    shard = sorted(d.glob("*.safetensors"))[0]
+    shard.chmod(0)
+    prefix = []
+    if os.geteuid() == 0:   # root reads anything: drop the capability that lets it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    code = ("from deepseek_fp4_plugin import Engine\n"
+            "try:\n"
+            f"    Engine.from_pretrained({str(d)!r}, device='cpu')\n"
+            "except (ValueError, OSError) as e:\n"
+            "    print(type(e).__name__, e)\n")
+    r = subprocess.run(prefix + [sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shard.name in r.stdout and "ermission denied" in r.stdout and "No such file" not in r.stdout, r.stdout
