@@ -485,3 +485,51 @@ def test_corrupt_source_shard(tiny, tmp_path, which):
     else:
         assert "finished shard(s) kept" in str(info.value)
         assert json.loads((dst / MANIFEST_FILE).read_text())["done"]
+
+
+# ---- conversions that would leave an unusable folder ------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "bf16"])
+def test_exclusion_that_leaves_nothing_quantized_is_refused(tiny, tmp_path, capsys, fmt):
+    with pytest.raises(ValueError, match=r"exclude pattern.*'\*'.*every linear layer.*nothing to quantize"):
+        convert_checkpoint(tiny[fmt], tmp_path / "out", exclude=["*"], progress=False)
+    assert not (tmp_path / "out").exists()
+    assert cli_main(["convert", str(tiny[fmt]), str(tmp_path / "out"), "--exclude", "*", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to quantize" in err
+    assert not (tmp_path / "out").exists()
+
+
+_KILL_AFTER_FIRST_SHARD = """
+import os, sys
+from pathlib import Path
+from deepseek_fp4_plugin import convert
+from deepseek_fp4_plugin.convert import MANIFEST_FILE, convert_checkpoint
+
+real_replace = os.replace
+
+def replace(src, dst):
+    # killed between renaming the first shard into place and renaming the manifest that records it
+    if Path(dst).name == MANIFEST_FILE and any(Path(dst).parent.glob("*.safetensors")):
+        os._exit(9)
+    real_replace(src, dst)
+
+os.replace = replace
+convert_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_killed_after_the_first_shard_resumes(small, tmp_path):
+    import subprocess
+    import sys
+
+    reference = _snapshot(convert_checkpoint(small, tmp_path / "ref", progress=False))
+    dst = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_SHARD, str(small), str(dst)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 9, r.stderr
+    assert list(dst.glob("*.safetensors"))                   # a shard renamed into place, not recorded
+    convert_checkpoint(small, dst, progress=False)            # resumes
+    assert _snapshot(dst) == reference
+    assert not [p for p in dst.iterdir() if p.name.endswith(".partial")]

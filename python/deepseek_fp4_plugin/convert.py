@@ -28,8 +28,8 @@ config.json says ``num_nextn_predict_layers: 0``.
 
 Output shards mirror the source shards. Each is built in memory from tensors read one at a
 time from the memory-mapped source, written to a temporary file in DST and renamed into place;
-a progress manifest (``.convert-progress.json``) records finished shards with their size and
-SHA-256, so a rerun after an interruption verifies them and redoes only the rest (and any
+a progress manifest (``.convert-progress.json``, written before the first shard) records
+finished shards with their size and SHA-256, so a rerun after an interruption verifies them and redoes only the rest (and any
 finished shard damaged since).
 
 Failures are one-line ``ConvertError`` (a ValueError) messages naming the path: a destination
@@ -126,6 +126,10 @@ def _resolve_exclude(ck: SafetensorsCheckpoint, exclude: Optional[Sequence[str]]
         if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
             raise ValueError(f"exclude must be a list of module-name patterns, got {exclude!r}")
         patterns = list(dict.fromkeys(exclude))
+    modules = list(linear_shapes(ck.config))
+    if patterns and all(exclude_match(m, patterns) is not None for m in modules):
+        raise ValueError(f"exclude pattern(s) {patterns} keep every linear layer of {ck.path} unquantized: nothing "
+                         f"to quantize (the output would declare NVFP4 and hold none)")
     for m in nvfp4_modules:
         p = exclude_match(m, patterns)
         if p is not None:
@@ -506,6 +510,9 @@ def _convert(ck: SafetensorsCheckpoint, dst: Path, exclude: Optional[Sequence[st
     excl = _resolve_exclude(ck, exclude)
     shards = _plan(ck, share_scales)
     manifest = _prepare_dst(dst, _fingerprint(ck, excl, input_scale, share_scales))
+    if not (dst / MANIFEST_FILE).is_file():
+        # before any shard is renamed into place: a run killed after that rename still resumes
+        _write_json(dst / MANIFEST_FILE, manifest)
     conv = _Converter(ck, excl, input_scale, device)
     weight_map: Dict[str, str] = {}
     total_bytes = 0
@@ -579,8 +586,13 @@ def _clean_up(dst: Path, created: List[Path]) -> int:
     manifest = dst / MANIFEST_FILE
     if manifest.is_file():
         try:
-            return len(read_json_file(manifest).get("done") or {})
+            done = len(read_json_file(manifest).get("done") or {})
         except ValueError:
+            done = 0
+        if done:
+            return done
+        if not created:
+            manifest.unlink()   # this run's, recording nothing
             return 0
     if not created:
         return 0
