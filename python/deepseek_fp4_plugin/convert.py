@@ -29,8 +29,8 @@ config.json says ``num_nextn_predict_layers: 0``.
 Output shards mirror the source shards. Each is built in memory from tensors read one at a
 time from the memory-mapped source, written to a temporary file in DST and renamed into place;
 a progress manifest (``.convert-progress.json``, written before the first shard) records
-finished shards with their size and SHA-256, so a rerun after an interruption verifies them and redoes only the rest (and any
-finished shard damaged since).
+finished shards with their size and SHA-256, so a rerun after an interruption verifies them
+and redoes only the rest (and any finished shard damaged since).
 
 Failures are one-line ``ConvertError`` (a ValueError) messages naming the path: a destination
 that cannot be created or written, a full disk, an unreadable source. Temporary files are
