@@ -146,6 +146,11 @@ def test_prefill_refuses_ids_outside_the_vocabulary(engine, bad):
     assert engine.prefill(torch.tensor([[5, 6, 7]]), [3]).shape == (1, 512)
 
 
+def test_stop_string_with_a_lone_surrogate(engine):
+    with pytest.raises(ValueError, match=r"stop\[1\]: not valid Unicode"):
+        engine.generate("hi", stop=["ok", "\udcff"], max_tokens=2)
+
+
 def test_non_utf8_command_line_prompt_is_one_line(tiny):
     """Bytes that are not UTF-8 on the command line (Python hands them over as lone surrogates)."""
     cmd = [sys.executable, "-m", "deepseek_fp4_plugin.cli", "generate", "--model", str(tiny), "--device", "cpu",

@@ -653,6 +653,8 @@ class Engine:
             raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        for i, s in enumerate(stops):
+            check_text(s, "stop" if isinstance(stop, str) else f"stop[{i}]")
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model has no tokenizer.json); "
                              "use stop_token_ids")
