@@ -30,6 +30,18 @@ def commit() -> str:
         return "unknown"
 
 
+def dirty() -> bool:
+    """Whether the measured tree differed from its commit (DSFP4_DIRTY=0/1 where there is no .git)."""
+    if os.environ.get("DSFP4_DIRTY") in ("0", "1"):
+        return os.environ["DSFP4_DIRTY"] == "1"
+    try:
+        out = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
+                                      cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).decode()
+        return bool(out.strip())
+    except Exception:
+        return True
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 10) -> float:
     """Device-to-device copy rate, bytes read plus written: the HBM ceiling of this run."""
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()

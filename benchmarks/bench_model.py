@@ -5,7 +5,8 @@ heads, 256 routed experts of 2048 + 1 shared, top-8 in 4 of 8 groups, vocab 1292
 only ``--layers`` layers, the first ``--dense-layers`` of them dense. Its NVFP4 tensors are
 random packed bytes with random E4M3 block scales in [1, 4) and one global scale, generated
 on the GPU and served by a StateDictCheckpoint (no files); attention, router and lm_head are
-BF16 as in NVIDIA's DeepSeek-R1-FP4 (``--attention fp4`` quantizes attention too).
+BF16 as in NVIDIA's DeepSeek-R1-FP4 (``--attention fp4`` quantizes attention too, ``--attention
+fp8`` converts the BF16 attention to FP8 blocks at load, as the memory plan does when it must).
 
 Measured, per batch size:
   prefill      tok/s of engine.prefill over batch × --prompt-len tokens
@@ -43,6 +44,7 @@ from deepseek_fp4_plugin.checkpoint import StateDictCheckpoint
 from deepseek_fp4_plugin.config import DeepseekV3Config, RopeScaling
 from deepseek_fp4_plugin.engine import Engine
 from deepseek_fp4_plugin.loader import linear_shapes, other_tensor_shapes
+from deepseek_fp4_plugin.precision import PrecisionPolicy
 from deepseek_fp4_plugin.resident import ResidentWeightStore
 from deepseek_fp4_plugin.weights import run_host_points
 
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (default 512)")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed run (default 32)")
     ap.add_argument("--reps", type=int, default=24)
-    ap.add_argument("--attention", choices=["bf16", "fp4"], default="bf16", help="attention weights")
+    ap.add_argument("--attention", choices=["bf16", "fp4", "fp8"], default="bf16", help="attention weights")
     ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/model_<gpu>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -284,7 +286,8 @@ def main(argv=None) -> int:
     cfg = v3_config(args.layers, args.dense_layers)
     t0 = datetime.datetime.now()
     source = random_checkpoint(cfg, args.attention == "fp4")
-    store = ResidentWeightStore(source, "cuda", torch.bfloat16)
+    policy = PrecisionPolicy().with_fp8("attention") if args.attention == "fp8" else None
+    store = ResidentWeightStore(source, "cuda", torch.bfloat16, policy)
     del source
     torch.cuda.empty_cache()
     load_s = (datetime.datetime.now() - t0).total_seconds()

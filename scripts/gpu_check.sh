@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
-#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt]
+#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
+#                        [peer-llama] [cpu-experts] [bench-report]
 # With no arguments: build tests sanitizer bench-gemm.
+# fp8: the FP8 block GEMM's GPU tests, compute-sanitizer on a quick subset and bench_fp8_gemm.py
+# (add tune to sweep its tactics); logs under $OUT/fp8_*.
+# cpu-experts (after build): the CPU expert kernels on every instruction set of this CPU (ctest and
+# tests/test_cpu_experts.py), then benchmarks/bench_cpu_experts.py → $OUT/cpu_experts.json.
+# bench-report: `deepseek-fp4 bench` and `deepseek-fp4 tune` on a paged demo model (experts of 1.6 MB,
+# a quarter of them on the GPU); the report and JSON land in $OUT/bench, the tuner's result in
+# $OUT/tuned.json. Screenshot the report elsewhere: python tests/headless_browser.py
+# $OUT/bench/perf_report.html docs/perf_report.png
 # trt: builds with the TensorRT plugins (headers from TENSORRT_ROOT, else .deps/tensorrt-11.1),
 # runs ctest (the C++ example from the installed package, the expert runner), the plugin tests
 # (tests/test_trt_plugins.py with the lean runtime's registry, tests/gpu/test_trt_plugins_gpu.py)
@@ -88,6 +97,20 @@ if has sanitizer; then
     "tests/gpu/test_paging_gpu.py::test_read_error_mid_generation" -k "not 4096 and not 1024" \
     > "$OUT/sanitizer.log" 2>&1
   rc=$?; tail -6 "$OUT/sanitizer.log"; echo "sanitizer exit $rc"; [ $rc -eq 0 ] || status=1
+  echo "== compute-sanitizer: the paged engine (decode pipeline, ready words) and the waiting GEMM"
+  DSFP4_QUICK=1 timeout 900 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
+    "tests/gpu/test_pipeline_gpu.py::test_units_gemm_computes_each_expert_as_its_copy_lands" \
+    "tests/gpu/test_pipeline_gpu.py::test_units_gemm_wait_times_out_as_nan_and_flag" \
+    "tests/gpu/test_paging_gpu.py::test_paged_equals_resident[ssd_paged-graph]" \
+    "tests/gpu/test_paging_gpu.py::test_paged_equals_resident[ssd_paged_no_pipeline-eager]" \
+    > "$OUT/sanitizer_paged.log" 2>&1
+  rc=$?; tail -4 "$OUT/sanitizer_paged.log"; echo "sanitizer (paged engine) exit $rc"; [ $rc -eq 0 ] || status=1
+  for tool in racecheck synccheck; do
+    timeout 600 compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -x \
+      "tests/gpu/test_pipeline_gpu.py::test_units_gemm_computes_each_expert_as_its_copy_lands" \
+      "tests/gpu/test_paging_gpu.py::test_grouped_gemm_units_gpu_and_host_memory" > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?; tail -2 "$OUT/sanitizer_$tool.log"; echo "$tool exit $rc"; [ $rc -eq 0 ] || status=1
+  done
 fi
 
 if has bench-gemm; then
@@ -96,6 +119,35 @@ if has bench-gemm; then
   timeout 300 python3 benchmarks/bench_fp4_gemm.py $extra --out "$OUT/fp4_gemm.json" > "$OUT/bench_gemm.log" 2>&1
   [ $? -eq 0 ] || status=1
   tail -28 "$OUT/bench_gemm.log"
+fi
+
+if has fp8; then
+  echo "== fp8: tests/gpu/test_fp8_gemm_gpu.py"
+  timeout 300 python3 -m pytest tests/gpu/test_fp8_gemm_gpu.py -q -rs --durations=5 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "== fp8: compute-sanitizer memcheck (quick sizes)"
+  DSFP4_QUICK=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_every_tactic" "tests/gpu/test_fp8_gemm_gpu.py::test_grouped_gemm" \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_grouped_gemm_units_gpu_and_host_memory" \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_blockscaled_on_hopper" \
+    "tests/gpu/test_fp8_gemm_gpu.py::test_quantization_bit_exact_with_cpu" > "$OUT/fp8_sanitizer.log" 2>&1
+  rc=$?; tail -4 "$OUT/fp8_sanitizer.log"; echo "fp8 sanitizer exit $rc"; [ $rc -eq 0 ] || status=1
+  echo "== bench_fp8_gemm"
+  extra=""; has tune && extra="--tune"
+  timeout 240 python3 benchmarks/bench_fp8_gemm.py $extra --out "$OUT/fp8_gemm.json" > "$OUT/fp8_bench.log" 2>&1
+  [ $? -eq 0 ] || status=1
+  tail -30 "$OUT/fp8_bench.log"
+fi
+
+if has cpu-experts; then
+  echo "== CPU experts: every instruction set of this CPU against the reference, then the kernel benchmark"
+  (cd build && timeout 300 ctest -R cpu_experts --output-on-failure -V) > "$OUT/cpu_experts_ctest.log" 2>&1 || status=1
+  grep -E "skipped isa|bit-equal|checks passed|check\(s\) failed|CHECK failed" "$OUT/cpu_experts_ctest.log" | tail -20
+  timeout 300 python3 -m pytest tests/test_cpu_experts.py -q -rs > "$OUT/cpu_experts_tests.log" 2>&1 || status=1
+  tail -4 "$OUT/cpu_experts_tests.log"
+  timeout 480 python3 benchmarks/bench_cpu_experts.py ${BENCH_CPU_EXPERTS_ARGS:-} --out "$OUT/cpu_experts.json" \
+    > "$OUT/bench_cpu_experts.log" 2>&1 || status=1
+  tail -18 "$OUT/bench_cpu_experts.log"
 fi
 
 if has bench-model; then
@@ -109,5 +161,27 @@ if has bench-paging; then
   timeout ${BENCH_PAGING_TIMEOUT:-560} python3 benchmarks/bench_paging.py --dir "${BENCH_PAGING_DIR:-/tmp/dsfp4_v3}" \
     ${BENCH_PAGING_ARGS:-} --out "$OUT/paging.json" > "$OUT/bench_paging.log" 2>&1 || status=1
   tail -25 "$OUT/bench_paging.log"
+fi
+if has peer-llama; then  # llama.cpp, experts on the CPU (docs/peers.md): $OUT/llama_cpp.json
+  echo "== llama.cpp peer"
+  timeout ${PEER_LLAMA_TIMEOUT:-560} bash benchmarks/peers/run_on_gpu.sh > "$OUT/peer_llama.log" 2>&1 \
+    || status=1
+  tail -25 "$OUT/peer_llama.log"
+fi
+if has bench-report; then
+  echo "== deepseek-fp4 bench + tune (paged demo model)"
+  demo=${BENCH_REPORT_MODEL:-/tmp/dsfp4_demo}
+  [ -f "$demo/config.json" ] || python3 -c "from deepseek_fp4_plugin.tiny import make_tiny; make_tiny('$demo', \
+seed=4, hidden_size=1024, moe_intermediate_size=1024, n_routed_experts=64, num_hidden_layers=4, n_group=8, \
+topk_group=4, num_experts_per_tok=8)" || status=1
+  limit=$(python3 -c "from deepseek_fp4_plugin.bench import memory_limit_for as m; print(m('$demo', 0.25))")
+  echo "memory limit $limit GiB (a quarter of the experts on the GPU)"
+  timeout 300 python3 -m deepseek_fp4_plugin.cli bench --model "$demo" --memory-limit "$limit" --cpu-cache-size 4 \
+    --use-cuda-graph on --requests 8 --prompt-tokens 256 --decode-tokens 96 --out "$OUT/bench" \
+    > "$OUT/bench_report.log" 2>&1 || status=1
+  grep -v "it/s\]\|batch/s\]\|s/batch\]" "$OUT/bench_report.log" | tail -16
+  timeout ${TUNE_TIMEOUT:-330} python3 -m deepseek_fp4_plugin.cli tune --model "$demo" --memory-limit "$limit" \
+    --time-budget ${TUNE_BUDGET:-240} --out "$OUT/tuned.json" > "$OUT/tune.log" 2>&1 || status=1
+  tail -4 "$OUT/tune.log"
 fi
 exit $status

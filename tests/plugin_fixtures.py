@@ -129,12 +129,21 @@ def expert_store(path, stored, ex: Experts, gpu_base: int, slots: int, host_slot
     """A one-layer paging.ExpertStore over the checkpoint ex.write_checkpoint(path) wrote: `slots`
     expert slots at gpu_base (host memory when not on_device) and a host cache of host_slots units."""
     P = _C.paging
-    opts = dict(layers=1, experts=ex.e, hidden=ex.hidden, inter=ex.inter, gpu_slots=slots, gpu_base=gpu_base,
-                host_slots=host_slots, pinned=on_device, on_device=on_device, gpu_policy=P.CachePolicy.lrfu,
-                host_policy=P.CachePolicy.lru, lam=0.05, miss_mode=getattr(P.MissMode, miss_mode),
-                io_threads=2, repack_threads=1, direct_io=True, async_copy=True, max_prefetch_units=-1,
-                prefetch_min_accuracy=0.0)
+    opts = store_options(layers=1, experts=ex.e, hidden=ex.hidden, inter=ex.inter, gpu_slots=slots,
+                         gpu_base=gpu_base, host_slots=host_slots, pinned=on_device, on_device=on_device,
+                         gpu_policy=P.CachePolicy.lrfu, host_policy=P.CachePolicy.lru, lam=0.05,
+                         miss_mode=getattr(P.MissMode, miss_mode), io_threads=2, repack_threads=1, direct_io=True,
+                         async_copy=True, max_prefetch_units=-1, prefetch_min_accuracy=0.0)
     return P.ExpertStore(opts, P.CheckpointFiles([str(path)], True), stored)
+
+
+def store_options(**fields):
+    """paging.ExpertStoreOptions with the given fields (the rest keep their C++ defaults; an
+    unknown field is an AttributeError)."""
+    o = _C.paging.ExpertStoreOptions()
+    for k, v in fields.items():
+        setattr(o, k, v)
+    return o
 
 
 def shapes_of(ts) -> List[Tuple[int, ...]]:

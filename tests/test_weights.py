@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from deepseek_fp4_plugin.weights import (DenseRoutedExperts, Fp4Linear, Fp4RoutedExperts, PrecisionPolicy,
-                                         ResidentWeightStore, estimate_bytes, module_group)
+from deepseek_fp4_plugin.weights import (DenseRoutedExperts, Fp4Linear, Fp4RoutedExperts, Fp8RoutedExperts,
+                                         PrecisionPolicy, ResidentWeightStore, estimate_bytes, module_group)
 from tiny_reference import TinyModel, all_linear_modules
 
 
@@ -25,7 +25,10 @@ def test_module_groups():
 def test_policy_rules():
     d = PrecisionPolicy()
     expert, attn = "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.self_attn.o_proj"
-    assert d.runs_fp4(expert, "nvfp4") and d.runs_fp4(expert, "fp8_block") and not d.runs_fp4(expert, "dense")
+    # FP8 blocks stay FP8 unless requantize_fp8 (test_fp8_model.py covers the FP8 formats)
+    assert d.runs_fp4(expert, "nvfp4") and not d.runs_fp4(expert, "fp8_block")
+    assert not d.runs_fp4(expert, "dense")
+    assert PrecisionPolicy(requantize_fp8=True).runs_fp4(expert, "fp8_block")
     assert d.runs_fp4(attn, "nvfp4") and not d.runs_fp4(attn, "fp8_block") and not d.runs_fp4(attn, "dense")
     assert not d.runs_fp4("model.layers.1.mlp.gate", "nvfp4")
     fp4 = PrecisionPolicy.parse("fp4")
@@ -39,7 +42,7 @@ def test_policy_rules():
 
 
 @pytest.mark.parametrize("policy,expect", [
-    (None, {"attention": "dense", "experts": "fp4", "dense_mlp": "fp4", "lm_head": "dense"}),
+    (None, {"attention": "fp8", "experts": "fp8", "dense_mlp": "fp8", "lm_head": "dense"}),
     ("fp4", {"attention": "fp4", "experts": "fp4", "dense_mlp": "fp4", "lm_head": "fp4"}),
     ("bf16", {"attention": "dense", "experts": "dense", "dense_mlp": "dense", "lm_head": "dense"}),
 ])
@@ -53,8 +56,9 @@ def test_fp8_checkpoint_formats_follow_policy(tiny, policy, expect):
     assert f["lm_head"] == expect["lm_head"]
     assert f["model.layers.1.mlp.gate"] == "dense"
     experts = store.acquire_layer(1).moe.experts
-    assert isinstance(experts, Fp4RoutedExperts if expect["experts"] == "fp4" else DenseRoutedExperts)
-    assert store.graph_safe == (expect["experts"] == "fp4")
+    stacked = {"fp4": Fp4RoutedExperts, "fp8": Fp8RoutedExperts}
+    assert isinstance(experts, stacked.get(expect["experts"], DenseRoutedExperts))
+    assert store.graph_safe == (expect["experts"] in stacked)
 
 
 def test_fused_gate_up_is_exact(tiny):

@@ -23,6 +23,7 @@ from deepseek_fp4_plugin import ops
 from deepseek_fp4_plugin.checkpoint import StateDictCheckpoint
 from deepseek_fp4_plugin.config import DeepseekV3Config
 from deepseek_fp4_plugin.loader import linear_shapes, other_tensor_shapes
+from deepseek_fp4_plugin.precision import module_group
 from deepseek_fp4_plugin.weights import PrecisionPolicy
 
 BASE = dict(
@@ -109,20 +110,20 @@ class TinyModel:
                    policy: Optional[PrecisionPolicy] = None):
         """Stores the model as ``fmt`` ("nvfp4", "fp8_block", "bf16" or "float32").
 
-        nvfp4: modules in ``fp4_modules`` (default: what the default precision policy runs in
-        FP4) are stored as ModelOpt NVFP4, gate/up of experts sharing one weight_scale_2 as
-        ModelOpt exports do; the rest stays float32. fp8_block: every linear but the router and
-        lm_head in FP8 blocks, as DeepSeek's release.
+        nvfp4: modules in ``fp4_modules`` (default: the policy's FP4 groups, as NVIDIA's export
+        quantizes MLPs and experts) are stored as ModelOpt NVFP4, gate/up of experts sharing one
+        weight_scale_2 as ModelOpt exports do; the rest stays float32. fp8_block: every linear
+        but the router and lm_head in FP8 blocks, as DeepSeek's release.
 
         Returns (StateDictCheckpoint, effective float32 weights for the reference), where the
         effective weights follow ``policy`` (the default one unless given) for conversions the
-        store will make (FP8 → NVFP4, BF16 → NVFP4).
+        store will make (FP8 → NVFP4, BF16 → NVFP4 or FP8 blocks).
         """
         policy = PrecisionPolicy.parse(policy)
         cfg = self.config
         shapes = linear_shapes(cfg)
         if fp4_modules is None:
-            fp4_modules = {m for m in shapes if policy.runs_fp4(m, "fp8_block")}
+            fp4_modules = {m for m in shapes if module_group(m) in policy.fp4_groups}
         fp4_modules = set(fp4_modules)
         tensors: Dict[str, torch.Tensor] = {}
         eff: Dict[str, torch.Tensor] = {}
@@ -180,9 +181,13 @@ def _shared_global_scale(weights: Dict[str, torch.Tensor], module: str) -> Optio
 
 
 def _dense_effective(t: torch.Tensor, module: str, policy: PrecisionPolicy) -> torch.Tensor:
-    if policy.runs_fp4(module, "dense"):
+    fmt = policy.runtime_format(module, "dense")
+    if fmt == "fp4":
         packed, scale, gs = torch.ops.dsfp4.nvfp4_quantize(t.contiguous())
         return torch.ops.dsfp4.nvfp4_dequantize(packed, scale, gs, torch.float32)
+    if fmt == "fp8":   # quantized at load with DeepSeek's block formula
+        q, s = torch.ops.dsfp4.fp8_block_quantize(t.contiguous())
+        return ops.fp8_block_dequantize(q, s)
     return t.float()
 
 

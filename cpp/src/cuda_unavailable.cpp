@@ -1,6 +1,7 @@
 // CUDA entry points of a build without nvcc: each reports that CUDA is not available, so the
 // public API links the same way on every machine.
 #include "dsfp4/fp4_gemm.h"
+#include "dsfp4/fp8_gemm.h"
 #include "dsfp4/moe.h"
 #include "dsfp4/moe_experts.h"
 #include "dsfp4/nvfp4.h"
@@ -41,6 +42,27 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight&, int, const int32_t*, const
 }
 Status fp4_dequantize_tiled_cuda(const Fp4Weight&, void*, int64_t, Stream) {
   return no_cuda("fp4_dequantize_tiled_cuda");
+}
+
+Fp8GemmTactic fp8_gemm_default_tactic(int64_t, int64_t, int64_t, int64_t) { return Fp8GemmTactic{}; }
+std::vector<Fp8GemmTactic> fp8_gemm_candidate_tactics(int64_t, int64_t, int64_t, int64_t) { return {}; }
+size_t fp8_gemm_workspace_bytes(int64_t, int64_t, int64_t, const Fp8GemmTactic&, int64_t) { return 0; }
+Status fp8_gemm_cuda(const Fp8Weight&, const void*, int64_t, void*, int64_t, int64_t, const Fp8GemmTactic&, void*,
+                     size_t, Stream) {
+  return no_cuda("fp8_gemm_cuda");
+}
+Status fp8_grouped_gemm_cuda(const Fp8GroupedWeight&, int, const int32_t*, const int32_t*, int64_t, const void*,
+                             int64_t, void*, int64_t, int, Stream) {
+  return no_cuda("fp8_grouped_gemm_cuda");
+}
+Status fp8_act_quant_cuda(const void*, int64_t, int64_t, int64_t, uint8_t*, int64_t, float*, int64_t, Stream) {
+  return no_cuda("fp8_act_quant_cuda");
+}
+Status fp8_block_quantize_cuda(const MatrixSource&, int64_t, int64_t, uint8_t*, float*, Stream) {
+  return no_cuda("fp8_block_quantize_cuda");
+}
+Status fp8_dequantize_bf16_cuda(const Fp8Weight&, void*, int64_t, Stream) {
+  return no_cuda("fp8_dequantize_bf16_cuda");
 }
 
 Status moe_route_cuda(const void*, DType, const float*, const MoeRouteParams&, float*, int32_t*, Stream) {

@@ -18,6 +18,8 @@ PYBIND11_MODULE(_C, m) {
       .value("int32", dsfp4::DType::kInt32);
   dsfp4::py_bind::bind_nvfp4(m);
   dsfp4::py_bind::bind_gemm(m);
+  dsfp4::py_bind::bind_fp8(m);
   dsfp4::py_bind::bind_moe(m);
   dsfp4::py_bind::bind_paging(m);
+  dsfp4::py_bind::bind_cpu_experts(m);
 }

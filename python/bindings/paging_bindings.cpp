@@ -35,25 +35,9 @@ py::dict layout_dict(const ExpertUnitLayout& l) {
 
 py::dict counters_dict(const ExpertCounters& c) {
   py::dict d;
-  d["requests"] = c.requests;
-  d["gpu_hits"] = c.gpu_hits;
-  d["prefetch_hits"] = c.prefetch_hits;
-  d["host_hits"] = c.host_hits;
-  d["ssd_reads"] = c.ssd_reads;
-  d["demand_ssd_reads"] = c.demand_ssd_reads;
-  d["copies"] = c.copies;
-  d["zero_copy"] = c.zero_copy;
-  d["h2d_bytes"] = c.h2d_bytes;
-  d["zero_copy_bytes"] = c.zero_copy_bytes;
-  d["ssd_bytes"] = c.ssd_bytes;
-  d["prefetch_copies"] = c.prefetch_copies;
-  d["prefetch_wasted"] = c.prefetch_wasted;
-  d["predicted"] = c.predicted;
-  d["predicted_used"] = c.predicted_used;
-  d["used_after_prediction"] = c.used_after_prediction;
-  d["evictions"] = c.evictions;
-  d["skipped"] = c.skipped;
-  d["wait_ms"] = c.wait_ms;
+#define DSFP4_COUNTER_ITEM(type, name) d[#name] = c.name;
+  DSFP4_EXPERT_COUNTERS(DSFP4_COUNTER_ITEM)
+#undef DSFP4_COUNTER_ITEM
   return d;
 }
 
@@ -81,6 +65,9 @@ void nogil(Fn fn) {
 
 void bind_paging(py::module_& m) {
   py::module_ p = m.def_submodule("paging", "tiered weight paging (paging.h)");
+  // The counters of a store that pages nothing: every key, zero.
+  p.def("zero_expert_counters", [] { return counters_dict(ExpertCounters()); });
+  p.def("zero_read_counters", [] { return read_counters_dict(ReadCounters()); });
 
   p.def("expert_unit_layout", [](int64_t hidden, int64_t inter) {
     ExpertUnitLayout l;
@@ -152,50 +139,91 @@ void bind_paging(py::module_& m) {
       .def("hold", &SlotCache::hold)
       .def("release_holds", &SlotCache::release_holds)
       .def("set_pinned", &SlotCache::set_pinned)
+      .def("demote", &SlotCache::demote)
+      .def_property_readonly("available", &SlotCache::available)
       .def("pinned", &SlotCache::pinned)
       .def_property_readonly("size", &SlotCache::size)
       .def_property_readonly("capacity", &SlotCache::capacity);
 
+  py::enum_<Lane>(p, "Lane")
+      .value("gpu", Lane::kGpu)
+      .value("copy", Lane::kCopy)
+      .value("mapped", Lane::kMapped)
+      .value("cpu", Lane::kCpu)
+      .value("failed", Lane::kFailed);
+
+  // The option structs are bound as they are: a setting is declared once, in paging.h.
+  py::class_<ExpertStoreOptions>(p, "ExpertStoreOptions")
+      .def(py::init<>())
+      .def_readwrite("layers", &ExpertStoreOptions::layers)
+      .def_readwrite("experts", &ExpertStoreOptions::experts)
+      .def_readwrite("hidden", &ExpertStoreOptions::hidden)
+      .def_readwrite("inter", &ExpertStoreOptions::inter)
+      .def_readwrite("gpu_slots", &ExpertStoreOptions::gpu_slots)
+      .def_property(
+          "gpu_base", [](const ExpertStoreOptions& o) { return reinterpret_cast<std::uintptr_t>(o.gpu_base); },
+          [](ExpertStoreOptions& o, std::uintptr_t v) { o.gpu_base = ptr<void>(v); })
+      .def_readwrite("host_slots", &ExpertStoreOptions::host_slots)
+      .def_readwrite("pinned", &ExpertStoreOptions::pinned)
+      .def_readwrite("on_device", &ExpertStoreOptions::on_device)
+      .def_readwrite("gpu_policy", &ExpertStoreOptions::gpu_policy)
+      .def_readwrite("host_policy", &ExpertStoreOptions::host_policy)
+      .def_readwrite("lam", &ExpertStoreOptions::lambda)
+      .def_readwrite("miss_mode", &ExpertStoreOptions::miss_mode)
+      .def_readwrite("io_threads", &ExpertStoreOptions::io_threads)
+      .def_readwrite("repack_threads", &ExpertStoreOptions::repack_threads)
+      .def_readwrite("direct_io", &ExpertStoreOptions::direct_io)
+      .def_readwrite("async_copy", &ExpertStoreOptions::async_copy)
+      .def_readwrite("max_prefetch_units", &ExpertStoreOptions::max_prefetch_units)
+      .def_readwrite("prefetch_min_accuracy", &ExpertStoreOptions::prefetch_min_accuracy)
+      .def_readwrite("max_step_copies", &ExpertStoreOptions::max_step_copies)
+      .def_readwrite("spec_chunk_bytes", &ExpertStoreOptions::spec_chunk_bytes)
+      .def_readwrite("pipeline_max_ids", &ExpertStoreOptions::pipeline_max_ids)
+      .def_readwrite("pipeline_max_pred", &ExpertStoreOptions::pipeline_max_pred)
+      .def_readwrite("wait_timeout_ms", &ExpertStoreOptions::wait_timeout_ms)
+      .def_readwrite("sim_copy_delay_us", &ExpertStoreOptions::sim_copy_delay_us);
+
+  py::class_<MissInfo>(p, "MissInfo")
+      .def(py::init([](bool keep, int tokens) { return MissInfo{keep, tokens}; }), py::arg("keep") = false,
+           py::arg("tokens") = 1)
+      .def_readwrite("keep", &MissInfo::keep)
+      .def_readwrite("tokens", &MissInfo::tokens);
+  py::class_<MissPolicyOptions>(p, "MissPolicyOptions")
+      .def(py::init<>())
+      .def_readwrite("mode", &MissPolicyOptions::mode)
+      .def_readwrite("max_copies", &MissPolicyOptions::max_copies)
+      .def_readwrite("free_slots", &MissPolicyOptions::free_slots)
+      .def_readwrite("mapped_ok", &MissPolicyOptions::mapped_ok)
+      .def_readwrite("cpu_ok", &MissPolicyOptions::cpu_ok)
+      .def_readwrite("bus_gbs", &MissPolicyOptions::bus_gbs)
+      .def_readwrite("cpu_gbs", &MissPolicyOptions::cpu_gbs)
+      .def_readwrite("unit_bytes", &MissPolicyOptions::unit_bytes);
+  p.def("choose_lanes", &choose_lanes, py::arg("misses"), py::arg("options"));
+  p.def("pipeline_sync_words", &pipeline_sync_words, py::arg("layers"), py::arg("experts"));
+
+  py::class_<PipelineView>(p, "PipelineView")
+      .def_readonly("ring", &PipelineView::ring)
+      .def_readonly("max_ids", &PipelineView::max_ids)
+      .def_readonly("max_pred", &PipelineView::max_pred)
+      .def_property_readonly("mailbox", [](const PipelineView& v) { return v.mailbox; })
+      .def_property_readonly("wait_failed",
+                             [](const PipelineView& v) { return reinterpret_cast<std::uintptr_t>(v.wait_failed); })
+      .def_readonly("wait_timeout_ns", &PipelineView::wait_timeout_ns)
+      .def("ready", [](const PipelineView& v, int layer) { return reinterpret_cast<std::uintptr_t>(v.ready(layer)); })
+      .def("epoch", [](const PipelineView& v, int layer) { return reinterpret_cast<std::uintptr_t>(v.epoch(layer)); });
+  p.def(
+      "publish_route",
+      [](const PipelineView& v, int layer, int next_layer, std::uintptr_t ids, int64_t n_ids, std::uintptr_t pred,
+         int64_t n_pred, std::uintptr_t s) {
+        throw_if_error(publish_route(v, layer, next_layer, ptr<const int32_t>(ids), n_ids, ptr<const int32_t>(pred),
+                                     n_pred, stream(s)));
+      },
+      py::arg("view"), py::arg("layer"), py::arg("next_layer"), py::arg("ids"), py::arg("n_ids"), py::arg("pred"),
+      py::arg("n_pred"), py::arg("stream"));
+
   py::class_<ExpertStore>(p, "ExpertStore")
-      .def(py::init([](py::dict o, std::shared_ptr<CheckpointFiles> files,
+      .def(py::init([](const ExpertStoreOptions& opt, std::shared_ptr<CheckpointFiles> files,
                        const std::vector<std::vector<std::tuple<int, int64_t, int64_t, std::string>>>& stored) {
-             // keys left out keep ExpertStoreOptions' defaults
-             ExpertStoreOptions opt;
-             auto get = [&o](const char* key, auto& field) {
-               if (o.contains(key)) field = o[key].cast<std::decay_t<decltype(field)>>();
-             };
-             std::uintptr_t gpu_base = 0;
-             get("layers", opt.layers);
-             get("experts", opt.experts);
-             get("hidden", opt.hidden);
-             get("inter", opt.inter);
-             get("gpu_slots", opt.gpu_slots);
-             get("gpu_base", gpu_base);
-             opt.gpu_base = ptr<void>(gpu_base);
-             get("host_slots", opt.host_slots);
-             get("pinned", opt.pinned);
-             get("on_device", opt.on_device);
-             get("gpu_policy", opt.gpu_policy);
-             get("host_policy", opt.host_policy);
-             get("lam", opt.lambda);
-             get("miss_mode", opt.miss_mode);
-             get("io_threads", opt.io_threads);
-             get("repack_threads", opt.repack_threads);
-             get("direct_io", opt.direct_io);
-             get("async_copy", opt.async_copy);
-             get("max_prefetch_units", opt.max_prefetch_units);
-             get("prefetch_min_accuracy", opt.prefetch_min_accuracy);
-             get("max_step_copies", opt.max_step_copies);
-             for (auto item : o) {
-               static const char* known[] = {"layers", "experts", "hidden", "inter", "gpu_slots", "gpu_base",
-                                              "host_slots", "pinned", "on_device", "gpu_policy", "host_policy",
-                                              "lam", "miss_mode", "io_threads", "repack_threads", "direct_io",
-                                              "async_copy", "max_prefetch_units", "prefetch_min_accuracy",
-                                              "max_step_copies"};
-               const std::string k = py::str(item.first);
-               if (std::find(std::begin(known), std::end(known), k) == std::end(known))
-                 throw py::value_error("ExpertStore: unknown option '" + k + "'");
-             }
              std::vector<StoredExpert> ex;
              ex.reserve(stored.size());
              for (const auto& parts : stored) {
@@ -220,33 +248,64 @@ void bind_paging(py::module_& m) {
            }),
            py::arg("options"), py::arg("files"), py::arg("stored"))
       .def_property_readonly("layout", [](const ExpertStore& s) { return layout_dict(s.layout()); })
-      .def("set_device_tables",
-           [](ExpertStore& s, std::uintptr_t p) { s.set_device_tables(ptr<uint64_t>(p)); })
+      .def_property_readonly("options", [](const ExpertStore& s) { return s.options(); })
+      .def(
+          "set_device_tables",
+          [](ExpertStore& s, std::uintptr_t tables, std::uintptr_t sync) {
+            s.set_device_tables(ptr<uint64_t>(tables), ptr<uint32_t>(sync));
+          },
+          py::arg("tables"), py::arg("sync") = 0)
       .def_property_readonly("host_tables",
                              [](const ExpertStore& s) { return reinterpret_cast<std::uintptr_t>(s.host_tables()); })
-      .def("begin_step", &ExpertStore::begin_step)
+      .def_property_readonly("copy_stream",
+                             [](const ExpertStore& s) { return reinterpret_cast<std::uintptr_t>(s.copy_stream()); })
+      .def("begin_step", &ExpertStore::begin_step, py::arg("prefill") = false)
       .def(
           "resolve",
-          [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, std::uintptr_t compute, std::uintptr_t copy) {
-            nogil([&] { return s.resolve(layer, ptr<const int32_t>(ids), count, stream(compute), stream(copy)); });
+          [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, std::uintptr_t compute) {
+            std::vector<std::pair<int32_t, Lane>> lanes;
+            nogil([&] { return s.resolve(layer, ptr<const int32_t>(ids), count, stream(compute), &lanes); });
+            return lanes;
           },
-          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("compute"), py::arg("copy"))
+          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("compute"))
+      .def(
+          "resolve_ready",
+          [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, uint32_t epoch, std::uintptr_t compute) {
+            std::vector<std::pair<int32_t, Lane>> lanes;
+            // a failed expert is still placed (address 0: NaN rows), then the error is raised
+            nogil([&] { return s.resolve_ready(layer, ptr<const int32_t>(ids), count, epoch, stream(compute), &lanes); });
+            return lanes;
+          },
+          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("epoch"), py::arg("compute"))
       .def(
           "prefetch",
-          [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, std::uintptr_t compute, std::uintptr_t copy) {
-            nogil([&] { return s.prefetch(layer, ptr<const int32_t>(ids), count, stream(compute), stream(copy)); });
+          [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, std::uintptr_t compute) {
+            nogil([&] { return s.prefetch(layer, ptr<const int32_t>(ids), count, stream(compute)); });
           },
-          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("compute"), py::arg("copy"))
+          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("compute"))
+      .def("start_pipeline", [](ExpertStore& s) { nogil([&] { return s.start_pipeline(); }); })
+      .def(
+          "begin_pipeline_step",
+          [](ExpertStore& s, std::uintptr_t compute) { nogil([&] { return s.begin_pipeline_step(stream(compute)); }); },
+          py::arg("compute"))
+      .def("end_pipeline_step", [](ExpertStore& s) { nogil([&] { return s.end_pipeline_step(); }); })
+      .def_property_readonly("pipeline_running", &ExpertStore::pipeline_running)
+      .def_property_readonly("pipeline_view", &ExpertStore::pipeline_view)
+      .def("take_error", [](ExpertStore& s) { throw_if_error(s.take_error()); })
+      .def("sync_copies", [](ExpertStore& s) { nogil([&] { return s.sync_copies(); }); })
       .def(
           "reconfigure",
           [](ExpertStore& s, CachePolicy policy, double lam, MissMode mode, int max_prefetch_units,
-             double min_accuracy, std::uintptr_t compute) {
+             double min_accuracy, std::uintptr_t compute, int active_slots) {
             nogil([&] {
-              return s.reconfigure(policy, lam, mode, max_prefetch_units, min_accuracy, stream(compute));
+              return s.reconfigure(policy, lam, mode, max_prefetch_units, min_accuracy, stream(compute),
+                                   active_slots);
             });
           },
           py::arg("policy"), py::arg("lam"), py::arg("miss_mode"), py::arg("max_prefetch_units"),
-          py::arg("prefetch_min_accuracy"), py::arg("compute"))
+          py::arg("prefetch_min_accuracy"), py::arg("compute"), py::arg("active_slots") = -1)
+      .def("record_routing", &ExpertStore::record_routing, py::arg("on"))
+      .def("take_routing", &ExpertStore::take_routing)
       .def(
           "load_host",
           [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count) {
@@ -255,10 +314,11 @@ void bind_paging(py::module_& m) {
           py::arg("layer"), py::arg("ids"), py::arg("count"))
       .def(
           "set_pinned",
-          [](ExpertStore& s, int layer, int expert, bool pinned, std::uintptr_t compute, std::uintptr_t copy) {
-            nogil([&] { return s.set_pinned(layer, expert, pinned, stream(compute), stream(copy)); });
+          [](ExpertStore& s, int layer, int expert, bool pinned, std::uintptr_t compute) {
+            nogil([&] { return s.set_pinned(layer, expert, pinned, stream(compute)); });
           },
-          py::arg("layer"), py::arg("expert"), py::arg("pinned"), py::arg("compute"), py::arg("copy"))
+          py::arg("layer"), py::arg("expert"), py::arg("pinned"), py::arg("compute"))
+      .def("demote_layers_before", &ExpertStore::demote_layers_before)
       .def("gpu_address", &ExpertStore::gpu_address)
       .def("host_address", &ExpertStore::host_address)
       .def("host_unit",
@@ -345,9 +405,14 @@ void bind_paging(py::module_& m) {
       [](std::uintptr_t unit_addr, int64_t off_qweight, int64_t off_qscale, int64_t off_scale, int64_t n, int64_t k,
          int num_slots, int num_groups, std::uintptr_t slot_of_group, std::uintptr_t row_offsets, int64_t rows,
          int64_t max_rows_per_group, std::uintptr_t x, int64_t ldx, std::uintptr_t y, int64_t ldy, int tile_tokens,
-         bool on_cuda, std::uintptr_t s) {
+         bool on_cuda, std::uintptr_t s, std::uintptr_t ready, std::uintptr_t epoch, std::uintptr_t wait_failed,
+         uint64_t wait_timeout_ns) {
         Fp4GroupedWeight w;
         w.unit_addr = ptr<const uint64_t>(unit_addr);
+        w.unit_ready = ptr<const uint32_t>(ready);
+        w.ready_epoch = ptr<const uint32_t>(epoch);
+        w.wait_failed = ptr<uint32_t>(wait_failed);
+        w.wait_timeout_ns = wait_timeout_ns;
         w.unit_qweight = off_qweight;
         w.unit_qscale = off_qscale;
         w.unit_scale = off_scale;
@@ -368,7 +433,8 @@ void bind_paging(py::module_& m) {
       py::arg("unit_addr"), py::arg("unit_qweight"), py::arg("unit_qscale"), py::arg("unit_scale"), py::arg("n"),
       py::arg("k"), py::arg("num_slots"), py::arg("num_groups"), py::arg("slot_of_group"), py::arg("row_offsets"),
       py::arg("rows"), py::arg("max_rows_per_group"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"),
-      py::arg("tile_tokens"), py::arg("on_cuda"), py::arg("stream"));
+      py::arg("tile_tokens"), py::arg("on_cuda"), py::arg("stream"), py::arg("ready") = 0, py::arg("epoch") = 0,
+      py::arg("wait_failed") = 0, py::arg("wait_timeout_ns") = 0);
 }
 
 }  // namespace py_bind

@@ -19,7 +19,9 @@ inline void throw_if_error(const Status& st) {
     case StatusCode::kUnsupported:
       PyErr_SetString(PyExc_NotImplementedError, st.message().c_str());
       throw pybind11::error_already_set();
-    case StatusCode::kOutOfMemory: throw std::bad_alloc();
+    case StatusCode::kOutOfMemory:  // MemoryError with the message (std::bad_alloc would drop it)
+      PyErr_SetString(PyExc_MemoryError, st.message().c_str());
+      throw pybind11::error_already_set();
     default: throw std::runtime_error(st.message());
   }
 }
@@ -33,8 +35,10 @@ inline Stream stream(std::uintptr_t s) { return reinterpret_cast<Stream>(s); }
 
 void bind_nvfp4(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
+void bind_fp8(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
 void bind_paging(pybind11::module_& m);
+void bind_cpu_experts(pybind11::module_& m);
 
 }  // namespace py_bind
 }  // namespace dsfp4

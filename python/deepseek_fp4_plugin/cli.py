@@ -6,6 +6,8 @@
                           [--cpu-cache-size GiB] [--prefetch-layers N] [...] [--use-cuda-graph]
     deepseek-fp4 make-tiny DIR [--seed S] [--format nvfp4|fp8_block|bf16]
     deepseek-fp4 convert SRC DST [...]
+    deepseek-fp4 bench [--model DIR] [--preset P] [--out DIR]
+    deepseek-fp4 tune [--model DIR] [--target throughput] [--time-budget S] [--out FILE]
     deepseek-fp4 --version
 
 Without --model, generate runs the built-in tiny random DeepSeek-V3 (written to the cache
@@ -154,6 +156,9 @@ def add_convert_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="module-name pattern to keep unquantized (repeatable; default: "
                         f"{' '.join(DEFAULT_EXCLUDE)})")
+    p.add_argument("--fp8", action="append", metavar="PATTERN",
+                   help="module-name pattern to write as DeepSeek FP8 blocks (128x128 scales) instead of "
+                        "NVFP4, e.g. 'model.layers.*.self_attn.*' (repeatable)")
     p.add_argument("--input-scale", type=float, default=1.0,
                    help="input_scale written for each quantized layer (uncalibrated; default 1.0)")
     p.add_argument("--device", default="cpu", help="device to quantize on (cpu or cuda)")
@@ -166,14 +171,103 @@ def _run_convert(args) -> int:
     from .convert import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.dst, exclude=args.exclude, progress=not args.no_progress,
-                             input_scale=args.input_scale, device=args.device)
+                             input_scale=args.input_scale, device=args.device, fp8=args.fp8)
     print(f"wrote {out}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------
+# bench, tune
 
-SUBCOMMANDS = (add_generate_parser, add_make_tiny_parser, add_convert_parser)
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    from .bench import PRESETS
+
+    p = sub.add_parser("bench", help="standard prefill + decode workload, table, JSON and HTML report",
+                       description="Runs a standard prefill + decode workload under the performance "
+                                   "monitor; prints a short table and writes bench.json and "
+                                   "perf_report.html to --out.")
+    p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="a tuning-guide scenario (default: none)")
+    p.add_argument("--out", default="bench_out", help="output folder (default ./bench_out)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    p.add_argument("--requests", type=int, default=4, help="requests (default 4)")
+    p.add_argument("--batch", type=int, default=1, help="requests run together (default 1)")
+    p.add_argument("--cpu-cache-size", type=float, default=None,
+                   help="host expert cache in GiB (paged models)")
+    p.add_argument("--use-cuda-graph", choices=["on", "off"], default=None,
+                   help="CUDA-graph decode (default: the preset's choice, else off)")
+    p.set_defaults(func=_run_bench)
+    return p
+
+
+def _run_bench(args) -> int:
+    from .bench import print_table, run_bench
+
+    graphs = None if args.use_cuda_graph is None else args.use_cuda_graph == "on"
+    paging = {"cpu_cache_size": args.cpu_cache_size} if args.cpu_cache_size is not None else None
+    r = run_bench(args.model, args.out, preset=args.preset, device=args.device,
+                  memory_limit=args.memory_limit, prompt_tokens=args.prompt_tokens,
+                  decode_tokens=args.decode_tokens, requests=args.requests, batch=args.batch,
+                  use_cuda_graph=graphs, paging=paging)
+    print_table(r)
+    return 0
+
+
+def add_tune_parser(sub) -> argparse.ArgumentParser:
+    from .tuner import METRICS
+
+    p = sub.add_parser("tune", help="search knob settings by short measured trials; write the best config",
+                       description="Runs the AutoTuner on your prompts within a time budget and writes "
+                                   "the best configuration (and every trial) as JSON; "
+                                   "DeepseekInference.apply_config takes its 'config'.")
+    p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
+    p.add_argument("--out", default="tuned_config.json", help="result file (default ./tuned_config.json)")
+    p.add_argument("--target", default="throughput", choices=list(METRICS), help="what to optimize")
+    p.add_argument("--time-budget", type=float, default=120.0, help="seconds for all trials (default 120)")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: built-in prompts)")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="tokens generated per prompt per trial (default 32)")
+    p.add_argument("--approximate", action="store_true",
+                   help="also search expert_threshold (changes outputs)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
+    p.add_argument("--batch", type=int, default=1, help="starting batch size (default 1)")
+    p.set_defaults(func=_run_tune)
+    return p
+
+
+def _run_tune(args) -> int:
+    from pathlib import Path
+
+    from .bench import run_tune
+
+    prompts = None
+    if args.prompts:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        prompts = [x for x in lines if x.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no prompts (one per line)")
+    r = run_tune(args.model, args.out, device=args.device, memory_limit=args.memory_limit, target=args.target,
+                 time_budget_s=args.time_budget, prompts=prompts, max_tokens=args.max_tokens,
+                 approximate=args.approximate, batch=args.batch)
+    base = r["baseline"]["value"]
+    print(f"tuned {r['target_metric']} ({r['metric_key']}): {base if base is None else round(base, 3)} → "
+          f"{r['value'] if r['value'] is None else round(r['value'], 3)} in {len(r['trials'])} trials, "
+          f"{r['elapsed_s']:.0f} s ({r['stopped']}); {len(r['skipped'])} configurations did not fit")
+    print(f"config: {r['config']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+
+SUBCOMMANDS = (add_generate_parser, add_make_tiny_parser, add_convert_parser, add_bench_parser,
+               add_tune_parser)
 
 
 def _version() -> str:

@@ -2,8 +2,9 @@
 
 ``WeightConverter`` reads a ``CheckpointSource`` and builds what the model multiplies by, as
 the ``PrecisionPolicy`` and the compute dtype say: NVFP4 weights repacked into the tiled
-kernel layout (``Fp4Linear``), FP8-block weights converted to NVFP4 or dequantized, dense
-weights cast; gate+up and q_a+kv_a fused; kv_b split per head for the absorbed MLA form.
+kernel layout (``Fp4Linear``), FP8-block weights kept as they are (``Fp8Linear``), converted to
+NVFP4 or dequantized, dense weights cast or quantized (NVFP4 or FP8 blocks); gate+up and
+q_a+kv_a fused; kv_b split per head for the absorbed MLA form.
 Tensors are converted on ``device`` (the GPU when there is one: conversion is fastest there).
 """
 
@@ -15,20 +16,22 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import ops
+from . import fp8_ops, ops
 from .checkpoint import FP8_BLOCK, NVFP4, CheckpointSource, LinearTensors
 from .config import DeepseekV3Config
+from .fp8_ops import Fp8Weight
 from .ops import Fp4Weight
-from .precision import PrecisionPolicy, module_group
-from .weights import (AttentionWeights, DenseLinear, DenseRoutedExperts, Fp4Linear, Fp4RoutedExperts, LayerWeights,
-                      Linear, MlpWeights, MoeWeights, RoutedExperts, fuse_linears)
+from .precision import FP4, FP8, PrecisionPolicy, module_group
+from .weights import (AttentionWeights, DenseLinear, DenseRoutedExperts, Fp4Linear, Fp4RoutedExperts, Fp8KvB,
+                      Fp8Linear, Fp8RoutedExperts, LayerWeights, Linear, MlpWeights, MoeWeights,
+                      RoutedExperts, fuse_linears)
 
 
 class WeightConverter:
     """Builds runtime weights from ``source`` on ``device``.
 
     Attributes: ``formats`` records, per linear module converted so far, its runtime format
-    ("fp4" or "dense").
+    ("fp4", "fp8" or "dense").
     """
 
     def __init__(self, source: CheckpointSource, device: torch.device, compute_dtype: torch.dtype,
@@ -48,19 +51,26 @@ class WeightConverter:
         n, k = self.shapes[module]
         lt = self.source.linear(module, n, k, self.block)
         lin = self.to_linear(lt)
-        self.formats[module] = "fp4" if lin.fp4 else "dense"
+        self.formats[module] = "fp4" if lin.fp4 else "fp8" if lin.fp8 else "dense"
         return lin
 
     def to_linear(self, lt: LinearTensors) -> Linear:
         """Stored tensors → runtime linear, as the policy and compute dtype say."""
         dev, cdt = self.device, self.compute_dtype
         bias = None if lt.bias is None else owned(lt.bias.to(dev).to(cdt), lt.bias)
-        if self.policy.runs_fp4(lt.module, lt.format):
+        fmt = self.policy.runtime_format(lt.module, lt.format)
+        if fmt == FP4:
             w = to_fp4(lt, dev, self.block)
             if cdt == torch.float32:
                 # float32 reference path: the exact values the FP4 kernels would use
                 return DenseLinear(w.dequantize(torch.float32), bias, fp4=True)
             return Fp4Linear(w, bias)
+        if fmt == FP8 and fp8_runnable(lt, dev, self.block):
+            w = to_fp8(lt, dev)
+            if cdt == torch.float32:
+                # float32 reference path: e4m3 × block scale, as the FP8 kernels multiply
+                return DenseLinear(w.dequantize(torch.float32), bias, fp8=True)
+            return Fp8Linear(w, bias)
         return DenseLinear(to_dense(lt, dev, cdt, self.block), bias)
 
     def mlp(self, prefix: str) -> MlpWeights:
@@ -132,19 +142,35 @@ class WeightConverter:
         return self.compute_dtype != torch.float32 and all(
             self.policy.runs_fp4(m, self.source.linear_format(m)) for m in self.expert_modules(prefix))
 
+    def experts_run_fp8(self, prefix: str) -> bool:
+        """True when the routed experts under ``prefix`` run as stacked FP8 experts."""
+        c = self.config
+        return (self.compute_dtype != torch.float32 and c.hidden_size % 16 == 0
+                and c.moe_intermediate_size % 16 == 0
+                and all(self.policy.runtime_format(m, self.source.linear_format(m)) == FP8
+                        for m in self.expert_modules(prefix)))
+
     def routed_experts(self, prefix: str) -> RoutedExperts:
         c = self.config
-        if self.experts_run_fp4(prefix):
+        stack = (Fp4RoutedExperts if self.experts_run_fp4(prefix) else
+                 Fp8RoutedExperts if self.experts_run_fp8(prefix) else None)
+        linear = Fp4Linear if stack is Fp4RoutedExperts else Fp8Linear
+        if stack is not None:
             # fill the stacked buffers expert by expert: peak memory stays one expert above the result
             experts = None
             for e in range(c.n_routed_experts):
                 mlp = self.mlp(f"{prefix}.experts.{e}")
+                if type(mlp.gate_up) is not linear or type(mlp.down) is not linear:
+                    return self.dense_experts(prefix)   # e.g. FP8 blocks other than 128×128
                 if experts is None:
-                    experts = Fp4RoutedExperts.allocate(c.n_routed_experts, mlp.gate_up.weight, mlp.down.weight)
+                    experts = stack.allocate(c.n_routed_experts, mlp.gate_up.weight, mlp.down.weight)
                 experts.set_expert(e, mlp.gate_up.weight, mlp.down.weight)
             return experts
+        return self.dense_experts(prefix)
+
+    def dense_experts(self, prefix: str) -> DenseRoutedExperts:
         gate_up, down = [], []
-        for e in range(c.n_routed_experts):
+        for e in range(self.config.n_routed_experts):
             mlp = self.mlp(f"{prefix}.experts.{e}")
             gate_up.append(mlp.gate_up.dense_weight(self.compute_dtype))
             down.append(mlp.down.dense_weight(self.compute_dtype))
@@ -153,7 +179,15 @@ class WeightConverter:
 
 
 def split_kv_b(attn: AttentionWeights, c: DeepseekV3Config, dtype: torch.dtype) -> None:
-    """w_uk / w_uv for the absorbed form: views of a dense kv_b, a dequantized copy of an FP4 one."""
+    """w_uk / w_uv for the absorbed form: views of a dense kv_b, a dequantized copy of an FP4
+    one; an FP8 kv_b whose heads are whole scale blocks becomes an ``Fp8KvB`` (the absorbed
+    products read FP8, w_uk / w_uv stay None)."""
+    kv_b = attn.kv_b
+    if type(kv_b) is Fp8Linear and Fp8KvB.fits(kv_b.n, kv_b.k, c.num_attention_heads, c.qk_nope_head_dim,
+                                                   c.v_head_dim) and kv_b.weight.split_rows == 0:
+        attn.kv_b = Fp8KvB(kv_b.weight, c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, kv_b.bias)
+        attn.w_uk = attn.w_uv = None
+        return
     w = attn.kv_b.dense_weight(dtype)
     w = w.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
     attn.w_uk = w[:, : c.qk_nope_head_dim]                 # [H, nope, kv_lora]
@@ -172,6 +206,25 @@ def to_fp4(lt: LinearTensors, dev: torch.device, declared: int = 128) -> Fp4Weig
         packed, scale, gs = torch.ops.dsfp4.fp8_block_to_nvfp4(w, s, block[0], block[1])
         return Fp4Weight.from_modelopt(packed, scale, gs)
     return Fp4Weight.from_float(t["weight"].to(dev))
+
+
+def fp8_runnable(lt: LinearTensors, dev: torch.device, declared: int = 128) -> bool:
+    """True when the FP8 kernels can run this weight: 128×128 blocks (stored FP8) and, on CUDA,
+    K a multiple of 16. Otherwise it runs dense."""
+    if lt.format == FP8_BLOCK and fp8_block_size(lt, declared) != (fp8_ops.BLOCK, fp8_ops.BLOCK):
+        return False
+    if lt.format == NVFP4:
+        return False
+    return dev.type != "cuda" or lt.k % 16 == 0
+
+
+def to_fp8(lt: LinearTensors, dev: torch.device) -> Fp8Weight:
+    """FP8 blocks as stored, or a dense weight quantized to them (fp8_block_quantize)."""
+    t = lt.tensors
+    if lt.format == FP8_BLOCK:
+        w, s = t["weight"], t["weight_scale_inv"]
+        return Fp8Weight(owned(w.to(dev).contiguous(), w), owned(s.to(dev).contiguous(), s))
+    return Fp8Weight.from_float(t["weight"].to(dev))
 
 
 def to_dense(lt: LinearTensors, dev: torch.device, dtype: torch.dtype, declared: int = 128) -> Tensor:
@@ -218,16 +271,29 @@ def linear_shapes(c: DeepseekV3Config) -> Dict[str, Tuple[int, int]]:
 
 def linear_bytes(source: CheckpointSource, policy: PrecisionPolicy, module: str, n: int, k: int,
                  compute_dtype: torch.dtype) -> int:
-    """Device bytes of one converted linear (plus w_uk / w_uv for an FP4 kv_b)."""
+    """Device bytes of one converted linear (plus w_uk / w_uv for an FP4 or FP8 kv_b)."""
     elt = torch.tensor([], dtype=compute_dtype).element_size()
-    fmt = source.linear_format(module)
+    stored = source.linear_format(module)
     if module_group(module) is None:
         return n * k * 4
-    if policy.runs_fp4(module, fmt) and compute_dtype != torch.float32:
+    fmt = policy.runtime_format(module, stored)
+    if compute_dtype == torch.float32:
+        return n * k * elt
+    kv_b = module.endswith(".kv_b_proj")
+    if fmt == FP4:
         words, sbytes = ops.tiled_sizes(n, k)
         total = words * 4 + sbytes + 4 * math.ceil(n / 16)
-        if module.endswith(".kv_b_proj"):
-            total += n * k * elt   # w_uk / w_uv for the absorbed form, dequantized
+        return total + (n * k * elt if kv_b else 0)   # w_uk / w_uv for the absorbed form, dequantized
+    declared = getattr(getattr(source, "quant", None), "weight_block_size", (128, 128))
+    if fmt == FP8 and (stored != FP8_BLOCK or tuple(declared) == (fp8_ops.BLOCK, fp8_ops.BLOCK)):
+        total = n * k + 4 * math.ceil(n / 128) * math.ceil(k / 128)
+        if kv_b:
+            c = source.config
+            h, nope, v = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
+            if Fp8KvB.fits(n, k, h, nope, v):   # W_uk transposed, in FP8
+                total += h * k * nope + 4 * h * math.ceil(k / 128) * (nope // 128)
+            else:
+                total += n * k * elt
         return total
     return n * k * elt
 

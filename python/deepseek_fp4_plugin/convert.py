@@ -60,7 +60,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from . import __version__, ops
+from . import __version__, fp8_ops, ops
 from .checkpoint import FP8_BLOCK, NVFP4
 from .config import read_json_file
 from .loader import (CONFIG_FILE, HF_QUANT_CONFIG_FILE, INDEX_FILE, NVFP4_GROUP_SIZE, SafetensorsCheckpoint,
@@ -139,6 +139,21 @@ def _resolve_exclude(ck: SafetensorsCheckpoint, exclude: Optional[Sequence[str]]
     return patterns
 
 
+def _resolve_fp8(ck: SafetensorsCheckpoint, fp8: Optional[Sequence[str]]) -> List[str]:
+    """Patterns of modules to write as DeepSeek FP8 blocks; an NVFP4-stored module cannot be one."""
+    if fp8 is None:
+        return []
+    if isinstance(fp8, str) or not all(isinstance(p, str) for p in fp8):
+        raise ValueError(f"fp8 must be a list of module-name patterns, got {fp8!r}")
+    patterns = list(dict.fromkeys(fp8))
+    for m in linear_shapes(ck.config):
+        p = exclude_match(m, patterns)
+        if p is not None and ck.linear_format(m) == NVFP4:
+            raise ValueError(f"{ck.where(m + '.weight')}: module {m!r} is stored in NVFP4 but fp8 pattern "
+                             f"{p!r} asks to write it in FP8 (NVFP4 is not converted to FP8)")
+    return patterns
+
+
 def _plan(ck: SafetensorsCheckpoint, share_scales: bool) -> List[_Shard]:
     shapes = linear_shapes(ck.config)
     group_of: Dict[str, List[str]] = {m: [m] for m in shapes}
@@ -210,9 +225,10 @@ def _fp8_block_amax(w: Tensor, scale_inv: Tensor, block: int) -> float:
 
 class _Converter:
     def __init__(self, ck: SafetensorsCheckpoint, exclude: List[str], input_scale: Optional[float],
-                 device: str):
+                 device: str, fp8: Sequence[str] = ()):
         self.ck = ck
         self.exclude = exclude
+        self.fp8 = list(fp8)
         self.input_scale = input_scale
         self.device = torch.device(device)
         self.block = ck.quant.weight_block_size[0]
@@ -227,6 +243,8 @@ class _Converter:
             fmt = self.ck.linear_format(m)
             if fmt == NVFP4:
                 out.update(self._copy_module(m))
+            elif exclude_match(m, self.fp8) is not None:
+                out.update(self._fp8_module(m, fmt))
             elif exclude_match(m, self.exclude) is not None:
                 out.update(self._keep_module(m, fmt))
             else:
@@ -277,6 +295,24 @@ class _Converter:
         self.ck.linear(m, *self.shapes[m])   # checks shapes and scales: never copy a corrupt module
         names = [f"{m}.{s}" for s in _LINEAR_SUFFIXES if self.ck.has(f"{m}.{s}")]
         return {n: self.ck.get_tensor(n) for n in names}
+
+    def _fp8_module(self, m: str, fmt: str) -> Dict[str, Tensor]:
+        """DeepSeek FP8 blocks (128×128): FP8 sources with that block are copied bit for bit,
+        others are quantized (fp8_block_quantize, the DeepSeek formula) from their dense values."""
+        n, k = self.shapes[m]
+        lt = self.ck.linear(m, n, k)   # checks shapes and scales
+        t = lt.tensors
+        if fmt == FP8_BLOCK and tuple(t["weight_scale_inv"].shape) == fp8_ops.scale_shape(n, k):
+            out = {f"{m}.weight": t["weight"], f"{m}.weight_scale_inv": t["weight_scale_inv"]}
+        else:
+            w = t["weight"].to(self.device)
+            if fmt == FP8_BLOCK:
+                w = ops.fp8_block_dequantize(w, t["weight_scale_inv"].to(self.device), self.block, self.block)
+            q, s = fp8_ops.fp8_block_quantize(w.contiguous())
+            out = {f"{m}.weight": q.cpu(), f"{m}.weight_scale_inv": s.cpu()}
+        if self.ck.has(f"{m}.bias"):
+            out[f"{m}.bias"] = self.ck.get_tensor(f"{m}.bias")
+        return out
 
     def _keep_module(self, m: str, fmt: str) -> Dict[str, Tensor]:
         out = {}
@@ -375,11 +411,14 @@ def _shard_keys(path: Path) -> Optional[List[str]]:
 
 
 def _fingerprint(ck: SafetensorsCheckpoint, exclude: List[str], input_scale: Optional[float],
-                 share_scales: bool) -> Dict[str, Any]:
+                 share_scales: bool, fp8: Sequence[str] = ()) -> Dict[str, Any]:
+    options = {"exclude": exclude, "input_scale": input_scale, "share_scales": share_scales}
+    if fp8:
+        options["fp8"] = list(fp8)
     return {
         "source": str(ck.path.resolve()),
         "source_files": {f.name: f.stat().st_size for f in ck.files},
-        "options": {"exclude": exclude, "input_scale": input_scale, "share_scales": share_scales},
+        "options": options,
     }
 
 
@@ -450,7 +489,7 @@ def modelopt_quant_configs(exclude: Sequence[str], kv_cache_quant_algo: Optional
 
 def convert_checkpoint(src: Union[str, Path], dst: Union[str, Path], exclude: Optional[Sequence[str]] = None,
                        progress: bool = True, input_scale: Optional[float] = 1.0, share_scales: bool = True,
-                       device: str = "cpu") -> Path:
+                       device: str = "cpu", fp8: Optional[Sequence[str]] = None) -> Path:
     """Converts the model folder ``src`` to an NVFP4 checkpoint in the ModelOpt layout at ``dst``.
 
     Parameters
@@ -466,6 +505,12 @@ def convert_checkpoint(src: Union[str, Path], dst: Union[str, Path], exclude: Op
         to write none (readers that need it will then refuse the checkpoint)
     share_scales : give gate_proj/up_proj and q_a_proj/kv_a_proj_with_mqa one weight_scale_2
     device : where to quantize ("cpu", or "cuda" with a CUDA build: same bits, faster)
+    fp8 : module-name patterns (fnmatch) to write as DeepSeek FP8 blocks (``weight``
+        float8_e4m3fn, ``weight_scale_inv`` float32 per 128×128 block) instead of NVFP4: FP8
+        sources are copied, others quantized; recorded in hf_quant_config.json's
+        ``converter.fp8_block_modules``. E.g. ``["model.layers.*.self_attn.*"]`` halves BF16
+        attention at FP8 precision. This library reads such mixed checkpoints (formats are told
+        apart per module); other NVFP4 runtimes do not know the mix.
 
     Returns
     -------
@@ -489,7 +534,7 @@ def convert_checkpoint(src: Union[str, Path], dst: Union[str, Path], exclude: Op
     ck = open_checkpoint(src)
     created = _missing_folders(dst)
     try:
-        return _convert(ck, dst, exclude, progress, input_scale, share_scales, dev)
+        return _convert(ck, dst, exclude, progress, input_scale, share_scales, dev, fp8)
     except BaseException as e:
         kept = _clean_up(dst, created)
         note = (f"; {kept} finished shard(s) kept in {dst}: run the same command again to resume"
@@ -506,14 +551,16 @@ def convert_checkpoint(src: Union[str, Path], dst: Union[str, Path], exclude: Op
 
 
 def _convert(ck: SafetensorsCheckpoint, dst: Path, exclude: Optional[Sequence[str]], progress: bool,
-             input_scale: Optional[float], share_scales: bool, device: torch.device) -> Path:
+             input_scale: Optional[float], share_scales: bool, device: torch.device,
+             fp8: Optional[Sequence[str]] = None) -> Path:
     excl = _resolve_exclude(ck, exclude)
+    fp8_patterns = _resolve_fp8(ck, fp8)
     shards = _plan(ck, share_scales)
-    manifest = _prepare_dst(dst, _fingerprint(ck, excl, input_scale, share_scales))
+    manifest = _prepare_dst(dst, _fingerprint(ck, excl, input_scale, share_scales, fp8_patterns))
     if not (dst / MANIFEST_FILE).is_file():
         # before any shard is renamed into place: a run killed after that rename still resumes
         _write_json(dst / MANIFEST_FILE, manifest)
-    conv = _Converter(ck, excl, input_scale, device)
+    conv = _Converter(ck, excl, input_scale, device, fp8_patterns)
     weight_map: Dict[str, str] = {}
     total_bytes = 0
     with tqdm(total=sum(s.src_bytes for s in shards), unit="B", unit_scale=True, unit_divisor=1024,
@@ -544,7 +591,7 @@ def _convert(ck: SafetensorsCheckpoint, dst: Path, exclude: Optional[Sequence[st
             total_bytes += done["data_bytes"]
             weight_map.update({k: shard.name for k in keys})
 
-    _write_metadata_files(ck, dst, excl)
+    _write_metadata_files(ck, dst, excl, fp8_patterns)
     _write_json(dst / INDEX_FILE, {"metadata": {"total_size": total_bytes},
                                    "weight_map": dict(sorted(weight_map.items()))})
     manifest["complete"] = True
@@ -605,9 +652,12 @@ def _clean_up(dst: Path, created: List[Path]) -> int:
     return 0
 
 
-def _write_metadata_files(ck: SafetensorsCheckpoint, dst: Path, exclude: List[str]) -> None:
+def _write_metadata_files(ck: SafetensorsCheckpoint, dst: Path, exclude: List[str],
+                          fp8: Sequence[str] = ()) -> None:
     cfg = read_json_file(ck.path / CONFIG_FILE)
     hf, qc = modelopt_quant_configs(exclude, ck.quant.kv_cache_quant_algo)
+    if fp8:   # this library tells formats apart per module; other NVFP4 readers do not know the mix
+        hf["converter"]["fp8_block_modules"] = list(fp8)
     cfg["quantization_config"] = qc
     if cfg.get("num_nextn_predict_layers"):
         cfg["num_nextn_predict_layers"] = 0    # the MTP layers were not converted

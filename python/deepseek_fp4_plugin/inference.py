@@ -23,8 +23,9 @@ import torch
 
 from .engine import Engine, GenerationStats
 from .guard import stream_or_raise, text_or_raise
+from .knobs import sliding_window_refusal, translate
 from .memory_plan import PagingSettings
-from .paged import PagedWeightStore
+from .monitor import follow_reload, monitor_for
 
 # seed name → (PagingSettings field or engine argument, validator kind, minimum)
 _MEMORY_CONFIG = {
@@ -41,21 +42,25 @@ _MEMORY_STRATEGY = {
 }
 _COMPUTE_STREAMS = {"prefetch": ("bool", None), "compute": ("bool", None), "transfer": ("bool", None)}
 _CONFIG = {
+    # any PagingSettings field (checked by PagingSettings.validate), then the seed names
+    **{k: ("setting", None) for k in PagingSettings.__dataclass_fields__},
     **_MEMORY_CONFIG,
+    **_MEMORY_STRATEGY,
     "prefetch_experts": ("int", 1),
     "pinned_memory": ("bool", None),
     "enable_async_copy": ("bool", None),
     "overlap_compute": ("bool", None),
     "gpu_memory_fraction": ("fraction", None),
     "enable_tf32": ("bool", None),
+    # the guide's names that knobs.translate turns into the above
+    "max_persistent_cache": ("gib", None),
+    "max_workspace_size": ("gib", None),
+    "prefer_larger_batch": ("bool", None),
 }
 # keys of the tuning guide that name things this runtime does not have
 _UNSUPPORTED = {
     "sliding_window": "DeepSeek-V3 attends over the whole context",
     "expert_parallelism": "all selected experts of a layer run in one grouped GEMM launch",
-    "max_persistent_cache": "the host-side cache is cpu_cache_size (set_memory_strategy)",
-    "max_workspace_size": "the workspace follows prefill_chunk (an Engine argument)",
-    "prefer_larger_batch": "set batch_size",
 }
 # what changes the memory plan (a reload); the rest apply to the running engine
 _PLAN_KEYS = {"max_gpu_layers", "gpu_reserved", "cpu_cache_size", "prefetch_size", "min_layers", "max_experts",
@@ -116,18 +121,22 @@ class DeepseekInference:
 
     def _load(self, **engine_overrides: Any) -> Engine:
         kw = {**self._engine_kwargs, **engine_overrides}
-        return Engine.from_pretrained(self.model_path, device=self.device, memory_limit=self.memory_limit,
-                                      paging=dict(self._paging), **kw)
+        engine = Engine.from_pretrained(self.model_path, device=self.device, memory_limit=self.memory_limit,
+                                        paging=dict(self._paging), **kw)
+        follow_reload(self, engine)   # a started perf_monitor records the new engine's steps
+        return engine
 
     # ---- applying settings -----------------------------------------------------------------
-    def _apply(self, changes: Dict[str, Any], batch_size: Optional[int] = None) -> None:
+    def _apply(self, changes: Dict[str, Any], batch_size: Optional[int] = None,
+               prefill_chunk: Optional[int] = None) -> None:
         """Applies PagingSettings changes: a reload when the plan changes, else at once."""
         new = {**self._paging, **changes}
         PagingSettings(**new).validate()   # raises, naming the field, before anything changes
         reload = batch_size is not None and batch_size != self.engine.max_batch_size
         reload = reload or any(new.get(k) != self._paging.get(k) for k in _PLAN_KEYS if k in changes)
+        reload = reload or (prefill_chunk is not None and prefill_chunk != self.engine.prefill_chunk)
         store = self.engine.store
-        if not reload and isinstance(store, PagedWeightStore):
+        if not reload and store.pages:
             try:
                 self.engine.reconfigure_paging(**{k: v for k, v in changes.items() if k not in _PLAN_KEYS})
             except ValueError:
@@ -139,6 +148,8 @@ class DeepseekInference:
         if reload:
             cuda_graph = self.engine.use_cuda_graph
             overrides = {"max_batch_size": batch_size} if batch_size is not None else {}
+            if prefill_chunk is not None:
+                overrides["prefill_chunk"] = prefill_chunk
             kw = {**self._engine_kwargs, **overrides}
             # plan first (reads headers only): a budget the new settings cannot carve raises here,
             # with the old engine untouched
@@ -158,6 +169,8 @@ class DeepseekInference:
         if batch_size is not None:
             self.batch_size = batch_size
             self._engine_kwargs["max_batch_size"] = batch_size
+        if prefill_chunk is not None:
+            self._engine_kwargs["prefill_chunk"] = prefill_chunk
 
     @staticmethod
     def _check(section: str, schema: Dict[str, tuple], values: Dict[str, Any]) -> Dict[str, Any]:
@@ -203,7 +216,7 @@ class DeepseekInference:
     def pending_settings(self) -> Dict[str, Dict[str, Any]]:
         """Settings recorded but with nothing to act on in the current engine (paging knobs of
         an engine that keeps every weight resident)."""
-        if isinstance(self.engine.store, PagedWeightStore):
+        if self.engine.store.pages:
             return {}
         idle = {"prefetch_layers", "expert_threshold", "prefetch_experts", "prefetch_size", "cpu_cache_size",
                 "max_experts", "min_layers"}
@@ -243,8 +256,9 @@ class DeepseekInference:
             raise ValueError(f"config must be a dict, got {type(config).__name__}")
         for k in config:
             if k in _UNSUPPORTED:
-                raise ValueError(f"apply_config: {k} is not supported ({_UNSUPPORTED[k]})")
-        now = {"use_cuda_graph", "batch_size"}
+                why = sliding_window_refusal(self.model_path) if k == "sliding_window" else _UNSUPPORTED[k]
+                raise ValueError(f"apply_config: {k} is not supported ({why})")
+        now = {"use_cuda_graph", "batch_size", "prefill_chunk"}
         unknown = sorted(set(config) - now - set(_CONFIG))
         if unknown:
             raise ValueError(f"apply_config: unknown key(s) {unknown} "
@@ -253,6 +267,8 @@ class DeepseekInference:
         batch = None
         if "batch_size" in config:
             batch = _validate("apply_config", "batch_size", "int", 1, config["batch_size"])
+        chunk = _validate("apply_config", "prefill_chunk", "int", 1, config["prefill_chunk"]) \
+            if "prefill_chunk" in config else None
         graphs = None
         if "use_cuda_graph" in config:
             graphs = _validate("apply_config", "use_cuda_graph", "bool", None, config["use_cuda_graph"])
@@ -263,7 +279,9 @@ class DeepseekInference:
             on = changes.pop("overlap_compute")
             changes["streams"] = {"compute": on, "prefetch": on, "transfer": on}
             changes["enable_async_copy"] = on
-        self._apply(changes, batch_size=batch)
+        engine = translate(self, changes, batch)   # the guide's names that are engine arguments
+        self._apply(changes, batch_size=engine.get("max_batch_size", batch),
+                    prefill_chunk=engine.get("prefill_chunk", chunk))
         if tf32 is not None:
             # float32 matmuls only (the CPU reference path, routers); the FP4/BF16 kernels are unaffected
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -290,6 +308,12 @@ class DeepseekInference:
             stop=stop, chat=chat))
 
     @property
+    def perf_monitor(self):
+        """This model's PerfMonitor (monitor.py), created on first use; it follows the engine
+        across reloads. ``start()`` it for a window with NVML samples and per-step figures."""
+        return monitor_for(self)
+
+    @property
     def stats(self) -> GenerationStats:
         """Timings of the last generate / stream call."""
         return self.engine.last_stats
@@ -298,4 +322,4 @@ class DeepseekInference:
     def paging_counters(self) -> Optional[Dict[str, Any]]:
         """Tier counters of a paged engine (hit rates, prefetch accuracy, bytes per tier), else None."""
         store = self.engine.store
-        return store.counters() if isinstance(store, PagedWeightStore) else None
+        return store.counters() if store.pages else None

@@ -17,6 +17,9 @@ read) and decides what stays resident and what is paged:
   expert cache whatever is left, in expert-unit slots (one expert: gate, up, down + scales);
                at least the experts one decode step can touch, min(E, max_batch_size · top_k)
 
+When dense attention does not fit beside the minimum expert cache, the plan runs it in FP8
+(converted at load; ``MemoryPlan.policy`` then says so, and the notes give the sizes).
+
 The host side: pinned memory for the paged layer units, and the expert host cache
 (``cpu_cache_size``) in front of the checkpoint files. A budget below the minimum working
 set is refused with the sizes that would fit.
@@ -31,10 +34,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ._ext import _C
 from .checkpoint import CheckpointSource
 from .config import DeepseekV3Config
 from .conversion import linear_bytes, linear_shapes
-from .precision import PrecisionPolicy, module_group
+from .precision import ATTENTION, DENSE, FP4, FP8, PrecisionPolicy, module_group
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -75,6 +79,12 @@ class PagingSettings:
     io_threads : disk reader threads; direct_io : O_DIRECT reads (bypass the page cache)
     streams : {"compute", "prefetch", "transfer"}: False runs that stream's work on the
         current stream; stream_priorities : compute high, prefetch medium, transfer low
+    expert_slots : most GPU expert slots in use (at most the plan's; None: all of them), a
+        runtime cap, e.g. to give a short model the cache share of a deeper one
+    decode_pipeline : resolve each decode step's experts on the store's own thread as the GPU
+        publishes them, with no host point per MoE layer (None: on CUDA with async copies)
+    sim_copy_delay_us : tests only, CPU mode: copies run on a simulated asynchronous stream,
+        each delayed this long (exposes ordering bugs between copies, reads and events)
     """
 
     prefetch_layers: int = 1
@@ -97,6 +107,9 @@ class PagingSettings:
     direct_io: bool = True
     streams: Dict[str, bool] = field(default_factory=lambda: {"compute": True, "prefetch": True, "transfer": True})
     stream_priorities: bool = True
+    expert_slots: Optional[int] = None
+    decode_pipeline: Optional[bool] = None
+    sim_copy_delay_us: int = 0
 
     def validate(self) -> "PagingSettings":
         def need(cond: bool, msg: str) -> None:
@@ -123,6 +136,12 @@ class PagingSettings:
              f"max_experts must be an integer >= 1, got {self.max_experts!r}")
         need(self.gpu_memory_fraction is None or (is_num(self.gpu_memory_fraction) and 0 < self.gpu_memory_fraction <= 1),
              f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
+        need(self.expert_slots is None or (is_int(self.expert_slots) and self.expert_slots >= 1),
+             f"expert_slots must be None or an integer >= 1, got {self.expert_slots!r}")
+        need(self.decode_pipeline is None or isinstance(self.decode_pipeline, bool),
+             f"decode_pipeline must be None, True or False, got {self.decode_pipeline!r}")
+        need(is_int(self.sim_copy_delay_us) and 0 <= self.sim_copy_delay_us <= 1_000_000,
+             f"sim_copy_delay_us must be an integer in [0, 1000000], got {self.sim_copy_delay_us!r}")
         for k in ("pinned_memory", "enable_async_copy", "direct_io", "stream_priorities"):
             need(isinstance(getattr(self, k), bool), f"{k} must be True or False, got {getattr(self, k)!r}")
         need(self.miss_mode in _MISS_MODES, f"miss_mode must be one of {_MISS_MODES}, got {self.miss_mode!r}")
@@ -167,6 +186,7 @@ class MemoryPlan:
     min_budget: int                  # smallest budget this configuration accepts
     prefill_group_tokens: int = 0    # tokens a layer-major prefill holds between layers
     notes: List[str] = field(default_factory=list)
+    policy: Optional[PrecisionPolicy] = None   # the precision the plan was made for (the stores use it)
 
     @property
     def resident_layer_bytes(self) -> int:
@@ -199,6 +219,9 @@ class MemoryPlan:
 
     def as_dict(self) -> Dict[str, Any]:
         d = asdict(self)
+        pol = self.policy
+        d["policy"] = None if pol is None else {
+            k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(pol).items()}
         d["layer_unit_bytes"] = {str(k): v for k, v in self.layer_unit_bytes.items()}
         d["rows"] = [{"part": n, "bytes": b, "note": note} for n, b, note in self.rows()]
         return d
@@ -250,13 +273,78 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def expert_unit_bytes(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype: torch.dtype) -> int:
+    """Device bytes of one routed expert as it will run: an NVFP4 paging unit, an FP8 unit
+    (fp8_expert_unit_layout) or dense gate, up and down in the compute dtype."""
+    c = source.config
+    h, i = c.hidden_size, c.moe_intermediate_size
+    elt = torch.tensor([], dtype=compute_dtype).element_size()
+    layer = next((x for x in range(c.num_hidden_layers) if c.is_moe_layer(x)), None)
+    fmt = DENSE
+    if layer is not None and compute_dtype != torch.float32:
+        m = f"model.layers.{layer}.mlp.experts.0.gate_proj"
+        fmt = policy.runtime_format(m, source.linear_format(m))
+    if h % 16 or i % 16:
+        fmt = DENSE
+    if fmt == FP4:
+        return _C.paging.expert_unit_layout(h, i)["bytes"]
+    if fmt == FP8:
+        return _C.fp8_expert_unit_layout(h, i)["bytes"]
+    return 3 * h * i * elt
+
+
+def attention_bytes(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype: torch.dtype) -> int:
+    """Device bytes of every layer's attention linears, as converted."""
+    return sum(linear_bytes(source, policy, m, n, k, compute_dtype)
+               for m, (n, k) in linear_shapes(source.config).items() if module_group(m) == ATTENTION)
+
+
 def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype: torch.dtype,
                 budget: int, settings: PagingSettings, max_batch_size: int, max_seq_len: int,
                 prefill_chunk: int, expert_unit_bytes: int, device_total: Optional[int] = None,
                 host_bytes: Optional[int] = None, experts_pageable: bool = True,
                 library_workspace: int = 0, not_pageable_reason: str = "") -> MemoryPlan:
     """Carves ``budget`` bytes (see the module docstring). Raises ValueError, with the sizes
-    that would fit, when the budget cannot hold the minimum working set."""
+    that would fit, when the budget cannot hold the minimum working set.
+
+    When dense (BF16) attention pages — it does not fit beside the minimum expert cache — and
+    the policy allows it (``auto_fp8_attention``), the plan converts attention to FP8 blocks at
+    load (half the bytes) if that pages fewer layers, and says so in its notes;
+    ``MemoryPlan.policy`` is the precision the stores must then load with."""
+    args = (compute_dtype, budget, settings, max_batch_size, max_seq_len, prefill_chunk, expert_unit_bytes,
+            device_total, host_bytes, experts_pageable, library_workspace, not_pageable_reason)
+    try:
+        plan, error = _plan_with(source, policy, *args), None
+    except ValueError as e:
+        plan, error = None, e
+    fp8 = policy.with_fp8(ATTENTION)
+    if (policy.auto_fp8_attention and compute_dtype == torch.bfloat16 and (plan is None or plan.paged_layers)
+            and attention_bytes(source, fp8, compute_dtype) < attention_bytes(source, policy, compute_dtype)):
+        try:
+            alt = _plan_with(source, fp8, *args)
+        except ValueError:
+            alt = None
+        if alt is not None and (plan is None or len(alt.paged_layers) < len(plan.paged_layers)):
+            L = source.config.num_hidden_layers
+            was = "none fit" if plan is None else f"{len(plan.resident_layers)} of {L} resident"
+            dense_gib = attention_bytes(source, policy, compute_dtype) / GiB
+            fp8_gib = attention_bytes(source, fp8, compute_dtype) / GiB
+            alt.notes.insert(0, f"attention runs in FP8 (stored dense, converted at load with 128×128 "
+                                f"block scales): dense it takes {dense_gib:.2f} GiB and does not fit "
+                                f"beside the minimum expert cache ({was}); in FP8 {fp8_gib:.2f} GiB, "
+                                f"{len(alt.resident_layers)} of {L} layers resident")
+            return alt
+    if plan is None:
+        raise error
+    return plan
+
+
+def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype: torch.dtype,
+               budget: int, settings: PagingSettings, max_batch_size: int, max_seq_len: int,
+               prefill_chunk: int, expert_unit_bytes: int, device_total: Optional[int] = None,
+               host_bytes: Optional[int] = None, experts_pageable: bool = True,
+               library_workspace: int = 0, not_pageable_reason: str = "") -> MemoryPlan:
+    """The plan for one precision policy (see plan_memory)."""
     s = settings.validate()
     c = source.config
     elt = torch.tensor([], dtype=compute_dtype).element_size()
@@ -345,16 +433,18 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
     host_slots = 0
     if is_paged:
         if paged_layers:
-            fp4_attn = policy.runs_fp4(f"model.layers.{paged_layers[0]}.self_attn.o_proj",
-                                       source.linear_format(f"model.layers.{paged_layers[0]}.self_attn.o_proj"))
+            o_proj = f"model.layers.{paged_layers[0]}.self_attn.o_proj"
+            attn_fmt = policy.runtime_format(o_proj, source.linear_format(o_proj))
             notes.append(f"{len(paged_layers)} of {L} layers page their attention"
                          f"{' / dense MLP' if any(not c.is_moe_layer(x) for x in paged_layers) else ''}"
                          f"{' / shared expert' if c.n_shared_experts else ''} weights "
                          f"({sum(units[x] for x in paged_layers) / GiB:.2f} GiB) through {slots} slots: they do not fit "
                          f"beside the minimum expert cache"
-                         + ("" if fp4_attn or compute_dtype == torch.float32 else
-                            "; attention is kept in " + str(compute_dtype).replace("torch.", "") +
-                            " by the precision policy — precision='fp4' would shrink it about 3.5×"))
+                         + ("" if attn_fmt == FP4 or compute_dtype == torch.float32 else
+                            "; attention runs in " + ("FP8" if attn_fmt == FP8 else
+                                                      str(compute_dtype).replace("torch.", "")) +
+                            " by the precision policy — precision='fp4' would shrink it about "
+                            + ("1.8×" if attn_fmt == FP8 else "3.5× ('fp8' halves it)")))
         notes.append(f"routed experts: {expert_slots} of {total_experts} fit on the GPU; the rest are paged "
                      f"from pinned host memory and the checkpoint files")
         avail = host_bytes if host_bytes is not None else host_available_bytes()
@@ -381,7 +471,7 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
                       workspace=workspace, expert_unit_bytes=expert_unit_bytes,
                       expert_slots=expert_slots if is_paged else total_experts, total_experts=total_experts,
                       host_layer_bytes=host_layer if is_paged else 0, host_expert_slots=host_slots,
-                      min_budget=min_budget, prefill_group_tokens=prefill_group, notes=notes)
+                      min_budget=min_budget, prefill_group_tokens=prefill_group, notes=notes, policy=policy)
 
 
 def size_text(n: int, digits: int = 2) -> str:

@@ -179,6 +179,9 @@ class DeepseekV3:
         self.softmax_scale = softmax_scale(c)
         self.profiler = None
         self.routing_trace: Optional[list] = None
+        self.routing_replay = None   # replay.RoutingReplay: routed ids from a trace (benchmarks, tests)
+        self._moe_index = {layer: i for i, layer in enumerate(
+            layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer))}
         # dimension names used in the shape comments
         self.H, self.C, self.R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         self.Dn, self.Dv = c.qk_nope_head_dim, c.v_head_dim
@@ -237,7 +240,7 @@ class DeepseekV3:
             with self._section("dense_mlp"):
                 x = x + self.mlp(w.mlp, h)
         else:
-            x = x + (yield from self.moe(w.moe, h, layer))
+            x = x + (yield from self.moe(w.moe, h, layer, positions))
         store.release_layer(layer)
         return x
 
@@ -308,17 +311,24 @@ class DeepseekV3:
 
     def _attend_absorbed(self, w: AttentionWeights, q_nope: Tensor, q_rope: Tensor, latent: Tensor,
                          mask: Tensor) -> Tensor:
-        """Attends in the latent space: W_uk folded into q, W_uv applied after."""
+        """Attends in the latent space: W_uk folded into q, W_uv applied after (per-head FP8
+        GEMMs when kv_b is FP8: w_uk / w_uv are then None)."""
         C = self.C
-        dt = w.w_uk.dtype
+        fp8 = w.w_uk is None
+        dt = self.dtype if fp8 else w.w_uk.dtype
         kv_c, k_rope = latent[..., :C].to(dt), latent[..., C:].to(dt)           # [B, S, C], [B, S, R]
-        q_c = torch.einsum("bthd,hdc->bthc", q_nope.to(dt), w.w_uk)             # [B, T, H, C]
+        if fp8:
+            q_c = w.kv_b.q_to_latent(q_nope).to(dt)                             # [B, T, H, C]
+        else:
+            q_c = torch.einsum("bthd,hdc->bthc", q_nope.to(dt), w.w_uk)         # [B, T, H, C]
         scores = (torch.einsum("bthc,bsc->bths", q_c, kv_c)
                   + torch.einsum("bthr,bsr->bths", q_rope.to(dt), k_rope))      # [B, T, H, S]
         scores = scores.float() * self.softmax_scale
         scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(dt)                                       # [B, T, H, S]
         o_c = torch.einsum("bths,bsc->bthc", p, kv_c)                           # [B, T, H, C]
+        if fp8:
+            return w.kv_b.latent_to_v(o_c)                                      # [B, T, H, Dv]
         return torch.einsum("bthc,hvc->bthv", o_c, w.w_uv)                      # [B, T, H, Dv]
 
     # ---- feed-forward --------------------------------------------------------------------
@@ -328,7 +338,8 @@ class DeepseekV3:
         h = torch.ops.dsfp4.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))    # [N, I]
         return w.down(h).view(x.shape).to(x.dtype)                              # [..., D]
 
-    def moe(self, w: MoeWeights, x: Tensor, layer: int = -1) -> Generator[HostPoint, None, Tensor]:
+    def moe(self, w: MoeWeights, x: Tensor, layer: int = -1, positions: Optional[Tensor] = None
+            ) -> Generator[HostPoint, None, Tensor]:
         """Routed experts (noaux_tc top-K of E) + shared expert, x [B, T, D] → [B, T, D].
         A generator: paged experts yield a host point after routing (see forward_steps)."""
         c = self.config
@@ -339,6 +350,8 @@ class DeepseekV3:
             weights, ids = torch.ops.dsfp4.moe_route(
                 router_logits, w.correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group,
                 c.routed_scaling_factor, c.norm_topk_prob)                      # [N, K] f32, [N, K] i32
+            if self.routing_replay is not None and positions is not None:
+                ids = self.routing_replay.ids(self._moe_index[layer], positions)   # [N, K] i32 from a trace
             weights, ids, point = w.experts.route_point(layer, xt, weights, ids)
         shared = None
         if w.shared is not None:   # independent of the routing: runs while the host resolves it

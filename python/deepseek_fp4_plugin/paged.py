@@ -13,17 +13,24 @@ What stays where follows the ``MemoryPlan`` (memory_plan.py). The tiers are the 
   once into pinned host units and streamed through a ring of GPU layer slots (``LayerRing``):
   paged layer r always uses slot r % slots, so captured graphs stay valid.
 
-Host points. Before a paged layer the forward yields a ``LayerPoint`` (the ring slot is
-filled and the next layers' copies start); after each MoE layer's routing it yields a
-``RoutePoint``: the routed ids (copied to pinned memory inside the GPU work) are resolved by
-the ExpertStore, which issues the copies the layer needs, writes the layer's table, and then
-prefetches the experts the next MoE layer is predicted to pick (its router applied to this
-layer's hidden state, also computed on the GPU before the point). Prefill steps that touch
-more experts than the GPU cache can hold run the layer's experts in waves.
+Decode pipeline (the default on CUDA). After each MoE layer's routing a tiny kernel publishes
+the routed ids (and the next layer's predicted ids: its router applied to this layer's hidden
+state) to the ExpertStore's own thread, through a mailbox in mapped host memory. The thread
+resolves them at once: hits need nothing, misses are placed by the store's one miss policy
+(copy into a GPU slot, or read in place), and each expert's table entry and ready word reach
+the device by copies on the store's copy stream, behind that expert's data. The grouped GEMMs
+wait per expert on those ready words, so hits and the shared expert compute while misses copy,
+and a decode step is one CUDA graph with no host point per MoE layer. Speculative copies of the
+predicted experts go in chunks while no demand copy waits.
 
-Streams: ``compute`` (high priority) runs the model, ``transfer`` the copies the current
-layer waits for, ``prefetch`` the speculative ones; events order them, so compute waits only
-for the experts it needs now.
+Host points. Before a paged layer the forward yields a ``LayerPoint`` (the ring slot is
+filled and the next layers' copies start). Prefill (and decode without the pipeline) yields a
+``RoutePoint`` after each MoE layer's routing: the host resolves the ids (ready words again,
+so the GEMM starts on the experts already there), in waves when the layer needs more experts
+than the GPU cache holds, then prefetches the next layer's predicted experts.
+
+Streams: ``compute`` (high priority) runs the model; the expert store copies on its own stream;
+the layer ring uses ``transfer`` (copies the current layer waits for) and ``prefetch``.
 """
 
 from __future__ import annotations
@@ -90,10 +97,19 @@ class RoutePoint(HostPoint):
     top_k: int
     ids_host: Tensor                 # int32 [max_rows · top_k], pinned
     pred_host: Optional[Tensor]      # int32 [max_rows · predicted], pinned
+    epoch_host: Tensor               # int32 [1], pinned: the layer's epoch after this routing
     next_index: int = -1             # the MoE layer the prediction is for
     rows: int = 0                    # tokens in the current forward (set when the GPU work is issued)
     deferred: bool = False           # too many experts at once: resolved in waves by run()
     event: Optional[torch.cuda.Event] = None
+
+    def snapshot(self) -> int:
+        return self.rows
+
+    def restore(self, rows: int) -> None:
+        self.rows = rows
+        if self.deferred:
+            raise RuntimeError("a captured decode step needs more experts than the GPU cache holds")
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,9 +138,10 @@ class PagedRoutedExperts(RoutedExperts):
     def gate_up(self, x: Tensor, groups: ExpertGroups) -> Tensor:
         return torch.ops.dsfp4.fp4_grouped_gemm_units(
             x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._gu,
-            2 * self.inter, self.hidden, groups.max_rows)
+            2 * self.inter, self.hidden, groups.max_rows, 0, *self.store.ready_args(self.index))
 
     def down(self, x: Tensor, groups: ExpertGroups) -> Tensor:
+        # gate_up waited for every expert of the step: nothing to wait for here
         return torch.ops.dsfp4.fp4_grouped_gemm_units(
             x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._dn,
             self.hidden, self.inter, groups.max_rows)
@@ -177,6 +194,11 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         self.max_rows = max_rows
         self.expert_threshold = float(settings.expert_threshold)
         self.predict = settings.prefetch_layers > 0
+        # ready words: copies signal each expert to the GEMM (needs the store's own copy stream)
+        self.ready_mode = settings.enable_async_copy and settings.streams.get("transfer", True)
+        pipe = settings.decode_pipeline
+        self.pipeline = self.ready_mode and (self.on_device if pipe is None else pipe)
+        self.decoding = False    # set by begin_step: the forward is a decode step
         self.layout = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)
         if self.layout["bytes"] != plan.expert_unit_bytes:
             raise ValueError("the memory plan was made for another expert unit size")
@@ -197,13 +219,20 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         # device memory, allocated once
         self.expert_buf = torch.empty(max(1, plan.expert_slots) * unit, dtype=torch.uint8, device=device)
         self.tables = torch.zeros(nm, E, dtype=torch.int64, device=device)
+        self.sync = torch.zeros(_C.paging.pipeline_sync_words(nm, E), dtype=torch.int32, device=device)
+        self.view_epoch_offset = nm * E     # sync: ready words [nm, E], epochs [nm], publish count
+        self._step_pipelined, self._last_prefill_index = False, -1
         self.ring_buf = None
         if plan.paged_layers:
             self.ring_buf = torch.empty(plan.layer_slots * plan.layer_slot_bytes, dtype=torch.uint8, device=device)
 
         self.files, stored = self._stored_experts(source)
         self.experts = _C.paging.ExpertStore(self._store_options(plan), self.files, stored)
-        self.experts.set_device_tables(self.tables.data_ptr())
+        self.experts.set_device_tables(self.tables.data_ptr(), self.sync.data_ptr())
+        self.view = None
+        if self.ready_mode:
+            self.experts.start_pipeline()     # the mailbox; its thread only works inside decode steps
+            self.view = self.experts.pipeline_view
 
         self.ring = None
         self.rank_of = {layer: r for r, layer in enumerate(plan.paged_layers)}
@@ -258,7 +287,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         self._make_streams()
 
     _RUNTIME = ("expert_threshold", "prefetch_layers", "prefetch_experts", "miss_mode", "cache_policy",
-                "lrfu_lambda", "prefetch_size", "prefetch_min_accuracy", "streams", "stream_priorities")
+                "lrfu_lambda", "prefetch_size", "prefetch_min_accuracy", "streams", "stream_priorities",
+                "expert_slots", "decode_pipeline")
 
     def reconfigure(self, **changes) -> None:
         """Changes knobs that need no new memory plan, between generations: expert_threshold,
@@ -286,13 +316,21 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             self.pred_k = min(self.pred_k, new.prefetch_experts)
         if new.streams != s.streams or new.stream_priorities != s.stream_priorities:
             self._make_streams()
-        if (new.miss_mode, new.cache_policy, new.lrfu_lambda, new.prefetch_size, new.prefetch_min_accuracy) != \
-                (s.miss_mode, s.cache_policy, s.lrfu_lambda, s.prefetch_size, s.prefetch_min_accuracy):
+        if new.expert_slots is not None and new.expert_slots > self.plan.expert_slots:
+            raise ValueError(f"expert_slots = {new.expert_slots} exceeds the plan's {self.plan.expert_slots} GPU "
+                             f"expert slots (give a larger memory_limit)")
+        if new.decode_pipeline and not self.ready_mode:
+            raise ValueError("decode_pipeline needs enable_async_copy=True (the store's own copy stream)")
+        self.pipeline = self.ready_mode and (self.on_device if new.decode_pipeline is None else new.decode_pipeline)
+        if (new.miss_mode, new.cache_policy, new.lrfu_lambda, new.prefetch_size, new.prefetch_min_accuracy,
+                new.expert_slots) != (s.miss_mode, s.cache_policy, s.lrfu_lambda, s.prefetch_size,
+                                      s.prefetch_min_accuracy, s.expert_slots):
             o = self._store_options(self.plan)
             if new.miss_mode != "copy" and self.on_device and not new.pinned_memory:
                 raise ValueError("zero-copy needs pinned_memory=True")
-            self.experts.reconfigure(o["gpu_policy"], o["lam"], o["miss_mode"], o["max_prefetch_units"],
-                                     o["prefetch_min_accuracy"], self._stream_handles()[0])
+            self.experts.reconfigure(o.gpu_policy, o.lam, o.miss_mode, o.max_prefetch_units,
+                                     o.prefetch_min_accuracy, self._stream_handles()[0],
+                                     -1 if new.expert_slots is None else new.expert_slots)
 
     def _stream_handles(self) -> Tuple[int, int, int]:
         """(compute, transfer, prefetch) raw stream handles; compute is the current stream."""
@@ -303,7 +341,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         pf = self.prefetch_stream.cuda_stream if self.prefetch_stream is not None else cur
         return cur, tr, pf
 
-    def _store_options(self, plan: MemoryPlan) -> dict:
+    def _store_options(self, plan: MemoryPlan):
         s, c = self.settings, self.config
         pol = {"lrfu": _C.paging.CachePolicy.lrfu, "lru": _C.paging.CachePolicy.lru}[s.cache_policy]
         mode = {"copy": _C.paging.MissMode.copy, "zero_copy": _C.paging.MissMode.zero_copy,
@@ -311,14 +349,21 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         prefetch_cap = -1
         if s.prefetch_size is not None:
             prefetch_cap = int(s.prefetch_size * (1 << 30)) // self.layout["bytes"]
-        return dict(layers=max(1, len(self.moe_layers)), experts=c.n_routed_experts, hidden=c.hidden_size,
-                    inter=c.moe_intermediate_size, gpu_slots=plan.expert_slots, gpu_base=self.expert_buf.data_ptr(),
-                    host_slots=max(1, plan.host_expert_slots), pinned=s.pinned_memory and self.on_device,
-                    on_device=self.on_device, gpu_policy=pol, host_policy=_C.paging.CachePolicy.lru,
-                    lam=float(s.lrfu_lambda), miss_mode=mode, io_threads=s.io_threads, repack_threads=2,
-                    direct_io=s.direct_io, async_copy=s.enable_async_copy and self.on_device,
-                    max_prefetch_units=prefetch_cap, prefetch_min_accuracy=float(s.prefetch_min_accuracy),
-                    max_step_copies=-1 if s.max_experts is None else int(s.max_experts))
+        o = _C.paging.ExpertStoreOptions()
+        o.layers, o.experts = max(1, len(self.moe_layers)), c.n_routed_experts
+        o.hidden, o.inter = c.hidden_size, c.moe_intermediate_size
+        o.gpu_slots, o.gpu_base = min(plan.expert_slots, s.expert_slots or plan.expert_slots), self.expert_buf.data_ptr()
+        o.host_slots, o.pinned = max(1, plan.host_expert_slots), s.pinned_memory and self.on_device
+        o.on_device, o.gpu_policy, o.host_policy = self.on_device, pol, _C.paging.CachePolicy.lru
+        o.lam, o.miss_mode, o.io_threads, o.repack_threads = float(s.lrfu_lambda), mode, s.io_threads, 2
+        o.direct_io, o.async_copy = s.direct_io, self.ready_mode
+        o.max_prefetch_units, o.prefetch_min_accuracy = prefetch_cap, float(s.prefetch_min_accuracy)
+        o.max_step_copies = -1 if s.max_experts is None else int(s.max_experts)
+        k = c.num_experts_per_tok
+        o.pipeline_max_ids = self.max_rows * k
+        o.pipeline_max_pred = self.max_rows * min(k, s.prefetch_experts or k)
+        o.sim_copy_delay_us = int(s.sim_copy_delay_us)
+        return o
 
     def _stored_experts(self, source) -> Tuple[object, list]:
         """The byte ranges of every expert's 9 tensors, read from the safetensors headers."""
@@ -381,17 +426,49 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             nxt = i + 1 if i + 1 < len(self.moe_layers) else -1
             pred = torch.zeros(self.max_rows * self.pred_k, dtype=torch.int32, pin_memory=pin) if nxt >= 0 else None
             ev = torch.cuda.Event() if self.on_device else None
-            self.route_points.append(RoutePoint(layer, i, k, ids, pred, nxt, event=ev))
+            epoch = torch.zeros(1, dtype=torch.int32, pin_memory=pin)
+            self.route_points.append(RoutePoint(layer, i, k, ids, pred, epoch, nxt, event=ev))
 
     # ---- WeightStore ---------------------------------------------------------------------
+    compute_stream: Optional[torch.cuda.Stream] = None   # set by _make_streams
+    reads_source = True                                   # experts are read from the files while running
+
     @property
     def graph_safe(self) -> bool:
         return self.on_device
 
-    def begin_step(self, tokens: int) -> None:
+    @property
+    def pages(self) -> bool:
+        return True
+
+    @property
+    def prefill_group_tokens(self) -> int:
+        return int(getattr(self.plan, "prefill_group_tokens", 0) or 0)
+
+    def begin_step(self, tokens: int, decode: bool = False) -> None:
         if tokens > self.max_rows:
             raise ValueError(f"a forward of {tokens} tokens exceeds the {self.max_rows} the paged store was sized for")
-        self.experts.begin_step()
+        self.decoding = decode
+        self.experts.begin_step(not decode)
+        if decode and self.pipeline:
+            self.experts.begin_pipeline_step(self._stream_handles()[0])
+        self._step_pipelined = decode and self.pipeline
+        self._last_prefill_index = -1
+
+    def end_step(self) -> None:
+        if getattr(self, "_step_pipelined", False):
+            self._step_pipelined = False
+            self.experts.end_pipeline_step()     # raises the step's first error
+        else:
+            self.experts.take_error()
+
+    def ready_args(self, index: int) -> Tuple[int, int, int, int]:
+        """(ready words, epoch word, wait flag, timeout ns) of MoE layer ``index`` for the GEMM
+        (zeros: the GEMM does not wait; the host resolved before launching it)."""
+        if not self.ready_mode:
+            return 0, 0, 0, 0
+        v = self.view
+        return v.ready(index), v.epoch(index), v.wait_failed, v.wait_timeout_ns
 
     def layer_points(self, layer: int) -> Generator[HostPoint, None, None]:
         if layer in self.rank_of:
@@ -410,25 +487,39 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         ids = point.ids_host
         if self.expert_threshold > 0:
             self.experts.add_skipped(point.index, int((ids[:count] < 0).sum()))
-        capacity = max(1, self.plan.expert_slots // 2) if self.settings.miss_mode == "copy" else 1 << 30
+        if not self.decoding and point.index != self._last_prefill_index:
+            # prefill: the layers already done are not needed again before the next step
+            self.experts.demote_layers_before(point.index)
+            self._last_prefill_index = point.index
+        capacity = self._wave_capacity()
         point.deferred = count > capacity and len(np.unique(ids[:count].numpy())) > capacity
         if point.deferred:
             return   # run() brings the experts in waves, then prefetches the next layer
-        self.experts.resolve(point.index, ids.data_ptr(), count, compute, transfer)
+        if self.ready_mode:
+            self.experts.resolve_ready(point.index, ids.data_ptr(), count, int(point.epoch_host[0]), compute)
+        else:
+            self.experts.resolve(point.index, ids.data_ptr(), count, compute)
         self._prefetch_next(point)
+
+    def _wave_capacity(self) -> int:
+        """Most distinct experts one resolve of a prefill takes: half of what must hold them at
+        once (GPU slots for copies, the host cache for every miss), so that the next wave's
+        copies land while this wave computes."""
+        host = self.plan.host_expert_slots
+        gpu = host if self.settings.miss_mode == "zero_copy" else self.plan.expert_slots
+        return max(1, min(gpu, host) // 2)
 
     def _prefetch_next(self, point: RoutePoint) -> None:
         """Speculative: the experts the next MoE layer is predicted to pick. Skipped for all but
         the last chunk of a layer-major prefill, whose later chunks still need this layer's."""
         if not (self.predict and self.prefetch_next_layer and point.next_index >= 0 and point.pred_host is not None):
             return
-        compute, _, prefetch = self._stream_handles()
-        self.experts.prefetch(point.next_index, point.pred_host.data_ptr(), point.rows * self.pred_k, compute,
-                              prefetch)
+        self.experts.prefetch(point.next_index, point.pred_host.data_ptr(), point.rows * self.pred_k,
+                              self._stream_handles()[0])
 
     # ---- the GPU side of a route point -----------------------------------------------------
     def _route_point(self, experts: PagedRoutedExperts, h: Tensor, weights: Tensor, ids: Tensor):
-        """h [N, D] the MoE input, weights/ids [N, K] → (weights, ids, point). Graph-safe."""
+        """h [N, D] the MoE input, weights/ids [N, K] → (weights, ids, point or None). Graph-safe."""
         c = self.config
         point = self.route_points[experts.index]
         n = ids.shape[0]
@@ -438,13 +529,26 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             weights, ids = self._threshold(experts.table, weights, ids)
         point.rows = n
         point.deferred = False
-        point.ids_host[: n * point.top_k].copy_(ids.reshape(-1), non_blocking=True)
+        ids = ids.contiguous()
+        pred = None
         if self.predict and point.next_index >= 0:
             nxt = self._layers[self.moe_layers[point.next_index]].moe
             logits = F.linear(h.reshape(-1, h.shape[-1]).float(), nxt.router)          # [N, E]
             _, pred = torch.ops.dsfp4.moe_route(logits, nxt.correction_bias, self.pred_k, c.n_group,
                                                 min(c.topk_group, c.n_group), c.routed_scaling_factor,
                                                 c.norm_topk_prob)                      # [N, k'] int32
+            pred = pred.contiguous()
+        if self.ready_mode:
+            # bumps the layer's epoch; inside a pipelined decode step the store's thread takes it from here
+            stream = torch.cuda.current_stream(self.device).cuda_stream if self.on_device else 0
+            _C.paging.publish_route(self.view, point.index, point.next_index if pred is not None else -1,
+                                    ids.data_ptr(), n * point.top_k, 0 if pred is None else pred.data_ptr(),
+                                    0 if pred is None else n * self.pred_k, stream)
+            if self.decoding and self.pipeline:
+                return weights, ids, None
+            point.epoch_host.copy_(self.sync[self.view_epoch_offset + point.index:][:1], non_blocking=True)
+        point.ids_host[: n * point.top_k].copy_(ids.reshape(-1), non_blocking=True)
+        if pred is not None:
             point.pred_host[: n * self.pred_k].copy_(pred.reshape(-1), non_blocking=True)
         return weights, ids, point
 
@@ -466,24 +570,35 @@ class PagedWeightStore(BuiltWeights, WeightStore):
 
     def _run_waves(self, experts: PagedRoutedExperts, x: Tensor, row_offsets: Tensor, tokens: int) -> Tensor:
         """Eager prefill over more experts than the GPU cache holds: resolve and run them in
-        waves of at most half the cache, so one wave's copies overlap the previous wave's GEMMs."""
+        waves of at most half the cache; a wave's copies (issued before the previous wave's
+        GEMMs finish) land while those GEMMs run, and each GEMM starts on its experts as they land."""
         offs = row_offsets.cpu().numpy()
         counts = offs[1:] - offs[:-1]
         used = np.nonzero(counts > 0)[0].astype(np.int32)
-        cap = max(1, self.plan.expert_slots // 2)
+        cap = self._wave_capacity()
         y = torch.zeros(x.shape[0], self.config.hidden_size, dtype=torch.bfloat16, device=x.device)
-        compute, transfer, _ = self._stream_handles()
-        for w0 in range(0, len(used), cap):
-            wave = np.ascontiguousarray(used[w0:w0 + cap])
-            self.experts.resolve(experts.index, wave.ctypes.data, len(wave), compute, transfer)
+        compute, _, _ = self._stream_handles()
+        point = self.route_points[experts.index]
+        epoch = int(point.epoch_host[0])
+        waves = [np.ascontiguousarray(used[w0:w0 + cap]) for w0 in range(0, len(used), cap)]
+        meta = []
+        for wave in waves:   # the group layout of every wave, with one host → device copy
             e0, e1 = int(wave[0]), int(wave[-1])
             lo, hi = int(offs[e0]), int(offs[e1 + 1])
-            sub = torch.from_numpy((offs[e0:e1 + 2] - lo).astype(np.int32)).to(x.device)
-            slots = torch.arange(e0, e1 + 1, dtype=torch.int32, device=x.device)
-            groups = ExpertGroups(sub, slots, tokens)
+            meta.append((lo, hi, (offs[e0:e1 + 2] - lo).astype(np.int32), np.arange(e0, e1 + 1, dtype=np.int32)))
+        packed = torch.from_numpy(np.concatenate([np.concatenate([m[2], m[3]]) for m in meta]))
+        packed = packed.pin_memory().to(x.device, non_blocking=True) if self.on_device else packed
+        at = 0
+        for wave, (lo, hi, sub, slots) in zip(waves, meta):
+            if self.ready_mode:
+                self.experts.resolve_ready(experts.index, wave.ctypes.data, len(wave), epoch, compute)
+            else:
+                self.experts.resolve(experts.index, wave.ctypes.data, len(wave), compute)
+            groups = ExpertGroups(packed[at:at + len(sub)], packed[at + len(sub):at + len(sub) + len(slots)], tokens)
+            at += len(sub) + len(slots)
             hmid = torch.ops.dsfp4.silu_mul(experts.gate_up(x[lo:hi], groups))
             y[lo:hi] = experts.down(hmid, groups)
-        self._prefetch_next(self.route_points[experts.index])
+        self._prefetch_next(point)
         return y
 
     def pin_expert(self, layer: int, expert: int, pinned: bool = True) -> None:
@@ -493,8 +608,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             raise ValueError(f"pin_expert: layer {layer} is not a MoE layer (MoE layers: {self.moe_layers})")
         if not 0 <= expert < self.config.n_routed_experts:
             raise ValueError(f"pin_expert: expert {expert} is outside [0, {self.config.n_routed_experts})")
-        compute, transfer, _ = self._stream_handles()
-        self.experts.set_pinned(self.moe_index[layer], expert, pinned, compute, transfer)
+        self.experts.set_pinned(self.moe_index[layer], expert, pinned, self._stream_handles()[0])
 
     # ---- reports ---------------------------------------------------------------------------
     def counters(self) -> Dict[str, object]:
@@ -549,6 +663,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
 def _map_linear(x: Optional[Linear], fn) -> Optional[Linear]:
     if x is None:
         return None
+    if hasattr(x, "map_tensors"):   # FP8 linears map their own tensors
+        return x.map_tensors(fn)
     if isinstance(x, Fp4Linear):
         w = x.weight
         return Fp4Linear(Fp4Weight(fn(w.qweight), fn(w.qscale), fn(w.global_scale), w.n, w.k),
@@ -572,7 +688,7 @@ def _map_layer(lw: LayerWeights, fn, config, dtype: torch.dtype) -> LayerWeights
     if isinstance(attn.kv_b, DenseLinear):
         split_kv_b(attn, config, dtype)
     else:
-        attn.w_uk, attn.w_uv = fn(a.w_uk), fn(a.w_uv)
+        attn.w_uk, attn.w_uv = m(a.w_uk), m(a.w_uv)   # None when kv_b reads them in FP8
     mlp = None if lw.mlp is None else MlpWeights(_map_linear(lw.mlp.gate_up, fn), _map_linear(lw.mlp.down, fn))
     moe = None
     if lw.moe is not None:

@@ -7,10 +7,11 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 from torch import Tensor
 
+from ._ext import _C
 from .checkpoint import CheckpointSource
 from .conversion import WeightConverter, estimate_bytes  # noqa: F401  (estimate_bytes re-exported)
 from .precision import PrecisionPolicy, resolve_compute_dtype
-from .weights import BuiltWeights, DenseLinear, LayerWeights, Linear, WeightStore
+from .weights import BuiltWeights, DenseLinear, LayerWeights, Linear, WeightStore, empty_counters
 
 
 class ResidentWeightStore(BuiltWeights, WeightStore):
@@ -61,33 +62,14 @@ class ResidentWeightStore(BuiltWeights, WeightStore):
         return rep
 
     def counters(self) -> Dict[str, object]:
-        """The paging counters of PagedWeightStore.counters(), with the same keys: every count
-        is zero and every rate None, since nothing pages (every expert is always on the device)."""
+        """WeightStore.counters() with every nested key of the paging store's counters too:
+        counts zero, rates None (nothing pages; every expert is always on the device)."""
+        out = empty_counters()
         moe = sum(1 for lw in self._layers if lw.moe is not None)
-        return {
-            "experts": dict.fromkeys(EXPERT_COUNTERS, 0),
-            "per_layer": [dict.fromkeys(EXPERT_COUNTERS, 0) for _ in range(moe)],
-            "layers": {},
-            "files": dict.fromkeys(FILE_COUNTERS, 0),
-            "expert_hit_rate": None,
-            "host_hit_rate": None,
-            "prefetch_accuracy": None,
-            "wasted_bytes": 0,
-            "h2d_bytes": 0,
-            "zero_copy_bytes": 0,
-            "ssd_bytes": 0,
-            "layer_hit_rate": None,
-        }
-
-    def reset_counters(self) -> None:
-        pass   # nothing is counted
-
-
-# keys of the paging store's counters (python/bindings/paging_bindings.cpp), for stores that page nothing
-EXPERT_COUNTERS = ("requests", "gpu_hits", "prefetch_hits", "host_hits", "ssd_reads", "demand_ssd_reads", "copies",
-                   "zero_copy", "h2d_bytes", "zero_copy_bytes", "ssd_bytes", "prefetch_copies", "prefetch_wasted",
-                   "predicted", "predicted_used", "used_after_prediction", "evictions", "skipped", "wait_ms")
-FILE_COUNTERS = ("bytes", "device_bytes", "reads", "direct_reads", "seconds")
+        out.update(experts=_C.paging.zero_expert_counters(),
+                   per_layer=[_C.paging.zero_expert_counters() for _ in range(moe)],
+                   files=_C.paging.zero_read_counters())
+        return out
 
 
 def resolve_store_device(device: Union[str, torch.device]) -> torch.device:

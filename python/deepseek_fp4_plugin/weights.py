@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import DeepseekV3Config
+from .fp8_ops import Fp8Weight
 from .ops import Fp4Weight
 from .precision import (ATTENTION, DENSE_MLP, EXPERTS, GROUPS, LM_HEAD, SHARED_EXPERTS,  # noqa: F401
                         PrecisionPolicy, module_group, resolve_compute_dtype)
@@ -55,6 +56,7 @@ class Linear:
     n: int
     k: int
     fp4: bool   # True when W holds NVFP4 values (FP4 kernels, or their float32 dequantization)
+    fp8: bool = False   # True when W holds FP8 block values (FP8 kernels, or their dequantization)
 
     def __call__(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -90,13 +92,97 @@ class Fp4Linear(Linear):
         return self.weight.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
-class DenseLinear(Linear):
-    """Dense weight [n, k] in the compute dtype; ``fp4`` records that it holds NVFP4 values."""
+class Fp8Linear(Linear):
+    """DeepSeek FP8 block weight run by ``fp8_gemm`` (bfloat16 activations, float32 accumulation)."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, fp4: bool = False):
+    fp4, fp8 = False, True
+
+    def __init__(self, weight: Fp8Weight, bias: Optional[Tensor] = None):
+        self.weight, self.bias = weight, bias
+        self.n, self.k = weight.n, weight.k
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.to(torch.bfloat16)
+        if not x.is_contiguous() and not (x.dim() == 2 and x.stride(1) == 1):
+            x = x.contiguous()   # the GEMM takes strided rows only in 2-D
+        y = self.weight(x)                                                         # [..., n] bf16
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        return self.weight.dequantize(dtype)
+
+    def map_tensors(self, fn) -> "Fp8Linear":
+        """The same layer over fn(tensor) of each tensor (paging packs layers this way)."""
+        w = self.weight
+        return Fp8Linear(Fp8Weight(fn(w.weight), fn(w.scale), w.split_rows),
+                         None if self.bias is None else fn(self.bias))
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+class Fp8KvB(Fp8Linear):
+    """kv_b_proj in FP8 whose absorbed-MLA products also read FP8: per head h, q_c = q_nope ·
+    W_uk[h] and out = o_c · W_uv[h]ᵀ are grouped FP8 GEMMs (one group per head). W_uv[h] are
+    views of kv_b's own rows; W_uk[h]ᵀ is a transposed copy (exact: bytes and block scales
+    transpose together), half of kv_b. Needs qk_nope_head_dim and v_head_dim multiples of 128,
+    so each head's rows are whole scale blocks."""
+
+    def __init__(self, weight: Fp8Weight, heads: int, nope: int, v: int, bias: Optional[Tensor] = None,
+                 uk_t: Optional[Tensor] = None, uk_t_scale: Optional[Tensor] = None):
+        super().__init__(weight, bias)
+        self.heads, self.nope, self.v = heads, nope, v
+        c = weight.k
+        b, kb = 128, weight.scale.shape[1]
+        w = weight.weight.view(heads, nope + v, c)                                  # [H, Dn+Dv, C]
+        s = weight.scale.view(heads, (nope + v) // b, kb)                           # [H, (Dn+Dv)/128, C/128]
+        self.uv, self.uv_scale = w[:, nope:], s[:, nope // b:]              # [H, Dv, C], [H, Dv/128, C/128]
+        if uk_t is None:
+            uk_t = w[:, :nope].transpose(1, 2).contiguous()                         # [H, C, Dn]
+            uk_t_scale = s[:, :nope // b].transpose(1, 2).contiguous()              # [H, C/128, Dn/128]
+        self.uk_t, self.uk_t_scale = uk_t, uk_t_scale
+        self._steps = torch.arange(heads + 1, dtype=torch.int32, device=weight.device)
+        self._heads = self._steps[:heads]
+
+    @staticmethod
+    def fits(n: int, c: int, heads: int, nope: int, v: int) -> bool:
+        return n == heads * (nope + v) and nope % 128 == 0 and v % 128 == 0 and c % 16 == 0 and nope % 16 == 0
+
+    def _per_head(self, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        """x [B, T, H, K] → [B, T, H, N], head h multiplied by weight[h] [N, K]."""
+        B, T, H, K = x.shape
+        rows = B * T
+        xh = x.permute(2, 0, 1, 3).reshape(H * rows, K).to(torch.bfloat16).contiguous()   # [H·B·T, K]
+        y = torch.ops.dsfp4.fp8_grouped_gemm(xh, self._steps * rows, self._heads, weight, scale, rows)
+        return y.view(H, B, T, -1).permute(1, 2, 0, 3)                              # [B, T, H, N]
+
+    def q_to_latent(self, q_nope: Tensor) -> Tensor:
+        """q_nope [B, T, H, Dn] → q_nope · W_uk [B, T, H, C]."""
+        return self._per_head(q_nope, self.uk_t, self.uk_t_scale)
+
+    def latent_to_v(self, o_c: Tensor) -> Tensor:
+        """o_c [B, T, H, C] → o_c · W_uvᵀ [B, T, H, Dv]."""
+        return self._per_head(o_c, self.uv, self.uv_scale)
+
+    def map_tensors(self, fn) -> "Fp8KvB":
+        w = self.weight
+        return Fp8KvB(Fp8Weight(fn(w.weight), fn(w.scale), w.split_rows), self.heads, self.nope, self.v,
+                      None if self.bias is None else fn(self.bias), fn(self.uk_t), fn(self.uk_t_scale))
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.uk_t.numel() + self.uk_t_scale.numel() * 4
+
+
+class DenseLinear(Linear):
+    """Dense weight [n, k] in the compute dtype; ``fp4`` / ``fp8`` record that it holds NVFP4 /
+    FP8-block values (the float32 reference path)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, fp4: bool = False, fp8: bool = False):
         self.weight, self.bias = weight, bias
         self.n, self.k = weight.shape
-        self.fp4 = fp4
+        self.fp4, self.fp8 = fp4, fp8
 
     def __call__(self, x: Tensor) -> Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
@@ -119,8 +205,12 @@ def fuse_linears(parts: Sequence[Linear]) -> Linear:
         return _ConcatLinear(parts)
     if all(isinstance(p, Fp4Linear) for p in parts) and all(p.n % 16 == 0 for p in parts[:-1]):
         return Fp4Linear(Fp4Weight.concat_rows([p.weight for p in parts]))
+    if (len(parts) == 2 and all(type(p) is Fp8Linear for p in parts)
+            and all(p.weight.split_rows == 0 for p in parts)):
+        return Fp8Linear(Fp8Weight.concat_rows([p.weight for p in parts]))
     if all(isinstance(p, DenseLinear) for p in parts) and len({p.weight.dtype for p in parts}) == 1:
-        return DenseLinear(torch.cat([p.weight for p in parts]), fp4=all(p.fp4 for p in parts))
+        return DenseLinear(torch.cat([p.weight for p in parts]), fp4=all(p.fp4 for p in parts),
+                           fp8=all(p.fp8 for p in parts))
     return _ConcatLinear(parts)
 
 
@@ -131,6 +221,7 @@ class _ConcatLinear(Linear):
         self.parts = list(parts)
         self.n, self.k = sum(p.n for p in parts), parts[0].k
         self.fp4 = all(p.fp4 for p in parts)
+        self.fp8 = all(p.fp8 for p in parts)
 
     def __call__(self, x: Tensor) -> Tensor:
         ys = [p(x) for p in self.parts]
@@ -265,6 +356,59 @@ class Fp4RoutedExperts(RoutedExperts):
                                                            self.dn_qweight, self.dn_qscale, self.dn_scale))
 
 
+class Fp8RoutedExperts(RoutedExperts):
+    """FP8 block experts stacked [E, …] in the checkpoint's own layout, run by
+    ``fp8_grouped_gemm`` over the experts that received rows (graph safe, like the FP4 ones).
+    gate_up stacks gate and up rows (split at ``inter`` rows when that is not whole blocks)."""
+
+    graph_safe = True
+
+    def __init__(self, gu_weight: Tensor, gu_scale: Tensor, dn_weight: Tensor, dn_scale: Tensor, split: int):
+        self.gu_weight, self.gu_scale = gu_weight, gu_scale          # [E, 2I, H] e4m3, [E, rows, H/128]
+        self.dn_weight, self.dn_scale = dn_weight, dn_scale          # [E, H, I] e4m3, [E, H/128, I/128]
+        self.num_experts, two_i, self.hidden = gu_weight.shape
+        self.inter, self.split = two_i // 2, split
+
+    @classmethod
+    def allocate(cls, num_experts: int, gate_up: Fp8Weight, down: Fp8Weight) -> "Fp8RoutedExperts":
+        dev = gate_up.device
+        return cls(torch.empty(num_experts, *gate_up.weight.shape, dtype=torch.float8_e4m3fn, device=dev),
+                   torch.empty(num_experts, *gate_up.scale.shape, dtype=torch.float32, device=dev),
+                   torch.empty(num_experts, *down.weight.shape, dtype=torch.float8_e4m3fn, device=dev),
+                   torch.empty(num_experts, *down.scale.shape, dtype=torch.float32, device=dev),
+                   gate_up.split_rows)
+
+    def set_expert(self, e: int, gate_up: Fp8Weight, down: Fp8Weight) -> None:
+        if (gate_up.weight.shape != self.gu_weight.shape[1:] or down.weight.shape != self.dn_weight.shape[1:]
+                or gate_up.split_rows != self.split):
+            shapes = f"{tuple(gate_up.weight.shape)} / {tuple(down.weight.shape)}"
+            raise ValueError(f"expert {e}: weights {shapes} do not match the other experts")
+        self.gu_weight[e].copy_(gate_up.weight)
+        self.gu_scale[e].copy_(gate_up.scale)
+        self.dn_weight[e].copy_(down.weight)
+        self.dn_scale[e].copy_(down.scale)
+
+    def group(self, row_offsets: Tensor, rows: int, max_rows: int) -> ExpertGroups:
+        max_groups = max(1, min(self.num_experts, rows))
+        expert_of_group, offsets = torch.ops.dsfp4.moe_compact_groups(row_offsets, max_groups)
+        return ExpertGroups(offsets, expert_of_group, max_rows)
+
+    def gate_up(self, x: Tensor, groups: ExpertGroups) -> Tensor:
+        g = groups
+        return torch.ops.dsfp4.fp8_grouped_gemm(x.to(torch.bfloat16), g.row_offsets, g.slot_of_group,
+                                                self.gu_weight, self.gu_scale, g.max_rows, self.split)
+
+    def down(self, x: Tensor, groups: ExpertGroups) -> Tensor:
+        g = groups
+        return torch.ops.dsfp4.fp8_grouped_gemm(x.to(torch.bfloat16), g.row_offsets, g.slot_of_group,
+                                                self.dn_weight, self.dn_scale, g.max_rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gu_weight, self.gu_scale, self.dn_weight,
+                                                           self.dn_scale))
+
+
 class DenseRoutedExperts(RoutedExperts):
     """Dense experts [E, 2I, H] / [E, H, I] run one matmul per expert that has rows. Used by
     the float32 reference path and for experts kept in BF16. Reads ``row_offsets`` on the
@@ -319,8 +463,8 @@ class AttentionWeights:
     kv_a: Optional[Linear]           # [kv_lora + rope, hidden]           (no q LoRA)
     kv_a_norm: Tensor                # [kv_lora] float32
     kv_b: Linear                     # [H·(nope + v), kv_lora]
-    w_uk: Tensor                     # [H, nope, kv_lora]  compute dtype (absorbed form)
-    w_uv: Tensor                     # [H, v, kv_lora]     compute dtype (absorbed form)
+    w_uk: Optional[Tensor]           # [H, nope, kv_lora]  compute dtype (absorbed form); None when
+    w_uv: Optional[Tensor]           # [H, v, kv_lora]     kv_b is an Fp8KvB (FP8 absorbed products)
     o: Linear                        # [hidden, H·v]
 
 
@@ -394,8 +538,13 @@ class WeightStore:
         """The host's part at ``point`` (called between the GPU work before and after it)."""
         raise NotImplementedError(f"{type(self).__name__} yields no host points")
 
-    def begin_step(self, tokens: int) -> None:
-        """A forward over ``tokens`` token positions starts (paged stores tick their caches)."""
+    def begin_step(self, tokens: int, decode: bool = False) -> None:
+        """A forward over ``tokens`` token positions starts (paged stores tick their caches);
+        ``decode``: it is a decode step (one token per sequence)."""
+
+    def end_step(self) -> None:
+        """The forward's results were read. Raises what went wrong in the store's background
+        work for this forward (a disk read, a changed file), naming the file and tensor."""
 
     # ---- properties the engine checks ----
     @property
@@ -403,9 +552,50 @@ class WeightStore:
         """True when a decode step can be captured in a CUDA graph."""
         raise NotImplementedError
 
+    @property
+    def pages(self) -> bool:
+        """True when some weights live off the device and are brought in while running."""
+        return False
+
+    @property
+    def layer_major_prefill(self) -> bool:
+        """True when prefill should run every chunk through a layer before the next layer (a
+        paged layer or expert is then brought in once per prompt)."""
+        return self.pages
+
+    @property
+    def prefill_group_tokens(self) -> int:
+        """Most tokens a layer-major prefill holds between layers (0: no limit)."""
+        return 0
+
+    @property
+    def compute_stream(self) -> Optional[torch.cuda.Stream]:
+        """The stream the model should run on (None: the caller's)."""
+        return None
+
+    @property
+    def reads_source(self) -> bool:
+        """True when the store keeps reading the checkpoint after loading (its files must stay
+        open); False lets the loader release them."""
+        return False
+
     def memory_report(self) -> Dict[str, int]:
         """Device bytes held, by category."""
         raise NotImplementedError
+
+    # ---- counters and knobs ----
+    def counters(self) -> Dict[str, Any]:
+        """Paging counters (``COUNTER_KEYS``): bytes per tier and direction, hit rates,
+        prediction accuracy. A store that pages nothing answers zeros (rates None)."""
+        return empty_counters()
+
+    def reset_counters(self) -> None:
+        """Zeroes the counters."""
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Changes paging knobs that need no new memory plan."""
+        raise ValueError("this engine keeps every weight resident: there are no paging knobs to change "
+                         "(give a memory_limit below the model's size to page)")
 
 
 class BuiltWeights:
@@ -437,9 +627,28 @@ class BuiltWeights:
 class HostPoint:
     """A place in the forward where the host acts before the GPU work after it may run.
     ``graph_safe``: the GPU work before it can be captured in a CUDA graph and the host part
-    run between replays."""
+    run between replays. One point object may serve graphs captured for several batch sizes:
+    ``snapshot`` returns what a replay must restore (``restore``) before the host acts."""
 
     graph_safe = True
+
+    def snapshot(self) -> Any:
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
+
+
+COUNTER_KEYS = ("experts", "per_layer", "layers", "files", "expert_hit_rate", "host_hit_rate", "prefetch_accuracy",
+                "wasted_bytes", "h2d_bytes", "zero_copy_bytes", "ssd_bytes", "layer_hit_rate")
+
+
+def empty_counters() -> Dict[str, Any]:
+    """The counters of a store that pages nothing: every key of ``COUNTER_KEYS``, zero bytes,
+    rates None (nothing was requested)."""
+    return {"experts": {}, "per_layer": [], "layers": {}, "files": {}, "expert_hit_rate": None,
+            "host_hit_rate": None, "prefetch_accuracy": None, "wasted_bytes": 0, "h2d_bytes": 0,
+            "zero_copy_bytes": 0, "ssd_bytes": 0, "layer_hit_rate": None}
 
 
 def run_host_points(steps: Generator[HostPoint, None, Any], store: WeightStore) -> Any:

@@ -47,6 +47,9 @@ CASES = {
     "zero_copy": dict(cpu_cache_size=1.0, miss_mode="zero_copy"),
     "auto_lru_no_prefetch": dict(cpu_cache_size=0.04, miss_mode="auto", cache_policy="lru", prefetch_layers=0),
     "sync_copies": dict(cpu_cache_size=0.04, enable_async_copy=False, streams={"prefetch": False}),
+    # decode resolved by Python at each MoE layer (host points) instead of the store's thread
+    "host_paged_no_pipeline": dict(cpu_cache_size=1.0, decode_pipeline=False),
+    "ssd_paged_no_pipeline": dict(cpu_cache_size=0.04, decode_pipeline=False, prefetch_min_accuracy=0.0),
 }
 
 
@@ -144,7 +147,7 @@ def test_grouped_gemm_units_gpu_and_host_memory(rows_per_group):
         else:
             pinned[e * lay["bytes"]:(e + 1) * lay["bytes"]].copy_(u)
             table.append(pinned.data_ptr() + e * lay["bytes"])
-    table[E - 1] = 0   # a zero address skips its group
+    table[E - 1] = 0   # no weights: NaN rows, never a silently wrong row
     table = torch.tensor(table, dtype=torch.int64, device="cuda")
     counts = [rows_per_group + (e % 3) for e in range(E)]
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.int32, device="cuda")
@@ -157,7 +160,7 @@ def test_grouped_gemm_units_gpu_and_host_memory(rows_per_group):
     for e in range(E):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
         if e == E - 1:
-            assert (y[lo:hi] == 0).all()
+            assert torch.isnan(y[lo:hi]).all()
             continue
         w = ref[e][0].to("cuda").dequantize(torch.float32).double()
         want = x[lo:hi].double() @ w.t()

@@ -44,12 +44,23 @@ struct Fp4GroupedWeight {
   int64_t n = 0;
   int64_t k = 0;
   // Expert units (expert_source.h): when unit_addr is set, slot s is the unit at byte address
-  // unit_addr[s] (device memory or mapped pinned host memory; 0, or an address that is not
-  // 16-byte aligned, skips the group), the fields above but n, k are unused, and the parts
-  // sit at these byte offsets of a unit (16-byte aligned; the scales 4-byte aligned).
+  // unit_addr[s] (device memory or mapped pinned host memory), the fields above but n, k are
+  // unused, and the parts sit at these byte offsets of a unit (16-byte aligned; the scales
+  // 4-byte aligned). A group whose address is 0 or not 16-byte aligned has no weights to read:
+  // its output rows are written as NaN, so that a missing expert surfaces (the engine's
+  // non-finite guard) instead of leaving a silently wrong row.
   const uint64_t* unit_addr = nullptr;   // device array [num_slots]
   int64_t unit_qweight = 0, unit_qscale = 0, unit_scale = 0;
   bool unit_scale_per_tile = true;       // float32 [ceil(n/16)] at unit_scale, else one float
+  // Readiness (units only; the paging store's decode pipeline): when unit_ready is set, group g
+  // first waits until unit_ready[slot] == *ready_epoch, then reads unit_addr[slot]; both are
+  // written by host → device copies that may still be in flight when the kernel starts, so the
+  // experts already resident compute while the others arrive. After wait_timeout_ns a group
+  // gives up: its rows become NaN and *wait_failed (mapped host memory, may be null) is set to 1.
+  const uint32_t* unit_ready = nullptr;  // device array [num_slots]
+  const uint32_t* ready_epoch = nullptr; // device word
+  uint32_t* wait_failed = nullptr;
+  uint64_t wait_timeout_ns = 0;
 };
 
 enum class Fp4GemmPath : int { kAuto = 0, kFused = 1, kDequant = 2 };

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dsfp4/common.h"
@@ -184,6 +185,10 @@ class SlotCache {
   // The key that insert() would evict now (-1 if a slot is free or none can be evicted).
   int64_t victim() const;
   void erase(int64_t key);
+  // Slots insert() could fill now: free ones and those of evictable keys.
+  int available() const;
+  // Makes a cached key the first to be evicted (its history is forgotten).
+  void demote(int64_t key);
 
   void hold(int64_t key);     // not evictable until release_holds()
   void release_holds();
@@ -218,6 +223,39 @@ enum class MissMode : int {
   kAuto = 2,      // copy when the policy would keep the expert (it is likely reused), else zero-copy
 };
 
+// Where a routed expert of one resolve is computed.
+enum class Lane : uint8_t {
+  kGpu = 0,     // already in a GPU slot (a hit)
+  kCopy = 1,    // copied into a GPU slot now, computed from there
+  kMapped = 2,  // read in place by the GEMM from the pinned, mapped host cache ("zero-copy")
+  kCpu = 3,     // computed on the CPU where it lies (the CPU expert lane; not placed by this build)
+  kFailed = 4,  // could not be made readable (a read error): its rows become NaN
+};
+const char* lane_name(Lane lane);
+
+// The one miss policy (miss_policy.cpp). Inputs for one missed expert of a resolve.
+struct MissInfo {
+  bool keep = false;   // the GPU cache policy would keep it (a free slot, or it outranks the victim)
+  int tokens = 1;      // rows routed to it in this resolve
+};
+
+struct MissPolicyOptions {
+  MissMode mode = MissMode::kCopy;
+  int max_copies = -1;          // most copies into GPU slots (-1: no cap); the rest are read in place
+  int free_slots = 0;           // GPU slots that can take a copy now (not pinned or held)
+  bool mapped_ok = false;       // the host cache is mapped: kMapped is possible
+  bool cpu_ok = false;          // a CPU expert lane exists (the hybrid issue); off in this build
+  double bus_gbs = 0;           // measured host → device copy rate
+  double cpu_gbs = 0;           // measured CPU expert rate (GB/s of unit bytes) at 1 token
+  int64_t unit_bytes = 0;
+};
+
+// Lanes for the misses of one resolve, in order: kCopy / kMapped by the miss mode, the copy cap
+// and the free slots; kFailed where neither is possible (no slot and no mapped host cache).
+// When cpu_ok, moves misses to kCpu while that shortens the slower of the two lanes, so that
+// the bus and the CPU finish together (rates measured, never fixed thresholds).
+std::vector<Lane> choose_lanes(const std::vector<MissInfo>& misses, const MissPolicyOptions& opt);
+
 struct ExpertStoreOptions {
   int layers = 0;             // MoE layers (the store numbers them 0..layers-1)
   int experts = 0;            // routed experts per layer
@@ -242,6 +280,16 @@ struct ExpertStoreOptions {
   // most missed experts one resolve copies into GPU slots; the rest are read in place from the
   // host cache (needs a mapped host cache; -1: no cap)
   int max_step_copies = -1;
+  // speculative copies run in chunks of this many bytes, issued one at a time while no demand
+  // copy waits, so a wrong guess costs only bus time nothing else wanted
+  int64_t spec_chunk_bytes = 4 << 20;
+  // decode pipeline (see ExpertStore::start_pipeline): most routed ids and predicted ids one
+  // publish carries
+  int pipeline_max_ids = 0, pipeline_max_pred = 0;
+  uint64_t wait_timeout_ms = 30000;  // a kernel waiting for an expert gives up after this
+  // CPU mode only, for tests of ordering: copies run on simulated asynchronous streams, each
+  // delayed by this many microseconds, with real events (0: copies are plain memcpy)
+  int sim_copy_delay_us = 0;
 };
 
 // Where the stored tensors of one expert lie: gate, up, down × (weight, weight_scale,
@@ -250,28 +298,84 @@ struct StoredExpert {
   TensorRange part[9];
 };
 
-// Counters, per layer and summed. Bytes are unit bytes.
+// Counters, per layer and summed. Bytes are unit bytes. One list (X-macro) declares the fields,
+// sums them over layers and binds them to Python.
+#define DSFP4_EXPERT_COUNTERS(X)                                                                        \
+  X(uint64_t, requests)              /* (expert, step) pairs resolved */                                \
+  X(uint64_t, gpu_hits)              /* already in a GPU slot (or its prefetch copy was under way) */   \
+  X(uint64_t, prefetch_hits)         /* of the hits: brought in by prefetch */                          \
+  X(uint64_t, host_hits)             /* missed the GPU, found in the host cache */                      \
+  X(uint64_t, ssd_reads)             /* units read from disk (demand + prefetch) */                     \
+  X(uint64_t, demand_ssd_reads)                                                                         \
+  X(uint64_t, copies)                /* host → GPU unit copies (demand + prefetch) */                   \
+  X(uint64_t, zero_copy)             /* units computed from host memory */                              \
+  X(uint64_t, cpu_experts)           /* units computed on the CPU */                                    \
+  X(uint64_t, failed)                /* units that could not be made readable (NaN rows) */            \
+  X(uint64_t, h2d_bytes)             /* host → GPU bytes (copies, speculative chunks included) */       \
+  X(uint64_t, zero_copy_bytes)       /* bytes the GEMM read over the bus (zero-copy units) */           \
+  X(uint64_t, ssd_bytes)             /* bytes read from files */                                        \
+  X(uint64_t, prefetch_copies)       /* speculative copies started */                                   \
+  X(uint64_t, prefetch_wasted)       /* speculative copies of experts the layer did not use */          \
+  X(uint64_t, prefetch_cancelled)    /* of those: stopped before all their chunks were copied */        \
+  X(uint64_t, predicted)             /* experts predicted for the layer */                              \
+  X(uint64_t, predicted_used)        /* |predicted ∩ used| */                                           \
+  X(uint64_t, used_after_prediction) /* |used| over the steps that had a prediction */                  \
+  X(uint64_t, evictions)                                                                                \
+  X(uint64_t, skipped)               /* routed experts dropped by expert_threshold (by the caller) */   \
+  X(uint64_t, publishes)             /* pipeline: routed-id publishes handled */                        \
+  X(double, wait_ms)                 /* host time resolve() blocked on disk reads */                    \
+  X(double, publish_to_ready_ms)     /* pipeline: publish seen → last ready word issued, summed */
+
 struct ExpertCounters {
-  uint64_t requests = 0;        // (expert, step) pairs resolved
-  uint64_t gpu_hits = 0;        // already in a GPU slot (or its prefetch copy was under way)
-  uint64_t prefetch_hits = 0;   // of the hits: brought in by prefetch
-  uint64_t host_hits = 0;       // missed the GPU, found in the host cache
-  uint64_t ssd_reads = 0;       // units read from disk (demand + prefetch)
-  uint64_t demand_ssd_reads = 0;
-  uint64_t copies = 0;          // host → GPU unit copies (demand + prefetch)
-  uint64_t zero_copy = 0;       // units computed from host memory
-  uint64_t h2d_bytes = 0;       // host → GPU bytes (copies)
-  uint64_t zero_copy_bytes = 0; // bytes the GEMM read over the bus (zero-copy units)
-  uint64_t ssd_bytes = 0;       // bytes read from files
-  uint64_t prefetch_copies = 0; // speculative copies issued
-  uint64_t prefetch_wasted = 0; // speculative copies of experts the layer did not use
-  uint64_t predicted = 0;       // experts predicted for the layer
-  uint64_t predicted_used = 0;  // |predicted ∩ used|
-  uint64_t used_after_prediction = 0;  // |used| over the steps that had a prediction
-  uint64_t evictions = 0;
-  uint64_t skipped = 0;         // routed experts dropped by expert_threshold (reported by the caller)
-  double wait_ms = 0;           // host time resolve() blocked on disk reads
+#define DSFP4_DECLARE_COUNTER(type, name) type name = 0;
+  DSFP4_EXPERT_COUNTERS(DSFP4_DECLARE_COUNTER)
+#undef DSFP4_DECLARE_COUNTER
+  ExpertCounters& operator+=(const ExpertCounters& o) {
+#define DSFP4_ADD_COUNTER(type, name) name += o.name;
+    DSFP4_EXPERT_COUNTERS(DSFP4_ADD_COUNTER)
+#undef DSFP4_ADD_COUNTER
+    return *this;
+  }
 };
+
+// What the kernels of the decode pipeline read and write (ExpertStore::pipeline_view): the
+// route-publish kernel (publish_route) writes routed and predicted ids into a mailbox in
+// mapped host memory; the expert GEMMs wait on per-expert ready words (Fp4GroupedWeight::
+// unit_ready) that the store's thread writes by host → device copies.
+#if defined(__CUDACC__)
+#define DSFP4_HOST_DEVICE __host__ __device__
+#else
+#define DSFP4_HOST_DEVICE
+#endif
+
+struct PipelineView {
+  uint64_t mailbox = 0;         // device address of the mailbox ring (mapped host memory)
+  int32_t ring = 0;             // entries in the ring
+  int32_t entry_bytes = 0;      // bytes per entry
+  int32_t max_ids = 0, max_pred = 0;
+  uint32_t* sync = nullptr;     // device words: ready [layers][experts], epochs [layers], publish count
+  int32_t layers = 0, experts = 0;
+  uint32_t* wait_failed = nullptr;  // mapped host word a timed-out wait sets
+  uint64_t wait_timeout_ns = 0;
+  bool on_device = true;
+  DSFP4_HOST_DEVICE uint32_t* ready(int layer) const { return sync + static_cast<int64_t>(layer) * experts; }
+  DSFP4_HOST_DEVICE uint32_t* epoch(int layer) const { return sync + static_cast<int64_t>(layers) * experts + layer; }
+  DSFP4_HOST_DEVICE uint32_t* publish_count() const {
+    return sync + static_cast<int64_t>(layers) * experts + layers;
+  }
+};
+// Device words PipelineView::sync needs for a store of `layers` × `experts` (zeroed by the caller).
+inline int64_t pipeline_sync_words(int layers, int experts) {
+  return static_cast<int64_t>(layers) * experts + layers + 1;
+}
+
+// After routing MoE layer `layer`: bumps the layer's epoch and publishes ids [n_ids] (values
+// outside [0, experts) are ignored by the store) and the predicted ids [n_pred] of MoE layer
+// `next_layer` (-1: none) to the store's thread. One tiny kernel on `stream`; no host sync;
+// capturable in CUDA graphs. CPU mode (view.on_device false): runs on the calling thread, the
+// pointers are host pointers.
+Status publish_route(const PipelineView& view, int layer, int next_layer, const int32_t* ids, int64_t n_ids,
+                     const int32_t* pred, int64_t n_pred, Stream stream);
 
 class ExpertStore {
  public:
@@ -285,40 +389,80 @@ class ExpertStore {
   const ExpertUnitLayout& layout() const { return layout_; }
   const ExpertStoreOptions& options() const { return opt_; }
   // Device table of layer l: [experts] uint64 unit addresses, written by resolve(); the caller
-  // owns the device memory (layers × experts × 8 bytes) and passes it here once.
-  void set_device_tables(uint64_t* device_tables) { device_tables_ = device_tables; }
+  // owns the device memory (layers × experts × 8 bytes) and passes it here once. `sync`
+  // (optional; pipeline_sync_words() uint32 words of device memory, zeroed) holds the ready
+  // words and epochs of the decode pipeline.
+  void set_device_tables(uint64_t* device_tables, uint32_t* sync = nullptr);
   uint64_t* device_tables() const { return device_tables_; }
   // Host mirror of the tables (pinned): current address of every expert (GPU slot, host
   // unit if mapped, or 0).
   const uint64_t* host_tables() const { return tables_; }
+  // The store's stream for host → device copies (null in CPU mode or without async_copy).
+  Stream copy_stream() const { return copy_; }
 
-  // Starts a step (decode token or prefill pass): advances the policies' clock.
-  void begin_step();
+  // Starts a step (decode token or prefill pass): advances the policies' clock. Prediction
+  // accuracy (the gate of speculative copies) is kept apart for prefill and decode steps.
+  void begin_step(bool prefill = false);
 
   // Makes the experts in ids[0..count) (entries < 0 or ≥ experts are ignored, repeats are
   // fine) of MoE layer `layer` usable by kernels on `compute`: reads missing units from disk,
-  // copies or maps them, writes the layer's device table on `compute` and makes `compute`
-  // wait for the copies it needs. `copy` is the stream for host → GPU copies. Blocks the
-  // host only while units it needs are read from disk. On error the store stays consistent
-  // (no half-filled unit is ever mapped) and the message names the file and tensor.
-  Status resolve(int layer, const int32_t* ids, int64_t count, Stream compute, Stream copy);
+  // places each miss on a lane (choose_lanes), copies, writes the layer's device table on
+  // `compute` and makes `compute` wait for the copies it needs. Blocks the host only while
+  // units it needs are read from disk. On error the store stays consistent (no half-filled
+  // unit is ever mapped) and the message names the file and tensor. `lanes` (optional)
+  // receives the lane of every distinct expert, in ascending expert order.
+  Status resolve(int layer, const int32_t* ids, int64_t count, Stream compute,
+                 std::vector<std::pair<int32_t, Lane>>* lanes = nullptr);
+
+  // Like resolve(), but nothing waits on `compute`: each expert's table entry and ready word
+  // (set_device_tables' sync) are written by copies on the copy stream, the ready word last,
+  // with `epoch` (the value the layer's epoch word has when the GEMM runs); a GEMM given the
+  // ready words computes each expert as it lands. A failed expert still gets its ready word,
+  // with address 0 (NaN rows), so no GEMM waits forever; the error is returned (and, on the
+  // pipeline's thread, kept for end_pipeline_step). Used by the pipeline thread and by prefill.
+  Status resolve_ready(int layer, const int32_t* ids, int64_t count, uint32_t epoch, Stream compute,
+                       std::vector<std::pair<int32_t, Lane>>* lanes = nullptr);
 
   // Speculative: starts bringing the experts in ids[0..count) of `layer` towards the GPU
-  // (disk reads in the background; copies of host-resident units into free or low-priority
-  // GPU slots, never evicting the experts held by the last resolve). Records them as the
-  // prediction for the layer's next resolve (accuracy and wasted bytes are counted there).
-  Status prefetch(int layer, const int32_t* ids, int64_t count, Stream compute, Stream copy);
+  // (disk reads in the background; copies of host-resident units, in chunks, into free or
+  // low-priority GPU slots, never evicting the experts held by the last resolve). Records them
+  // as the prediction for the layer's next resolve (accuracy and wasted bytes are counted there).
+  // `compute` runs the copies when async_copy is off.
+  Status prefetch(int layer, const int32_t* ids, int64_t count, Stream compute);
 
-  // Changes the GPU cache policy, the miss mode and the prefetch cap between steps: waits
-  // until `compute` is idle, then empties the GPU expert cache (its units stay in the host
-  // cache) and rewrites every device table.
+  // Decode pipeline. start_pipeline allocates the mailbox and starts the store's resolver
+  // thread; between begin_pipeline_step(compute) and end_pipeline_step() the thread resolves
+  // every layer the GPU publishes (publish_route) with resolve_ready at the published epoch and
+  // prefetches its prediction (chunks issued while no publish waits), while the GPU goes on.
+  // Both calls synchronise with `compute` (the step's work before and after them is done);
+  // end_pipeline_step returns the step's first error (a failed read names the file, tensor and
+  // layer; a timed-out wait says so).
+  Status start_pipeline();
+  Status begin_pipeline_step(Stream compute);
+  Status end_pipeline_step();
+  PipelineView pipeline_view() const;
+  bool pipeline_running() const;
+  // The first error recorded by resolve_ready since the last call (then cleared).
+  Status take_error();
+
+  // Changes the GPU cache policy, the miss mode, the prefetch cap and the GPU slots in use
+  // (active_slots ≤ gpu_slots; -1: all) between steps: waits until `compute` and the copy stream
+  // are idle, then empties the GPU expert cache (its units stay in the host cache) and rewrites
+  // every device table.
   Status reconfigure(CachePolicy gpu_policy, double lambda, MissMode miss_mode, int max_prefetch_units,
-                     double prefetch_min_accuracy, Stream compute);
+                     double prefetch_min_accuracy, Stream compute, int active_slots = -1);
+  // Records the distinct experts of every resolve (layer, ascending ids) until turned off, for
+  // offline analysis (the benchmark's optimal-cache floor); take_routing() hands them over.
+  void record_routing(bool on);
+  std::vector<std::pair<int32_t, std::vector<int32_t>>> take_routing();
   // Reads expert units of `layer` into the host cache now (warm start); returns after all
   // reads finished.
   Status load_host(int layer, const int32_t* ids, int64_t count);
   // Pins (never evicted from the GPU cache) or unpins an expert; pinning loads it.
-  Status set_pinned(int layer, int expert, bool pinned, Stream compute, Stream copy);
+  Status set_pinned(int layer, int expert, bool pinned, Stream compute);
+  // Prefill: the experts of MoE layers before `layer` are the first to be evicted (they are not
+  // needed again before the next step).
+  void demote_layers_before(int layer);
 
   // Host and device address of the unit of (layer, expert), 0 where it is not (tests).
   uint64_t gpu_address(int layer, int expert) const;
@@ -331,17 +475,22 @@ class ExpertStore {
   int gpu_cached() const;
   int host_cached() const;
   CheckpointFiles& files() { return *files_; }
+  // Waits until every copy the store issued has finished (tests, shutdown).
+  Status sync_copies();
 
   struct Impl;  // opaque
 
  private:
   ExpertStore() = default;
+  void pipeline_loop();
   std::unique_ptr<Impl> impl_;
   ExpertStoreOptions opt_;
   ExpertUnitLayout layout_;
   std::shared_ptr<CheckpointFiles> files_;
   uint64_t* tables_ = nullptr;         // host mirror, pinned when possible
   uint64_t* device_tables_ = nullptr;  // caller's device memory
+  uint32_t* sync_ = nullptr;           // caller's device memory (pipeline_sync_words)
+  Stream copy_ = nullptr;              // the store's copy stream (one: see expert_store.cpp)
 };
 
 // ---------------------------------------------------------------------------------------
@@ -356,8 +505,7 @@ class ExpertStore {
 // recorded on the stream of the latest resolve. One thread drives it, as it drives the store.
 class ExpertStoreSource : public ExpertSource {
  public:
-  // `store` is not owned and must outlive the adapter. For a device store this creates the
-  // non-blocking stream that the store's host → GPU copies run on.
+  // `store` is not owned and must outlive the adapter. Copies run on the store's own stream.
   static Status create(ExpertStore* store, std::unique_ptr<ExpertStoreSource>* out);
   ~ExpertStoreSource() override;
   ExpertStoreSource(const ExpertStoreSource&) = delete;
@@ -378,7 +526,6 @@ class ExpertStoreSource : public ExpertSource {
  private:
   ExpertStoreSource() = default;
   ExpertStore* store_ = nullptr;
-  Stream copy_ = nullptr;      // device store: the store's copy stream
   std::vector<int32_t> ids_;   // host copy of the ids
   int acquired_ = 0;
 };

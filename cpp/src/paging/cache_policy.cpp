@@ -114,6 +114,14 @@ void SlotCache::release_holds() {
   held_.clear();
 }
 
+int SlotCache::available() const { return static_cast<int>(free_.size() + order_->order.size()); }
+
+void SlotCache::demote(int64_t key) {
+  crf_[key] = 0.0;
+  last_[key] = kNever;
+  reindex(key);
+}
+
 bool SlotCache::held(int64_t key) const { return (flags_[key] & kHeld) != 0; }
 
 void SlotCache::set_pinned(int64_t key, bool pinned) {

@@ -1,8 +1,14 @@
 #include "paging/device_ops.h"
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #if defined(DSFP4_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -75,8 +81,89 @@ void host_free(uint8_t* host, bool pinned) {
   std::free(host);
 }
 
+namespace {
+// CPU mode: events and (optionally) asynchronous streams simulated on the host.
+struct SimEvent {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t recorded = 0, completed = 0;
+  void complete(uint64_t gen) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (gen > completed) completed = gen;
+    }
+    cv.notify_all();
+  }
+  uint64_t record() {
+    std::lock_guard<std::mutex> lk(mu);
+    return ++recorded;
+  }
+  uint64_t latest() {
+    std::lock_guard<std::mutex> lk(mu);
+    return recorded;
+  }
+  void wait(uint64_t gen) {
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return completed >= gen; });
+  }
+  bool done(uint64_t gen) {
+    std::lock_guard<std::mutex> lk(mu);
+    return completed >= gen;
+  }
+};
+
+struct SimStream {
+  explicit SimStream(int delay) : delay_us(delay) { worker = std::thread([this] { loop(); }); }
+  ~SimStream() {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      stop = true;
+    }
+    cv.notify_all();
+    worker.join();
+  }
+  void push(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      q.push_back(std::move(fn));
+    }
+    cv.notify_all();
+  }
+  void loop() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lk(mu);
+        cv.wait(lk, [&] { return stop || !q.empty(); });
+        if (q.empty()) return;
+        fn = std::move(q.front());
+        q.pop_front();
+      }
+      fn();
+    }
+  }
+  int delay_us;
+  std::thread worker;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> q;
+  bool stop = false;
+};
+
+SimStream* sim(Stream s) { return static_cast<SimStream*>(s); }
+SimEvent* sev(void* e) { return static_cast<SimEvent*>(e); }
+}  // namespace
+
 Status copy_async(void* dst, const void* src, size_t bytes, Stream stream, bool on_device) {
   if (!on_device) {
+    if (stream != nullptr) {
+      const int delay = sim(stream)->delay_us;
+      sim(stream)->push([dst, src, bytes, delay] {
+        std::this_thread::sleep_for(std::chrono::microseconds(delay));
+        std::memcpy(dst, src, bytes);
+      });
+      return Status::Ok();
+    }
     std::memcpy(dst, src, bytes);
     return Status::Ok();
   }
@@ -91,7 +178,10 @@ Status copy_async(void* dst, const void* src, size_t bytes, Stream stream, bool 
 
 Status event_create(void** event, bool on_device) {
   *event = nullptr;
-  if (!on_device) return Status::Ok();
+  if (!on_device) {
+    *event = new SimEvent();
+    return Status::Ok();
+  }
 #if defined(DSFP4_WITH_CUDA)
   cudaEvent_t e = nullptr;
   DSFP4_RETURN_IF_ERROR(cuda_error(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate"));
@@ -103,16 +193,27 @@ Status event_create(void** event, bool on_device) {
 }
 
 void event_destroy(void* event, bool on_device) {
+  if (event == nullptr) return;
+  if (!on_device) {
+    delete sev(event);
+    return;
+  }
 #if defined(DSFP4_WITH_CUDA)
-  if (on_device && event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(event));
-#else
-  (void)event;
-  (void)on_device;
+  cudaEventDestroy(static_cast<cudaEvent_t>(event));
 #endif
 }
 
 Status event_record(void* event, Stream stream, bool on_device) {
-  if (!on_device) return Status::Ok();
+  if (!on_device) {
+    if (event == nullptr) return Status::Ok();
+    SimEvent* e = sev(event);
+    const uint64_t gen = e->record();
+    if (stream == nullptr)
+      e->complete(gen);
+    else
+      sim(stream)->push([e, gen] { e->complete(gen); });
+    return Status::Ok();
+  }
 #if defined(DSFP4_WITH_CUDA)
   return cuda_error(cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)),
                     "cudaEventRecord");
@@ -124,7 +225,16 @@ Status event_record(void* event, Stream stream, bool on_device) {
 }
 
 Status stream_wait(Stream stream, void* event, bool on_device) {
-  if (!on_device) return Status::Ok();
+  if (!on_device) {
+    if (event == nullptr) return Status::Ok();
+    SimEvent* e = sev(event);
+    const uint64_t gen = e->latest();
+    if (stream == nullptr)
+      e->wait(gen);
+    else
+      sim(stream)->push([e, gen] { e->wait(gen); });
+    return Status::Ok();
+  }
 #if defined(DSFP4_WITH_CUDA)
   return cuda_error(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0),
                     "cudaStreamWaitEvent");
@@ -136,7 +246,10 @@ Status stream_wait(Stream stream, void* event, bool on_device) {
 }
 
 Status event_sync(void* event, bool on_device) {
-  if (!on_device) return Status::Ok();
+  if (!on_device) {
+    if (event != nullptr) sev(event)->wait(sev(event)->latest());
+    return Status::Ok();
+  }
 #if defined(DSFP4_WITH_CUDA)
   return cuda_error(cudaEventSynchronize(static_cast<cudaEvent_t>(event)), "cudaEventSynchronize");
 #else
@@ -145,9 +258,25 @@ Status event_sync(void* event, bool on_device) {
 #endif
 }
 
-Status stream_create(Stream* stream, bool on_device) {
+bool event_done(void* event, bool on_device) {
+  if (event == nullptr) return true;
+  if (!on_device) return sev(event)->done(sev(event)->latest());
+#if defined(DSFP4_WITH_CUDA)
+  const cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(event));
+  if (e == cudaErrorNotReady) return false;
+  if (e != cudaSuccess) cudaGetLastError();
+  return true;
+#else
+  return true;
+#endif
+}
+
+Status stream_create(Stream* stream, bool on_device, int sim_delay_us) {
   *stream = nullptr;
-  if (!on_device) return Status::Ok();
+  if (!on_device) {
+    if (sim_delay_us > 0) *stream = new SimStream(sim_delay_us);
+    return Status::Ok();
+  }
 #if defined(DSFP4_WITH_CUDA)
   cudaStream_t s = nullptr;
   DSFP4_RETURN_IF_ERROR(cuda_error(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"));
@@ -159,16 +288,25 @@ Status stream_create(Stream* stream, bool on_device) {
 }
 
 void stream_destroy(Stream stream, bool on_device) {
+  if (stream == nullptr) return;
+  if (!on_device) {
+    delete sim(stream);
+    return;
+  }
 #if defined(DSFP4_WITH_CUDA)
-  if (on_device && stream != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
-#else
-  (void)stream;
-  (void)on_device;
+  cudaStreamDestroy(static_cast<cudaStream_t>(stream));
 #endif
 }
 
 Status stream_sync(Stream stream, bool on_device) {
-  if (!on_device) return Status::Ok();
+  if (!on_device) {
+    if (stream == nullptr) return Status::Ok();
+    SimEvent e;
+    const uint64_t gen = e.record();
+    sim(stream)->push([&e, gen] { e.complete(gen); });
+    e.wait(gen);
+    return Status::Ok();
+  }
 #if defined(DSFP4_WITH_CUDA)
   return cuda_error(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
 #else

@@ -12,18 +12,13 @@ Status ExpertStoreSource::create(ExpertStore* store, std::unique_ptr<ExpertStore
   if (out == nullptr) return InvalidArgument("ExpertStoreSource: out is null");
   std::unique_ptr<ExpertStoreSource> s(new ExpertStoreSource());
   s->store_ = store;
-  // Copies get their own stream so that they overlap the compute stream the runner uses.
-  DSFP4_RETURN_IF_ERROR(dev::stream_create(&s->copy_, store->options().on_device));
   *out = std::move(s);
   return Status::Ok();
 }
 
 ExpertStoreSource::~ExpertStoreSource() {
-  if (store_ == nullptr) return;
-  const bool on_device = store_->options().on_device;
-  // copies queued by the last resolve may still run on the stream; let them finish
-  dev::stream_sync(copy_, on_device);
-  dev::stream_destroy(copy_, on_device);
+  // copies queued by the last resolve may still run; let them finish
+  if (store_ != nullptr) store_->sync_copies();
 }
 
 Status ExpertStoreSource::acquire(int layer, const int32_t* expert_ids, int64_t count, Stream stream,
@@ -47,7 +42,7 @@ Status ExpertStoreSource::acquire(int layer, const int32_t* expert_ids, int64_t 
     DSFP4_RETURN_IF_ERROR(dev::stream_sync(stream, true));
     ids = ids_.data();
   }
-  DSFP4_RETURN_IF_ERROR(store_->resolve(layer, ids, count, stream, copy_));
+  DSFP4_RETURN_IF_ERROR(store_->resolve(layer, ids, count, stream));
   table->unit_addr = tables + static_cast<int64_t>(layer) * opt.experts;
   table->num_experts = opt.experts;
   table->layout = store_->layout();

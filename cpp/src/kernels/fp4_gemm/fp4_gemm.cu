@@ -357,6 +357,12 @@ Status fp4_grouped_gemm_cuda(const Fp4GroupedWeight& w, int num_groups, const in
   a.unit_qweight = w.unit_qweight;
   a.unit_qscale = w.unit_qscale;
   a.unit_scale = w.unit_scale;
+  a.unit_ready = units ? w.unit_ready : nullptr;
+  a.ready_epoch = w.ready_epoch;
+  a.wait_failed = w.wait_failed;
+  a.wait_timeout_ns = w.wait_timeout_ns;
+  if (units && w.unit_ready != nullptr && w.ready_epoch == nullptr)
+    return InvalidArgument("fp4_grouped_gemm: unit_ready needs ready_epoch");
   if (units) a.gs_per_tile = w.unit_scale_per_tile ? 1 : 0;
   a.x = static_cast<const __nv_bfloat16*>(x);
   a.ldx = ldx;

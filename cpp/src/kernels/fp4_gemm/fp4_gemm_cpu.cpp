@@ -1,6 +1,8 @@
 // CPU reference of the FP4 GEMM on the tiled layout: what the CUDA kernels compute.
 #include <algorithm>
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dsfp4/fp4_gemm.h"
@@ -61,6 +63,25 @@ Status fp4_gemm_cpu(const Fp4Weight& w, const void* x, int64_t ldx, void* y, int
   return Status::Ok();
 }
 
+namespace {
+// The CPU twin of the kernel's wait: unit_ready and unit_addr live in host memory that another
+// thread (the paging store's pipeline) writes.
+uint64_t wait_for_unit(const Fp4GroupedWeight& w, int32_t slot) {
+  const uint32_t want = __atomic_load_n(w.ready_epoch, __ATOMIC_ACQUIRE);
+  const auto t0 = std::chrono::steady_clock::now();
+  while (__atomic_load_n(w.unit_ready + slot, __ATOMIC_ACQUIRE) != want) {
+    const auto waited = std::chrono::steady_clock::now() - t0;
+    if (static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count()) >
+        w.wait_timeout_ns) {
+      if (w.wait_failed != nullptr) __atomic_store_n(w.wait_failed, 1u, __ATOMIC_RELEASE);
+      return 0;
+    }
+    std::this_thread::yield();
+  }
+  return __atomic_load_n(w.unit_addr + slot, __ATOMIC_ACQUIRE);
+}
+}  // namespace
+
 Status fp4_grouped_gemm_cpu(const Fp4GroupedWeight& w, int num_slots, int num_groups, const int32_t* slot_of_group,
                             const int32_t* row_offsets, int64_t rows, const void* x, int64_t ldx, void* y,
                             int64_t ldy) {
@@ -91,9 +112,12 @@ Status fp4_grouped_gemm_cpu(const Fp4GroupedWeight& w, int num_slots, int num_gr
                              std::to_string(rows) + "]");
     Fp4Weight sw;
     if (units) {
-      const uint64_t unit = w.unit_addr[slot];
-      // a skipped group (as on the GPU): its rows stay as the caller set them
-      if (unit == 0 || unit % 16 != 0) continue;
+      const uint64_t unit = w.unit_ready != nullptr ? wait_for_unit(w, slot) : w.unit_addr[slot];
+      if (unit == 0 || unit % 16 != 0) {  // no weights to read: NaN rows, as on the GPU
+        for (int64_t r = lo; r < hi; ++r)
+          for (int64_t n = 0; n < w.n; ++n) yb[r * ldy + n] = 0x7FC0;
+        continue;
+      }
       sw.qweight = reinterpret_cast<const uint32_t*>(unit + w.unit_qweight);
       sw.qscale = reinterpret_cast<const uint8_t*>(unit + w.unit_qscale);
       sw.global_scale = reinterpret_cast<const float*>(unit + w.unit_scale);

@@ -36,6 +36,10 @@ struct FusedGemmArgs {
   // gs_per_tile says whether the unit holds one global scale per row tile or one in all.
   const uint64_t* unit_addr;    // null: slots are qweight/qscale + s·stride
   int64_t unit_qweight, unit_qscale, unit_scale;
+  const uint32_t* unit_ready;   // null: no wait (see Fp4GroupedWeight)
+  const uint32_t* ready_epoch;
+  uint32_t* wait_failed;
+  uint64_t wait_timeout_ns;
   const int32_t* row_offsets;   // null: dense, rows [0, m)
   const __nv_bfloat16* x;
   int64_t ldx;
@@ -106,6 +110,51 @@ __device__ __forceinline__ uint32_t u4_get(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Thread 0 of a block: the unit address of `slot` once its copy has landed (see
+// Fp4GroupedWeight::unit_ready), or 0 after the timeout.
+__device__ __noinline__ uint64_t wait_for_unit(const FusedGemmArgs& a, int slot) {
+  const uint32_t want = *reinterpret_cast<const volatile uint32_t*>(a.ready_epoch);
+  const volatile uint32_t* ready = a.unit_ready + slot;
+  if (*ready != want) {
+    const uint64_t t0 = global_ns();
+    unsigned sleep = 32;
+    while (*ready != want) {
+      if (global_ns() - t0 > a.wait_timeout_ns) {
+        if (a.wait_failed != nullptr) *reinterpret_cast<volatile uint32_t*>(a.wait_failed) = 1u;
+        return 0;
+      }
+      __nanosleep(sleep);
+      sleep = sleep < 1024 ? 2 * sleep : 1024;
+    }
+  }
+  __threadfence();
+  return *reinterpret_cast<const volatile uint64_t*>(a.unit_addr + slot);
+}
+
+// A group with no weights to read: its rows of this block's output columns become NaN.
+template <int WR, int WN>
+__device__ void write_nan_rows(const FusedGemmArgs& a, int row0, int rows, int kTok) {
+  const int n0 = blockIdx.y * WN * WR * 16;
+  const int n1 = min(a.n, n0 + WN * WR * 16);
+  const int ks = blockIdx.x % a.split_k;
+  if (ks != 0) return;
+  const __nv_bfloat16 nan = __float2bfloat16_rn(__int_as_float(0x7fc00000));
+  for (int tt = blockIdx.x / a.split_k; tt * kTok < rows; tt += a.token_tiles) {
+    const int t_end = min(rows, (tt + 1) * kTok);
+    for (int i = threadIdx.x; i < (t_end - tt * kTok) * (n1 - n0); i += blockDim.x) {
+      const int tok = tt * kTok + i / (n1 - n0);
+      const int n = n0 + i % (n1 - n0);
+      a.y[static_cast<int64_t>(row0 + tok) * a.ldy + n] = nan;
+    }
+  }
+}
+
 // NT8: 8-token tiles per warp; WR: 16-row tiles per warp; WN × KW warps per block (KW of
 // them split K and are reduced through shared memory); U: k-blocks loaded ahead.
 // Grid: x = token tiles × split_k (fastest, so the blocks that share weight rows run
@@ -132,8 +181,19 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp4_gemm_kernel(const Fuse
   const uint8_t* sbase;
   const float* gscale;
   if (a.unit_addr != nullptr) {
-    const uint64_t unit = a.unit_addr[slot];
-    if (unit == 0 || unit % 16 != 0) return;  // block-uniform; a misaligned unit would fault
+    uint64_t unit;
+    if (a.unit_ready != nullptr) {
+      __shared__ uint64_t ready_unit;
+      if (threadIdx.x == 0) ready_unit = wait_for_unit(a, slot);
+      __syncthreads();
+      unit = ready_unit;
+    } else {
+      unit = a.unit_addr[slot];
+    }
+    if (unit == 0 || unit % 16 != 0) {  // block-uniform; a misaligned unit would fault
+      write_nan_rows<WR, WN>(a, row0, rows, kTok);
+      return;
+    }
     wbase = reinterpret_cast<const uint4*>(unit + a.unit_qweight);
     sbase = reinterpret_cast<const uint8_t*>(unit + a.unit_qscale);
     gscale = reinterpret_cast<const float*>(unit + a.unit_scale);

@@ -1,0 +1,182 @@
+"""The decode pipeline and the paging store's ordering on the GPU: ready words in the units GEMM,
+the race stress case (a host cache smaller than the experts, speculative copies always on,
+routing that changes every step), paged equal to resident under routing replay for 1,000 steps,
+and no growth of GPU memory."""
+
+import numpy as np
+import pytest
+import torch
+
+from deepseek_fp4_plugin import Engine
+from deepseek_fp4_plugin._ext import _C
+from deepseek_fp4_plugin.ops import Fp4Weight
+from deepseek_fp4_plugin.paged import PagedWeightStore
+from deepseek_fp4_plugin.replay import RoutingReplay
+from deepseek_fp4_plugin.tiny import make_tiny
+
+KW = dict(device="cuda", max_batch_size=4, max_seq_len=1280, prefill_chunk=64, verbose=False)
+E, K, LAYERS = 128, 6, 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline_tiny")
+    make_tiny(d, seed=2, hidden_size=512, moe_intermediate_size=256, n_routed_experts=E, num_hidden_layers=LAYERS,
+              n_group=8, topk_group=4, num_experts_per_tok=K)
+    return d
+
+
+def _trace(moe_layers, steps=97, batch=4, seed=0):
+    """Skewed routing that changes every step (each layer its own popularity)."""
+    rng = np.random.default_rng(seed)
+    pop = rng.dirichlet(np.full(E, 0.2), size=moe_layers)
+    dec = np.stack([[[rng.choice(E, K, replace=False, p=pop[l]) for _ in range(batch)] for l in range(moe_layers)]
+                    for _ in range(steps)]).astype(np.int32)
+    pre = np.stack([[rng.choice(E, K, replace=False, p=pop[l]) for _ in range(300)]
+                    for l in range(moe_layers)]).astype(np.int32)
+    return dec, pre
+
+
+def _teacher_forced_logits(eng, prompt, feed, batch):
+    """Logits of every decode step when the same tokens are fed (no sampling drift)."""
+    tokens = torch.tensor([prompt] * batch, device="cuda")
+    out = [eng.prefill(tokens, [len(prompt)] * batch)]
+    pos = len(prompt)
+    for t in feed:
+        out.append(eng.decode_one_token(torch.full((batch,), t, device="cuda"), torch.full((batch,), pos, device="cuda"),
+                                        pos + 1))
+        pos += 1
+    return torch.stack(out)
+
+
+def test_race_stress_small_host_cache_prefetch_always_changing_routing(model_dir):
+    """The races of the old store (a host unit refilled while its copy was in flight, events reused
+    across streams, a table copied from a mirror that changed) would show here as logits that
+    differ from the resident engine's: the host cache holds a sixth of the experts, speculative
+    copies are never gated, routing changes every step, 1,000 steps."""
+    n_moe = LAYERS - 1
+    dec, pre = _trace(n_moe)
+    prompt = list(range(3, 40))
+    feed = [(7 * i) % 500 + 3 for i in range(1000)]
+    res = Engine.from_pretrained(model_dir, **KW)
+    res.set_routing_replay(RoutingReplay(dec, pre))
+    res.set_use_cuda_graph(True)
+    want = _teacher_forced_logits(res, prompt, feed, 4)
+    del res
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.03, prefetch_min_accuracy=0.0),
+                                 **KW)
+    assert isinstance(eng.store, PagedWeightStore) and eng.store.pipeline
+    assert eng.memory_plan.host_expert_slots < eng.memory_plan.total_experts
+    eng.set_routing_replay(RoutingReplay(dec, pre))
+    eng.set_use_cuda_graph(True)
+    torch.cuda.synchronize()
+    got = _teacher_forced_logits(eng, prompt, feed, 4)
+    assert torch.isfinite(got).all()
+    err = (got - want).abs().amax(dim=(1, 2))
+    assert err.max().item() < 1e-3, f"step {int(err.argmax())} differs by {err.max().item()}"
+    c = eng.store.counters()["experts"]
+    assert c["prefetch_copies"] > 100 and c["ssd_reads"] > 1000 and c["failed"] == 0
+    assert c["publishes"] >= 1000 * n_moe
+
+
+def test_pipeline_1000_steps_replay_no_memory_growth(model_dir):
+    n_moe = LAYERS - 1
+    dec, pre = _trace(n_moe, seed=1)
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.04), **KW)
+    eng.set_routing_replay(RoutingReplay(dec, pre))
+    eng.set_use_cuda_graph(True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    eng.generate([list(range(3, 40))] * 2, max_tokens=40, ignore_eos=True)   # captures and warms
+    torch.cuda.synchronize()
+    reserved0, allocated0 = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+    out = eng.generate([list(range(5, 30))] * 2, max_tokens=1000, ignore_eos=True)
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 1000 for o in out)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() == reserved0
+    assert torch.cuda.memory_allocated() <= allocated0
+    assert torch.cuda.max_memory_allocated() - base <= eng.memory_plan.budget
+
+
+def _unit_pair(hidden, inter, g):
+    lay = _C.paging.expert_unit_layout(hidden, inter)
+    q = [torch.ops.dsfp4.nvfp4_quantize(torch.randn(n, k, generator=g) * 0.05)
+         for n, k in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    u = torch.empty(lay["bytes"], dtype=torch.uint8)
+    _C.paging.expert_unit_from_modelopt(hidden, inter, q[0][0].data_ptr(), q[0][1].data_ptr(), float(q[0][2]),
+                                        q[1][0].data_ptr(), q[1][1].data_ptr(), float(q[1][2]), q[2][0].data_ptr(),
+                                        q[2][1].data_ptr(), float(q[2][2]), u.data_ptr())
+    return lay, u, Fp4Weight.concat_rows([Fp4Weight.from_modelopt(*q[0]), Fp4Weight.from_modelopt(*q[1])])
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_units_gemm_computes_each_expert_as_its_copy_lands(graph):
+    """Units copied on another stream after the GEMM was launched (a sleep kernel holds the copies
+    back), each followed by its table entry and ready word: the GEMM waits for them per expert and
+    computes the same as over resident weights; under a CUDA graph too."""
+    hidden, inter, n = 512, 256, 6
+    g = torch.Generator().manual_seed(4)
+    pairs = [_unit_pair(hidden, inter, g) for _ in range(n)]
+    lay = pairs[0][0]
+    host = torch.stack([p[1] for p in pairs]).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    table = torch.zeros(n, dtype=torch.int64, device="cuda")
+    ready = torch.zeros(n, dtype=torch.int32, device="cuda")
+    epoch = torch.full((1,), 5, dtype=torch.int32, device="cuda")
+    failed = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    addr = torch.tensor([dev[e].data_ptr() for e in range(n)], dtype=torch.int64).pin_memory()
+    fives = torch.full((n,), 5, dtype=torch.int32).pin_memory()
+    counts = [1, 4, 2, 7, 1, 3]
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.int32, device="cuda")
+    slots = torch.arange(n, dtype=torch.int32, device="cuda")
+    x = torch.randn(int(offsets[-1]), hidden, device="cuda").to(torch.bfloat16)
+    copy = torch.cuda.Stream()
+
+    def gemm():
+        return torch.ops.dsfp4.fp4_grouped_gemm_units(
+            x, offsets, slots, table, lay["gate_up_qweight"], lay["gate_up_qscale"], lay["gate_up_scale"],
+            2 * inter, hidden, max(counts), 0, ready.data_ptr(), epoch.data_ptr(), failed.data_ptr(), 10 ** 10)
+
+    if graph:
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):   # capture runs nothing: the replay below waits for real
+            y = gemm()
+        torch.cuda.synchronize()
+        gr.replay()
+    else:
+        y = gemm()
+    with torch.cuda.stream(copy):
+        torch.cuda._sleep(50_000_000)               # the GEMM is waiting by now
+        for e in (3, 0, 5, 1, 4, 2):
+            dev[e].copy_(host[e], non_blocking=True)
+            table[e:e + 1].copy_(addr[e:e + 1], non_blocking=True)
+            ready[e:e + 1].copy_(fives[e:e + 1], non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(failed) == 0
+    for e in range(n):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        w = pairs[e][2].to("cuda").dequantize(torch.float32).double()
+        want = x[lo:hi].double() @ w.t()
+        err = (y[lo:hi].double() - want).norm() / want.norm()
+        assert err < 1e-2, (e, err)
+
+
+def test_units_gemm_wait_times_out_as_nan_and_flag():
+    hidden, inter = 512, 256
+    g = torch.Generator().manual_seed(5)
+    lay, u, ref = _unit_pair(hidden, inter, g)
+    dev = u.to("cuda")
+    table = torch.tensor([dev.data_ptr(), dev.data_ptr()], dtype=torch.int64, device="cuda")
+    ready = torch.tensor([9, 8], dtype=torch.int32, device="cuda")   # expert 1 never gets epoch 9
+    epoch = torch.full((1,), 9, dtype=torch.int32, device="cuda")
+    failed = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32, device="cuda")
+    x = torch.randn(5, hidden, device="cuda").to(torch.bfloat16)
+    y = torch.ops.dsfp4.fp4_grouped_gemm_units(
+        x, offsets, torch.arange(2, dtype=torch.int32, device="cuda"), table, lay["gate_up_qweight"],
+        lay["gate_up_qscale"], lay["gate_up_scale"], 2 * inter, hidden, 3, 0, ready.data_ptr(), epoch.data_ptr(),
+        failed.data_ptr(), 20_000_000)
+    torch.cuda.synchronize()
+    assert int(failed) == 1
+    assert torch.isfinite(y[:2]).all() and torch.isnan(y[2:]).all()

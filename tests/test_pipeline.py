@@ -1,0 +1,243 @@
+"""The paging store's placement policy, ready words, decode pipeline and ordering, on the CPU.
+
+CPU mode runs the same store code as the GPU: with ``sim_copy_delay_us`` its copies run on a
+simulated asynchronous stream (a worker thread that delays each copy) with real events, so the
+ordering between copies, host-cache refills, ready words and the GEMM's waits is exercised
+here, not only on a GPU."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from deepseek_fp4_plugin import Engine
+from deepseek_fp4_plugin._ext import _C
+from deepseek_fp4_plugin.ops import Fp4Weight
+from deepseek_fp4_plugin.paged import PagedWeightStore
+from deepseek_fp4_plugin.replay import RoutingReplay
+from deepseek_fp4_plugin.tiny import make_tiny
+
+P = _C.paging
+KW = dict(device="cpu", dtype="bfloat16", max_batch_size=2, max_seq_len=128, prefill_chunk=32, verbose=False)
+PROMPTS = [list(range(1, 30)), [5, 9, 13, 200, 17, 3]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline_tiny")
+    make_tiny(d, seed=5, hidden_size=256, moe_intermediate_size=128, n_routed_experts=64, num_hidden_layers=4,
+              n_group=8, topk_group=4, num_experts_per_tok=6)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    eng = Engine.from_pretrained(model_dir, **KW)
+    out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+    return [o.token_ids for o in out], eng.logits(PROMPTS[0])
+
+
+def paged(model_dir, **paging):
+    # 29 GPU slots and a host cache of 40 units for 192 experts: fills churn while copies are
+    # still in flight
+    unit = P.expert_unit_layout(256, 128)["bytes"]
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.02, paging={"cpu_cache_size": 40.5 * unit / 2 ** 30,
+                                                                       **paging}, **KW)
+    assert isinstance(eng.store, PagedWeightStore)
+    plan = eng.memory_plan
+    assert plan.expert_slots < plan.total_experts and plan.host_expert_slots < plan.total_experts
+    return eng
+
+
+# ---------------------------------------------------------------------------------------
+# the one miss policy
+
+
+def _lanes(misses, **opt):
+    o = P.MissPolicyOptions()
+    for k, v in opt.items():
+        setattr(o, k, v)
+    return [str(x).split(".")[-1] for x in P.choose_lanes([P.MissInfo(*m) for m in misses], o)]
+
+
+def test_lanes_copy_mode_copies_until_slots_run_out():
+    assert _lanes([(True, 1)] * 3, mode=P.MissMode.copy, free_slots=5) == ["copy"] * 3
+    # no mapped host cache: what does not fit fails (the caller reports it)
+    assert _lanes([(True, 1)] * 3, mode=P.MissMode.copy, free_slots=2) == ["copy", "copy", "failed"]
+    assert _lanes([(True, 1)] * 3, mode=P.MissMode.copy, free_slots=2, mapped_ok=True) == ["copy", "copy", "mapped"]
+
+
+def test_lanes_auto_copies_what_the_cache_keeps_and_caps():
+    m = [(True, 1), (False, 1), (True, 1), (True, 1)]
+    assert _lanes(m, mode=P.MissMode.auto, free_slots=9, mapped_ok=True) == ["copy", "mapped", "copy", "copy"]
+    assert _lanes(m, mode=P.MissMode.auto, free_slots=9, mapped_ok=True, max_copies=1) == \
+        ["copy", "mapped", "mapped", "mapped"]
+    assert _lanes(m, mode=P.MissMode.zero_copy, free_slots=9, mapped_ok=True) == ["mapped"] * 4
+
+
+def test_lanes_cpu_balances_bus_and_cpu_from_rates():
+    unit = 24_000_000
+    m = [(False, 1)] * 8
+    base = dict(mode=P.MissMode.copy, free_slots=8, mapped_ok=True, unit_bytes=unit, bus_gbs=50.0)
+    assert "cpu" not in _lanes(m, **base)                                 # no CPU lane
+    half = _lanes(m, cpu_ok=True, cpu_gbs=50.0, **base)
+    assert half.count("cpu") == 4                                          # equal rates: half each
+    slow = _lanes(m, cpu_ok=True, cpu_gbs=10.0, **base)
+    assert slow.count("cpu") == 1                                          # 5× slower CPU: 1 of 8
+    fast = _lanes(m, cpu_ok=True, cpu_gbs=150.0, **base)
+    assert fast.count("cpu") == 6
+    # the lanes finish together: neither side could take one more expert and end sooner
+    for lanes, cpu in ((half, 50.0), (slow, 10.0), (fast, 150.0)):
+        n_cpu = lanes.count("cpu")
+        t_bus, t_cpu = (8 - n_cpu) * unit / 50e9, n_cpu * unit / (cpu * 1e9)
+        assert max(t_bus, t_cpu) <= min(max(t_bus - unit / 50e9, t_cpu + unit / (cpu * 1e9)),
+                                        max(t_bus + unit / 50e9, t_cpu - unit / (cpu * 1e9))) + 1e-12
+    # experts the cache would keep stay on the bus first
+    keep = _lanes([(True, 1), (False, 1), (True, 1), (False, 1)], cpu_ok=True, cpu_gbs=50.0, **base)
+    assert keep == ["copy", "cpu", "copy", "cpu"]
+
+
+# ---------------------------------------------------------------------------------------
+# ready words in the units GEMM
+
+
+def _units(hidden, inter, E, g):
+    lay = P.expert_unit_layout(hidden, inter)
+    units = torch.empty(E, lay["bytes"], dtype=torch.uint8)
+    ref = []
+    for e in range(E):
+        q = [torch.ops.dsfp4.nvfp4_quantize(torch.randn(n, k, generator=g) * 0.1)
+             for n, k in ((inter, hidden), (inter, hidden), (hidden, inter))]
+        P.expert_unit_from_modelopt(hidden, inter, q[0][0].data_ptr(), q[0][1].data_ptr(), float(q[0][2]),
+                                    q[1][0].data_ptr(), q[1][1].data_ptr(), float(q[1][2]), q[2][0].data_ptr(),
+                                    q[2][1].data_ptr(), float(q[2][2]), units[e].data_ptr())
+        ref.append(Fp4Weight.concat_rows([Fp4Weight.from_modelopt(*q[0]), Fp4Weight.from_modelopt(*q[1])]))
+    return lay, units, ref
+
+
+def test_units_gemm_waits_for_ready_words_written_later():
+    g = torch.Generator().manual_seed(11)
+    hidden, inter, E = 64, 32, 4
+    lay, units, ref = _units(hidden, inter, E, g)
+    table = torch.zeros(E, dtype=torch.int64)
+    ready = torch.zeros(E, dtype=torch.int32)
+    epoch = torch.tensor([7], dtype=torch.int32)
+    failed = torch.zeros(1, dtype=torch.int32)
+    offsets = torch.tensor([0, 3, 3, 8, 11], dtype=torch.int32)
+    x = torch.randn(11, hidden, generator=g).to(torch.bfloat16)
+
+    def land():   # another thread plays the copy stream: address first, then the ready word
+        for e in (2, 0, 3, 1):
+            time.sleep(0.05)
+            table[e] = units[e].data_ptr()
+            ready[e] = 7
+
+    t = threading.Thread(target=land)
+    t.start()
+    y = torch.ops.dsfp4.fp4_grouped_gemm_units(x, offsets, torch.arange(E, dtype=torch.int32), table,
+                                               lay["gate_up_qweight"], lay["gate_up_qscale"], lay["gate_up_scale"],
+                                               2 * inter, hidden, 5, 0, ready.data_ptr(), epoch.data_ptr(),
+                                               failed.data_ptr(), 10 ** 10)
+    t.join()
+    assert int(failed) == 0
+    for e in range(E):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        assert torch.equal(y[lo:hi], ref[e](x[lo:hi])), e
+
+
+def test_units_gemm_wait_times_out_with_nan_rows_and_a_flag():
+    g = torch.Generator().manual_seed(12)
+    hidden, inter, E = 64, 32, 2
+    lay, units, ref = _units(hidden, inter, E, g)
+    table = torch.tensor([units[0].data_ptr(), units[1].data_ptr()], dtype=torch.int64)
+    ready = torch.tensor([3, 2], dtype=torch.int32)      # expert 1 never becomes ready for epoch 3
+    epoch = torch.tensor([3], dtype=torch.int32)
+    failed = torch.zeros(1, dtype=torch.int32)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+    x = torch.randn(5, hidden, generator=g).to(torch.bfloat16)
+    y = torch.ops.dsfp4.fp4_grouped_gemm_units(x, offsets, torch.arange(E, dtype=torch.int32), table,
+                                               lay["gate_up_qweight"], lay["gate_up_qscale"], lay["gate_up_scale"],
+                                               2 * inter, hidden, 3, 0, ready.data_ptr(), epoch.data_ptr(),
+                                               failed.data_ptr(), 50_000_000)
+    assert int(failed) == 1
+    assert torch.equal(y[:2], ref[0](x[:2]))
+    assert torch.isnan(y[2:]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# the paged engine: ready words, the pipeline thread, simulated asynchronous copies
+
+
+CASES = {
+    # Python resolves each layer, ready words signal the GEMM, copies delayed
+    "ready_sim": dict(sim_copy_delay_us=300, prefetch_min_accuracy=0.0),
+    # the store's thread resolves decode steps as the ids are published
+    "pipeline": dict(decode_pipeline=True, prefetch_min_accuracy=0.0),
+    "pipeline_sim": dict(decode_pipeline=True, sim_copy_delay_us=300, prefetch_min_accuracy=0.0),
+    "pipeline_sim_auto": dict(decode_pipeline=True, sim_copy_delay_us=200, miss_mode="auto", cache_policy="lru",
+                              prefetch_min_accuracy=0.0),
+    # blocking resolves (compute waits on events) with delayed copies
+    "blocking": dict(enable_async_copy=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_equals_resident_with_asynchronous_copies(model_dir, reference, case):
+    """A host cache smaller than the experts, speculative copies always on, copies that land
+    late: every generated token and the logits equal the resident engine's. Any read of a slot
+    or host unit before its copy finished, or a refill under a copy still in flight, shows here."""
+    ref_tokens, ref_logits = reference
+    eng = paged(model_dir, **CASES[case])
+    out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == ref_tokens
+    assert all(o.finish_reason == "length" for o in out)
+    logits = eng.logits(PROMPTS[0])
+    assert torch.isfinite(logits).all()
+    assert (logits - ref_logits).abs().max().item() < 1e-3
+    c = eng.store.counters()["experts"]
+    assert c["ssd_reads"] > eng.memory_plan.host_expert_slots      # the host cache churned
+    assert c["failed"] == 0
+    if "pipeline" in case:
+        assert c["publishes"] > 0 and c["prefetch_copies"] > 0
+    else:
+        assert c["publishes"] == 0
+
+
+def test_pipeline_read_error_fails_the_step_naming_the_file_and_recovers(model_dir, reference):
+    ref_tokens, _ = reference
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100)
+    files = eng.store.files
+    size = max(range(files.num_files), key=lambda i: __import__("os").path.getsize(files.path(i)))
+    eng.generate(PROMPTS[0], max_tokens=2, ignore_eos=True)
+    files.inject_fault(size, 0)
+    with pytest.raises(RuntimeError, match=r"\.safetensors"):
+        for _ in range(40):    # some decode step needs an expert from that shard
+            eng.generate(PROMPTS[0], max_tokens=12, ignore_eos=True)
+    files.inject_fault(size, -1)
+    out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == ref_tokens
+
+
+def test_replay_routing_paged_equals_resident(model_dir):
+    """Routing replay: the ids come from a trace (skewed, reused), everything else runs as usual;
+    the paged pipeline engine equals the resident one under the same replay."""
+    rng = np.random.default_rng(0)
+    steps, L, B, K, E = 16, 3, 2, 6, 64   # the tiny model: 4 layers, the first dense
+    pop = rng.dirichlet(np.full(E, 0.3), size=L)
+    dec = np.stack([[[rng.choice(E, K, replace=False, p=pop[l]) for _ in range(B)] for l in range(L)]
+                    for _ in range(steps)]).astype(np.int32)
+    pre = np.stack([[rng.choice(E, K, replace=False, p=pop[l]) for _ in range(40)] for l in range(L)]).astype(np.int32)
+    res = Engine.from_pretrained(model_dir, **KW)
+    res.set_routing_replay(RoutingReplay(dec, pre))
+    ref = res.generate(PROMPTS, max_tokens=10, ignore_eos=True)
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100, prefetch_min_accuracy=0.0)
+    eng.set_routing_replay(RoutingReplay(dec, pre))
+    out = eng.generate(PROMPTS, max_tokens=10, ignore_eos=True)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    # the replayed ids reached the store: its requests follow the trace's distinct experts
+    reqs = eng.store.counters()["experts"]["requests"]
+    assert reqs > 0
+    with pytest.raises(ValueError, match="MoE layers"):
+        res.set_routing_replay(RoutingReplay(dec[:, :2], pre[:2]))
