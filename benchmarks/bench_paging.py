@@ -51,6 +51,7 @@ import torch
 import deepseek_fp4_plugin  # noqa: F401
 from bench_common import commit, copy_bandwidth_gbs, dirty, gpu_slug, write_result
 from deepseek_fp4_plugin._ext import _C
+from deepseek_fp4_plugin.cache_floor import equivalent_capacity, min_misses_requests
 from deepseek_fp4_plugin.checkpoint import CheckpointSource
 from deepseek_fp4_plugin.config import DeepseekV3Config, RopeScaling
 from deepseek_fp4_plugin.engine import Engine
@@ -209,31 +210,8 @@ def full_depth_share(memory_limit: float, max_batch_size: int) -> Dict[str, floa
 
 
 def belady_misses(requests: Sequence[Tuple[int, Sequence[int]]], capacity: int, counted: Sequence[bool]) -> int:
-    """Misses an optimal offline cache of ``capacity`` keys cannot avoid over ``requests`` (each a
-    layer and its distinct experts), summed over the requests marked counted. A key that misses
-    may be streamed without being cached (the engine's in-place reads); after each request the
-    cache keeps the keys needed soonest (Belady's MIN, per request)."""
-    import heapq
-
-    reqs = [[(layer, int(e)) for e in ids] for layer, ids in requests]
-    inf = len(reqs) + 1
-    nxt, last = [None] * len(reqs), {}
-    for i in range(len(reqs) - 1, -1, -1):
-        nxt[i] = [last.get(k, inf) for k in reqs[i]]
-        for k in reqs[i]:
-            last[k] = i
-    cache, heap, misses = {}, [], 0     # key → next use; max-heap of (−next use, key), lazily pruned
-    for i, req in enumerate(reqs):
-        for k, nu in zip(req, nxt[i]):
-            if k not in cache:
-                misses += counted[i]
-            cache[k] = nu
-            heapq.heappush(heap, (-nu, k))
-        while len(cache) > capacity:
-            neg, v = heapq.heappop(heap)
-            if cache.get(v) == -neg:
-                del cache[v]
-    return misses
+    """Misses the optimal offline schedule cannot avoid over the recorded requests (cache_floor)."""
+    return min_misses_requests([[(layer, int(e)) for e in ids] for layer, ids in requests], capacity, counted)
 
 
 class Recorder:
@@ -407,12 +385,17 @@ def profile_prefill(engine, prompt_len: int, out: Path) -> dict:
 # peers
 
 
-def llama_cpp_peer(args, h2d: float) -> dict:
+def llama_cpp_peer(args) -> dict:
+    """llama.cpp with its experts on the CPU (benchmarks/peers/llama_cpp.py, docs/peers.md), before
+    the engine takes its pinned host cache: the GGUF and llama.cpp's copy of the experts sit in RAM."""
     sys.path.insert(0, str(Path(__file__).parent / "peers"))
-    from llama_cpp import run_llama_bench   # benchmarks/peers/llama_cpp.py
+    from llama_cpp import run_peer
 
-    return run_llama_bench(args.llama_dir, layers=args.llama_layers, threads=os.cpu_count() or 16,
-                           prompts=(512, 2048), gen=32, reps=3, work_dir=args.llama_work)
+    args.llama_work.mkdir(parents=True, exist_ok=True)
+    n = os.cpu_count() or 16
+    return run_peer(args.llama_dir, args.llama_work, layers=args.llama_layers,
+                    expert_types=tuple(args.llama_types.split(",")), threads=(n, n // 2), prompts=(512, 2048),
+                    gen=32, reps=3)
 
 
 def accelerate_moe_layer_ms(cfg: DeepseekV3Config, layers: int, steps: int = 3) -> dict:
@@ -482,6 +465,7 @@ def main() -> int:
     ap.add_argument("--llama-dir", type=Path, default=None, help="llama.cpp build with llama-bench (peer)")
     ap.add_argument("--llama-layers", type=int, default=3)
     ap.add_argument("--llama-work", type=Path, default=Path("/dev/shm/dsfp4_gguf"))
+    ap.add_argument("--llama-types", default="q4_0,nvfp4", help="llama.cpp expert types to bench")
     ap.add_argument("--baseline", action="store_true", help="also run transformers + accelerate")
     ap.add_argument("--skip-ssd", action="store_true")
     ap.add_argument("--skip-ablations", action="store_true")
@@ -507,7 +491,7 @@ def main() -> int:
     if args.llama_dir is not None:
         t0 = time.perf_counter()
         try:
-            result["peers"]["llama_cpp"] = llama_cpp_peer(args, h2d)
+            result["peers"]["llama_cpp"] = llama_cpp_peer(args)
         except Exception as e:   # the peer's failure must not lose our rows; it is reported
             result["peers"]["llama_cpp"] = {"error": f"{type(e).__name__}: {e}"}
         print(f"llama.cpp: {json.dumps(result['peers']['llama_cpp'])[:600]} ({time.perf_counter() - t0:.0f} s)",
@@ -515,9 +499,8 @@ def main() -> int:
 
     share = full_depth_share(args.memory_limit, 8)
     result["full_depth"] = share
-    share_slots = max(8, round(share["share"] * n_moe * cfg.n_routed_experts))
     print(f"full depth: DeepSeek-R1 in {args.memory_limit} GiB keeps {share['expert_slots']} of "
-          f"{share['total_experts']} experts ({100 * share['share']:.2f}%): {share_slots} slots here", flush=True)
+          f"{share['total_experts']} experts ({100 * share['share']:.2f}%)", flush=True)
 
     dec = pre = None
     if not args.no_replay:
@@ -529,6 +512,18 @@ def main() -> int:
         pre = rm.prefill_trace(tokens=8192, layers=n_moe, experts=cfg.n_routed_experts,
                                top_k=cfg.num_experts_per_tok, seed=2, layers_subset="representative")
         result["replay_trace"] = {"decode_shape": list(dec.shape), "prefill_shape": list(pre.shape)}
+
+    def share_slots(batch: int) -> int:
+        """GPU slots that leave each of the short model's layers the room a 61-layer R1 leaves each
+        of its 58 (cache_floor.equivalent_capacity): the request being served holds its experts
+        whatever the depth, so a plain share would leave a short model less room per layer."""
+        if dec is not None:
+            d = dec[:, :, :batch].reshape(dec.shape[0], n_moe, -1)
+            ws = float(np.mean([len(np.unique(d[s_, l])) for s_ in range(d.shape[0]) for l in range(n_moe)]))
+        else:
+            ws = float(cfg.n_routed_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch))
+        ws = min(ws, share["expert_slots"])
+        return max(1, equivalent_capacity(share["expert_slots"], R1_MOE_LAYERS, n_moe, ws))
 
     kw = dict(device="cuda", memory_limit=args.memory_limit, max_batch_size=8,
               max_seq_len=max(int(p) for p in args.prompts.split(",")) + 128, prefill_chunk=2048, verbose=True)
@@ -582,13 +577,14 @@ def main() -> int:
         run({}, lambda rec, b=b: decode_row(eng, b, args.steps, h2d, n_moe, "full", "replay", "bench", rec, slots))
     if dec is not None:
         run({}, lambda rec: prefill_row(eng, 2048, h2d, n_moe, args.prefill_reps, "replay", rec))
-    fd = dict(expert_slots=share_slots)
     for b in (1, 4, 8):
-        run(fd, lambda rec, b=b: decode_row(eng, b, args.steps, h2d, n_moe, "full", routing, "full_depth", rec,
-                                            share_slots, full_depth=share))
-    run({**fd, "decode_pipeline": False},
-        lambda rec: decode_row(eng, 1, args.steps, h2d, n_moe, "no_pipeline", routing, "full_depth", rec,
-                               share_slots, full_depth=share))
+        n = share_slots(b)
+        run(dict(expert_slots=n), lambda rec, b=b, n=n: decode_row(eng, b, args.steps, h2d, n_moe, "full", routing,
+                                                                    "full_depth", rec, n, full_depth=share))
+    n = share_slots(1)
+    run(dict(expert_slots=n, decode_pipeline=False),
+        lambda rec: decode_row(eng, 1, args.steps, h2d, n_moe, "no_pipeline", routing, "full_depth", rec, n,
+                               full_depth=share))
     eng.set_routing_replay(None)
     if not args.skip_ablations:
         ablations = {"no_pipeline": dict(decode_pipeline=False), "no_prefetch": dict(prefetch_layers=0),
@@ -641,11 +637,11 @@ def main() -> int:
               f"{r['cache_share']:>10} {f(r['tok_s'], '8.2f')} {f(r['moe_layer_ms'], '7.2f')} {f(r['floor_ms'], '7.2f')} "
               f"{f(r['ratio_to_floor'], '5.2f')} {f(r['moved_over_floor'], '5.2f')} {f(r['hit_rate'], '4.2f')} "
               f"{f(r['prefetch_accuracy'], '4.2f')}")
-    llama = result["peers"].get("llama_cpp", {})
-    for phase in ("decode", "prefill_512", "prefill_2048"):
-        if isinstance(llama.get(phase), dict):
-            print(f"llama.cpp {phase}: {llama[phase].get('tok_s', 0):.2f} tok/s, "
-                  f"{llama[phase].get('moe_layer_ms', 0):.2f} ms per MoE layer")
+    llama = result["peers"].get("llama_cpp", {}).get("phases", {})
+    for phase, v in llama.items():
+        if isinstance(v, dict):
+            print(f"llama.cpp {phase}: {v.get('tok_s', 0):.2f} tok/s, {v.get('moe_layer_ms', 0):.2f} ms per MoE layer "
+                  f"({v.get('expert_type', '?')})")
     print(f"peak GPU (engine) {result['peak_gpu_gb']:.2f} GB")
     return 0
 

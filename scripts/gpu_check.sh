@@ -2,7 +2,7 @@
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
 #   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
-#                        [peer-llama] [cpu-experts] [bench-report]
+#                        [peer-llama] [cpu-experts] [bench-report] [serve]
 # With no arguments: build tests sanitizer bench-gemm.
 # fp8: the FP8 block GEMM's GPU tests, compute-sanitizer on a quick subset and bench_fp8_gemm.py
 # (add tune to sweep its tactics); logs under $OUT/fp8_*.
@@ -183,5 +183,17 @@ topk_group=4, num_experts_per_tok=8)" || status=1
   timeout ${TUNE_TIMEOUT:-330} python3 -m deepseek_fp4_plugin.cli tune --model "$demo" --memory-limit "$limit" \
     --time-budget ${TUNE_BUDGET:-240} --out "$OUT/tuned.json" > "$OUT/tune.log" 2>&1 || status=1
   tail -4 "$OUT/tune.log"
+fi
+if has serve; then
+  # continuous batching on CUDA, then the server benchmark (tiny model unless BENCH_SERVER_ARGS
+  # names one). The server needs fastapi, uvicorn, prometheus-client and openai: on a machine
+  # without a registry, carry them in .whl/ (pip download --only-binary=:all: --python-version 3.12
+  # --platform manylinux2014_x86_64 --platform any -d .whl fastapi uvicorn prometheus-client openai)
+  echo "== serve"
+  timeout 600 python3 -m pytest tests/gpu/test_server_gpu.py -q -s -rs 2>&1 | tee "$OUT/serve_tests.log" | tail -14
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  timeout ${BENCH_SERVER_TIMEOUT:-560} python3 benchmarks/bench_server.py --device cuda --use-cuda-graph \
+    ${BENCH_SERVER_ARGS:-} --out "$OUT/server.json" > "$OUT/bench_server.log" 2>&1 || status=1
+  tail -8 "$OUT/bench_server.log"
 fi
 exit $status

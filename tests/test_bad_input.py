@@ -48,8 +48,9 @@ def _shape(x):
 
 def test_every_store_answers_the_same_counters(tiny):
     resident = Engine.from_pretrained(tiny, memory_limit=1, dtype="bfloat16", **SMALL)
-    paged = Engine.from_pretrained(tiny, memory_limit=0.02, dtype="bfloat16",
-                                   paging={"cpu_cache_size": 0.01}, **SMALL)
+    paged = Engine.from_pretrained(
+        tiny, memory_limit=0.02, dtype="bfloat16", paging={"cpu_cache_size": 0.01}, **SMALL
+    )
     assert isinstance(resident.store, ResidentWeightStore) and isinstance(paged.store, PagedWeightStore)
     resident.generate([1, 2, 3], max_tokens=2)
     c = resident.store.counters()
@@ -68,10 +69,10 @@ def test_float32_paging_names_the_dtype_not_the_format(tiny):
     """An NVFP4 model that must page, in the CPU's default float32: the error says dtype."""
     import re
 
-    with pytest.raises(ValueError) as small:                      # the smallest budget float32 takes
+    with pytest.raises(ValueError) as small:  # the smallest budget float32 takes
         Engine.from_pretrained(tiny, memory_limit=0.005, **SMALL)
     least = float(re.search(r"at least ([0-9.]+) GiB", str(small.value)).group(1))
-    with pytest.raises(ValueError, match=r"dtype='bfloat16'") as e:   # it pages: experts do not all fit
+    with pytest.raises(ValueError, match=r"dtype='bfloat16'") as e:  # it pages: experts do not all fit
         Engine.from_pretrained(tiny, memory_limit=least, **SMALL)
     assert "convert" not in str(e.value) and "NVFP4 safetensors" not in str(e.value)
 
@@ -85,26 +86,47 @@ def facade(tiny):
 
 
 def _state(model):
-    return (json.dumps(model.settings, sort_keys=True), json.dumps(model.pending_settings(), sort_keys=True),
-            dict(model._paging), model.engine.max_batch_size, model.engine.use_cuda_graph,
-            torch.backends.cuda.matmul.allow_tf32)
+    return (
+        json.dumps(model.settings, sort_keys=True),
+        json.dumps(model.pending_settings(), sort_keys=True),
+        dict(model._paging),
+        model.engine.max_batch_size,
+        model.engine.use_cuda_graph,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
 
 
-@pytest.mark.parametrize("call", [
-    lambda m: m.set_memory_config(expert_threshold=1.0),
-    lambda m: m.set_memory_config(prefetch_layers=2, expert_threshold=1.0),
-    lambda m: m.apply_config({"gpu_memory_fraction": 0}),
-    lambda m: m.apply_config({"enable_tf32": not torch.backends.cuda.matmul.allow_tf32, "gpu_memory_fraction": 0}),
-    lambda m: m.apply_config({"prefetch_layers": 3, "use_cuda_graph": "yes"}),
-    lambda m: m.apply_config({"prefetch_layers": 3, "expert_threshold": 1.0}),
-    lambda m: m.set_memory_strategy({"cpu_cache_size": 4, "max_experts": 0}),
-    lambda m: m.set_compute_streams({"prefetch": False, "compute": "no"}),
-    lambda m: m.optimize_for_single_task("yes"),
-    lambda m: m.optimize_for_batch(approximate=1),
-], ids=["threshold", "threshold-with-good", "fraction", "tf32-with-bad", "graph-bool", "threshold-config",
-        "strategy", "streams", "preset-yes", "preset-1"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m.set_memory_config(expert_threshold=1.0),
+        lambda m: m.set_memory_config(prefetch_layers=2, expert_threshold=1.0),
+        lambda m: m.apply_config({"gpu_memory_fraction": 0}),
+        lambda m: m.apply_config(
+            {"enable_tf32": not torch.backends.cuda.matmul.allow_tf32, "gpu_memory_fraction": 0}
+        ),
+        lambda m: m.apply_config({"prefetch_layers": 3, "use_cuda_graph": "yes"}),
+        lambda m: m.apply_config({"prefetch_layers": 3, "expert_threshold": 1.0}),
+        lambda m: m.set_memory_strategy({"cpu_cache_size": 4, "max_experts": 0}),
+        lambda m: m.set_compute_streams({"prefetch": False, "compute": "no"}),
+        lambda m: m.optimize_for_single_task("yes"),
+        lambda m: m.optimize_for_batch(approximate=1),
+    ],
+    ids=[
+        "threshold",
+        "threshold-with-good",
+        "fraction",
+        "tf32-with-bad",
+        "graph-bool",
+        "threshold-config",
+        "strategy",
+        "streams",
+        "preset-yes",
+        "preset-1",
+    ],
+)
 def test_failed_setter_changes_nothing(facade, call):
-    facade.set_memory_config(prefetch_layers=1)          # something recorded before
+    facade.set_memory_config(prefetch_layers=1)  # something recorded before
     before = _state(facade)
     engine = facade.engine
     with pytest.raises(ValueError):
@@ -121,24 +143,27 @@ def test_preset_approximate_must_be_a_bool(facade):
 # ---- prompts and token ids: one clear ValueError naming the argument ------------------------------
 
 
-@pytest.mark.parametrize("prompt,chat,match", [
-    ("", False, r"prompt is empty"),
-    ("", True, r"prompt is empty"),
-    (["ok", ""], False, r"prompts\[1\] is empty"),
-    ([[]], False, r"prompts\[0\] is empty"),
-    ([True, 2], False, r"prompt\[0\] must be an integer token id, got True \(bool\)"),
-    ([3, 2.0], False, r"prompt\[1\] must be an integer token id, got 2.0 \(float\)"),
-    ("a\ud800b", False, r"prompt: not valid Unicode.*index 1"),
-    (["fine", "x\udcffy"], False, r"prompts\[1\]: not valid Unicode.*index 1"),
-    ([{"role": 5, "content": "x"}], True, r"messages\[0\]\['role'\] must be a string, got 5"),
-    ([{"role": "user", "content": 7}], True, r"messages\[0\]\['content'\] must be a string, got 7"),
-    ([{"role": "user", "content": "\ud800"}], True, r"messages\[0\]\['content'\]: not valid Unicode"),
-    ([{"role": "user"}], True, r"messages\[0\] needs 'role' and 'content'"),
-])
+@pytest.mark.parametrize(
+    "prompt,chat,match",
+    [
+        ("", False, r"prompt is empty"),
+        ("", True, r"prompt is empty"),
+        (["ok", ""], False, r"prompts\[1\] is empty"),
+        ([[]], False, r"prompts\[0\] is empty"),
+        ([True, 2], False, r"prompt\[0\] must be an integer token id, got True \(bool\)"),
+        ([3, 2.0], False, r"prompt\[1\] must be an integer token id, got 2.0 \(float\)"),
+        ("a\ud800b", False, r"prompt: not valid Unicode.*index 1"),
+        (["fine", "x\udcffy"], False, r"prompts\[1\]: not valid Unicode.*index 1"),
+        ([{"role": 5, "content": "x"}], True, r"messages\[0\]\['role'\] must be a string, got 5"),
+        ([{"role": "user", "content": 7}], True, r"messages\[0\]\['content'\] must be a string, got 7"),
+        ([{"role": "user", "content": "\ud800"}], True, r"messages\[0\]\['content'\]: not valid Unicode"),
+        ([{"role": "user"}], True, r"messages\[0\] needs 'role' and 'content'"),
+    ],
+)
 def test_bad_prompts_are_one_clear_error(engine, prompt, chat, match):
     with pytest.raises(ValueError, match=match):
         engine.generate(prompt, chat=chat, max_tokens=2)
-    assert engine.generate([1, 2, 3], max_tokens=2).token_ids       # still usable
+    assert engine.generate([1, 2, 3], max_tokens=2).token_ids  # still usable
 
 
 @pytest.mark.parametrize("bad", [-1, 512, 10**6])
@@ -158,10 +183,26 @@ def test_stop_string_with_a_lone_surrogate(engine):
 
 def test_non_utf8_command_line_prompt_is_one_line(tiny):
     """Bytes that are not UTF-8 on the command line (Python hands them over as lone surrogates)."""
-    cmd = [sys.executable, "-m", "deepseek_fp4_plugin.cli", "generate", "--model", str(tiny), "--device", "cpu",
-           "--max-tokens", "2", "--no-progress", "--prompt"]
-    r = subprocess.run([os.fsencode(a) for a in cmd] + [b"caf\xe9"], capture_output=True, timeout=300,
-                       env=dict(os.environ, LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepseek_fp4_plugin.cli",
+        "generate",
+        "--model",
+        str(tiny),
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "2",
+        "--no-progress",
+        "--prompt",
+    ]
+    r = subprocess.run(
+        [os.fsencode(a) for a in cmd] + [b"caf\xe9"],
+        capture_output=True,
+        timeout=300,
+        env=dict(os.environ, LC_ALL="C.UTF-8", PYTHONIOENCODING="utf-8"),
+    )
     err = r.stderr.decode("utf-8", "replace")
     assert r.returncode == 2, err
     assert err.count("\n") == 1 and "prompt: not valid Unicode" in err
@@ -180,27 +221,35 @@ def _with_template(tiny, tmp_path, template):
     return d, Tokenizer(d)
 
 
-NESTED = ("{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% for c in r %}"
-          "{% endfor %}{% endfor %}{% endfor %}")
+NESTED = (
+    "{% set r = range(100000) %}{% for a in r %}{% for b in r %}{% for c in r %}"
+    "{% endfor %}{% endfor %}{% endfor %}"
+)
 HUGE = "{% for a in range(100000) %}{% for b in range(100000) %}0123456789abcdef{% endfor %}{% endfor %}"
 
 
-@pytest.mark.parametrize("template,match", [
-    (NESTED, r"took longer than 0.5 s"),
-    (HUGE, r"output exceeds"),
-    ("{{ 'x' * 10000000000 }}", r"too large"),
-    ("{{ 'x' | center(10000000000) }}", r"too large"),
-    ("{{ 'x'.ljust(10000000000) }}", r"too large"),
-    ("{{ '%10000000000s' % 'x' }}", r"too large"),
-    ("{{ 2 ** 1000000000 }}", r"too large"),
-    ("{% set s = 'x' * 4000000 %}{% set s = s ~ s ~ s ~ s ~ s %}{% set s = s ~ s ~ s ~ s ~ s %}{{ s }}",
-     r"too large"),
-    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", r"unsafe"),
-    ("{{ messages.__class__.__name__ }}", r"unsafe"),
-    ("{{ messages.append(1) }}", r"unsafe"),
-    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", r"recursion"),
-    ("{{ messages[0]['content'] + 5 }}", r"TypeError"),
-])
+@pytest.mark.parametrize(
+    "template,match",
+    [
+        (NESTED, r"took longer than 0.5 s"),
+        (HUGE, r"output exceeds"),
+        ("{{ 'x' * 10000000000 }}", r"too large"),
+        ("{{ 'x' | center(10000000000) }}", r"too large"),
+        ("{{ 'x'.ljust(10000000000) }}", r"too large"),
+        ("{{ '%10000000000s' % 'x' }}", r"too large"),
+        ("{{ 2 ** 1000000000 }}", r"too large"),
+        (
+            "{% set s = 'x' * 4000000 %}{% set s = s ~ s ~ s ~ s ~ s %}"
+            "{% set s = s ~ s ~ s ~ s ~ s %}{{ s }}",
+            r"too large",
+        ),
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", r"unsafe"),
+        ("{{ messages.__class__.__name__ }}", r"unsafe"),
+        ("{{ messages.append(1) }}", r"unsafe"),
+        ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", r"recursion"),
+        ("{{ messages[0]['content'] + 5 }}", r"TypeError"),
+    ],
+)
 def test_chat_template_is_bounded_and_named(tiny, tmp_path, monkeypatch, template, match):
     import time
 
@@ -261,24 +310,43 @@ def _run_limited(code, timeout=60):
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=limit, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("num_hidden_layers", 10**9, r"num_hidden_layers = 1000000000 but .*model\.safetensors\.index\.json holds "
-                                 r"the tensors of 4 layers"),
-    ("n_routed_experts", 10**12, r"n_routed_experts = 1000000000000 but .*model\.safetensors\.index\.json holds "
-                                 r"16 experts per layer"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        (
+            "num_hidden_layers",
+            10**9,
+            r"num_hidden_layers = 1000000000 but .*model\.safetensors\.index\.json holds "
+            r"the tensors of 4 layers",
+        ),
+        (
+            "n_routed_experts",
+            10**12,
+            r"n_routed_experts = 1000000000000 but .*model\.safetensors\.index\.json holds "
+            r"16 experts per layer",
+        ),
+    ],
+)
 def test_config_sizes_are_checked_against_the_index_first(tiny, tmp_path, field, value, match):
     d = fresh_copy(tiny, tmp_path)
     _edit_config(d, **{field: value})
-    code = ("from deepseek_fp4_plugin import Engine\n"
-            "try:\n"
-            f"    Engine.from_pretrained({str(d)!r}, device='cpu')\n"
-            "except ValueError as e:\n"
-            "    print('ValueError:', e)\n")
+    code = (
+        "from deepseek_fp4_plugin import Engine\n"
+        "try:\n"
+        f"    Engine.from_pretrained({str(d)!r}, device='cpu')\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+    )
     r = _run_limited(code)
     assert r.returncode == 0 and "ValueError:" in r.stdout, r.stderr[-2000:]
     import re
@@ -293,8 +361,18 @@ def test_deeply_nested_config_names_the_file(tiny, tmp_path):
         Engine.from_pretrained(d, device="cpu")
 
 
-@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "kv_lora_rank",
-                                   "n_routed_experts", "moe_intermediate_size", "q_lora_rank"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "hidden_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "kv_lora_rank",
+        "n_routed_experts",
+        "moe_intermediate_size",
+        "q_lora_rank",
+    ],
+)
 def test_config_without_a_size_field_says_so(tiny, tmp_path, field):
     d = fresh_copy(tiny, tmp_path)
     _edit_config(d, **{field: None})
@@ -317,18 +395,22 @@ def test_unreadable_shard_says_permission_denied(tiny, tmp_path):
     shard = sorted(d.glob("*.safetensors"))[0]
     shard.chmod(0)
     prefix = []
-    if os.geteuid() == 0:   # root reads anything: drop the capability that lets it
+    if os.geteuid() == 0:  # root reads anything: drop the capability that lets it
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv")
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-    code = ("from deepseek_fp4_plugin import Engine\n"
-            "try:\n"
-            f"    Engine.from_pretrained({str(d)!r}, device='cpu')\n"
-            "except (ValueError, OSError) as e:\n"
-            "    print(type(e).__name__, e)\n")
+    code = (
+        "from deepseek_fp4_plugin import Engine\n"
+        "try:\n"
+        f"    Engine.from_pretrained({str(d)!r}, device='cpu')\n"
+        "except (ValueError, OSError) as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
     r = subprocess.run(prefix + [sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert shard.name in r.stdout and "ermission denied" in r.stdout and "No such file" not in r.stdout, r.stdout
+    assert shard.name in r.stdout and "ermission denied" in r.stdout and "No such file" not in r.stdout, (
+        r.stdout
+    )
 
 
 # ---- weights of a loaded engine do not depend on the files ----------------------------------------
@@ -353,13 +435,19 @@ except (ValueError, RuntimeError) as e:
 """
 
 
-@pytest.mark.parametrize("fmt,dtype", [("nvfp4", "float32"), ("nvfp4", "bfloat16"), ("fp8_block", "bfloat16")])
+@pytest.mark.parametrize(
+    "fmt,dtype", [("nvfp4", "float32"), ("nvfp4", "bfloat16"), ("fp8_block", "bfloat16")]
+)
 def test_resident_weights_survive_truncated_files(tiny, tmp_path, fmt, dtype):
     """A resident engine keeps no pointer into the files: truncating every shard after loading
     changes nothing (it was a SIGBUS in moe_route; FP8 blocks run as stored)."""
     d = fresh_copy(tiny, tmp_path) if fmt == "nvfp4" else make_tiny(tmp_path / "model", seed=2, format=fmt)
-    r = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(d), dtype], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(d), dtype],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     assert r.stdout.strip() == "same"
 
@@ -368,8 +456,12 @@ def test_paged_engine_survives_truncated_files(tiny, tmp_path):
     """A paged engine's resident layers do not point into the files either; the experts it
     reads fail that request with the file named."""
     d = fresh_copy(tiny, tmp_path)
-    r = subprocess.run([sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(d), "bfloat16", "0.02"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE_AFTER_LOAD, str(d), "bfloat16", "0.02"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
     out = r.stdout.strip()
     assert out == "same" or (out.startswith("error:") and ".safetensors" in out), out

@@ -118,7 +118,8 @@ def test_generate_takes_the_engines_memory_and_paging_options(tiny, capsys):
     """--memory-limit with the paging knobs pages the tiny model; the text equals the engine's,
     and the plan goes to stderr (stdout holds only the text)."""
     opts = ["--device", "cpu", "--dtype", "bfloat16", "--memory-limit", "0.02", "--max-batch-size", "2",
-            "--max-seq-len", "128", "--prefill-chunk", "32", "--cpu-cache-size", "0.01", "--prefetch-layers", "0",
+            "--max-seq-len", "128", "--prefill-chunk", "32", "--cpu-cache-size", "0.01",
+            "--prefetch-layers", "0",
             "--max-gpu-layers", "3", "--expert-threshold", "0", "--miss-mode", "copy"]
     capsys.readouterr()
     assert main(["generate", "--model", str(tiny), "--prompt", "Hello", "--max-tokens", "6", *opts]) == 0
@@ -133,10 +134,10 @@ def test_generate_takes_the_engines_memory_and_paging_options(tiny, capsys):
 
 def test_generate_shows_progress_while_loading(tiny, capsys):
     capsys.readouterr()
-    assert main(["generate", "--model", str(tiny), "--prompt", "Hi", "--max-tokens", "1", "--device", "cpu"]) == 0
+    args = ["generate", "--model", str(tiny), "--prompt", "Hi", "--max-tokens", "1", "--device", "cpu"]
+    assert main(args) == 0
     assert "loading" in capsys.readouterr().err
-    assert main(["generate", "--model", str(tiny), "--prompt", "Hi", "--max-tokens", "1", "--device", "cpu",
-                 "--no-progress"]) == 0
+    assert main(args + ["--no-progress"]) == 0
     assert "loading" not in capsys.readouterr().err
 
 
@@ -159,7 +160,8 @@ def test_budget_error_numbers_differ_and_name_existing_options(tiny, capsys):
                  "--memory-limit", "0.015", "--max-seq-len", "128", "--max-batch-size", "2",
                  "--prefill-chunk", "32"]) == 2
     err = capsys.readouterr().err
-    m = re.search(r"budget ([0-9.]+ [MG]iB) is too small: the minimum working set needs ([0-9.]+ [MG]iB)", err)
+    m = re.search(r"budget ([0-9.]+ [MG]iB) is too small: the minimum working set needs ([0-9.]+ [MG]iB)",
+                  err)
     assert m and m.group(1) != m.group(2), err
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
     flags = {s for a in sub._actions for s in a.option_strings}

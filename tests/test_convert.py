@@ -495,7 +495,8 @@ def test_exclusion_that_leaves_nothing_quantized_is_refused(tiny, tmp_path, caps
     with pytest.raises(ValueError, match=r"exclude pattern.*'\*'.*every linear layer.*nothing to quantize"):
         convert_checkpoint(tiny[fmt], tmp_path / "out", exclude=["*"], progress=False)
     assert not (tmp_path / "out").exists()
-    assert cli_main(["convert", str(tiny[fmt]), str(tmp_path / "out"), "--exclude", "*", "--no-progress"]) == 2
+    args = ["convert", str(tiny[fmt]), str(tmp_path / "out"), "--exclude", "*", "--no-progress"]
+    assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing to quantize" in err
     assert not (tmp_path / "out").exists()
@@ -526,8 +527,8 @@ def test_killed_after_the_first_shard_resumes(small, tmp_path):
 
     reference = _snapshot(convert_checkpoint(small, tmp_path / "ref", progress=False))
     dst = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_SHARD, str(small), str(dst)], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_SHARD, str(small), str(dst)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 9, r.stderr
     assert list(dst.glob("*.safetensors"))                   # a shard renamed into place, not recorded
     convert_checkpoint(small, dst, progress=False)            # resumes

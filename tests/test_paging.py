@@ -615,8 +615,8 @@ def test_shard_changed_after_load_fails_the_request_naming_it(tmp_path, referenc
             fh.seek(p.stat().st_size // 2)
             fh.write(bytes(b ^ 0xFF for b in chunk))
         os.utime(p, ns=(saved[p][1].st_atime_ns, saved[p][1].st_mtime_ns + 1_000_000))
-    with pytest.raises(RuntimeError, match=r"model-\d+-of-\d+\.safetensors: reading tensor .*changed since the model "
-                                           r"was loaded"):
+    with pytest.raises(RuntimeError, match=r"model-\d+-of-\d+\.safetensors: reading tensor .*changed since "
+                                           r"the model was loaded"):
         eng.generate(PROMPT, max_tokens=10, ignore_eos=True)
     for p, (data, st) in saved.items():               # put every shard back as it was
         p.write_bytes(data)

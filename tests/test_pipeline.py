@@ -241,3 +241,76 @@ def test_replay_routing_paged_equals_resident(model_dir):
     assert reqs > 0
     with pytest.raises(ValueError, match="MoE layers"):
         res.set_routing_replay(RoutingReplay(dec[:, :2], pre[:2]))
+
+
+# ---------------------------------------------------------------------------------------
+# the races of the old store, each as a deterministic case over a slow simulated copy stream
+
+
+def _two_layer_store(tmp_path, gpu_slots, host_slots, delay_us, e=6, hidden=128, inter=64):
+    """A 2-layer CPU-mode ExpertStore (layer 1 holds the same experts as layer 0) whose copies
+    run late on a simulated stream, and a reference: every unit as the store's fill makes it."""
+    from plugin_fixtures import Experts, store_options
+    ex = Experts(e, hidden, inter, seed=31)
+    stored = ex.write_checkpoint(tmp_path / "experts.safetensors")
+    lay = P.expert_unit_layout(hidden, inter)
+    gpu = torch.zeros(gpu_slots * lay["bytes"], dtype=torch.uint8)
+    opts = store_options(layers=2, experts=e, hidden=hidden, inter=inter, gpu_slots=gpu_slots,
+                         gpu_base=gpu.data_ptr(), host_slots=host_slots, pinned=False, on_device=False,
+                         miss_mode=P.MissMode.copy, io_threads=2, repack_threads=1, direct_io=False,
+                         async_copy=True, prefetch_min_accuracy=0.0, sim_copy_delay_us=delay_us,
+                         pipeline_max_ids=64, pipeline_max_pred=64)
+    files = P.CheckpointFiles([str(tmp_path / "experts.safetensors")], False)
+    store = P.ExpertStore(opts, files, stored + stored)
+    tables = torch.zeros(2, e, dtype=torch.int64)
+    sync = torch.zeros(P.pipeline_sync_words(2, e), dtype=torch.int32)
+    store.set_device_tables(tables.data_ptr(), sync.data_ptr())
+    ref_opts = store_options(layers=1, experts=e, hidden=hidden, inter=inter, gpu_slots=0, host_slots=e,
+                             pinned=False, on_device=False, io_threads=1, repack_threads=1, direct_io=False)
+    ref_store = P.ExpertStore(ref_opts, P.CheckpointFiles([str(tmp_path / "experts.safetensors")], False), stored)
+    ids = np.arange(e, dtype=np.int32)
+    ref_store.load_host(0, ids.ctypes.data, e)
+    ref = [bytes((np.ctypeslib.ctypes.c_uint8 * lay["bytes"]).from_address(ref_store.host_unit(0, i))) for i in range(e)]
+    return store, gpu, tables, lay, ref, (ref_store, files, sync)   # sync: the store writes into it
+
+
+def _slot_bytes(addr, lay):
+    return bytes((np.ctypeslib.ctypes.c_uint8 * lay["bytes"]).from_address(addr))
+
+
+def test_host_unit_not_refilled_under_a_copy_still_in_flight(tmp_path):
+    """A speculative copy out of host unit h is queued (it runs 0.2 s later); a demand read of another
+    expert then evicts h. The refill must wait for the copy: the old store recorded the copy's event
+    only after its loop, so the refill waited on nothing and the slot received the other expert."""
+    store, gpu, tables, lay, ref, keep = _two_layer_store(tmp_path, gpu_slots=4, host_slots=3, delay_us=200_000)
+    ids = lambda *xs: np.array(xs, dtype=np.int32)  # noqa: E731
+    a = ids(0)
+    store.begin_step()
+    store.load_host(1, a.ctypes.data, 1)                       # expert 0 of layer 1 in host unit h
+    store.prefetch(1, a.ctypes.data, 1, 0)                     # its copy is queued, 0.2 s late
+    others = ids(3, 4, 5)
+    store.resolve(0, others.ctypes.data, 3, 0)                 # 3 demand reads: every host unit refilled
+    store.sync_copies()
+    addr = store.gpu_address(1, 0)
+    assert addr != 0
+    assert _slot_bytes(addr, lay) == ref[0]                    # the prefetched slot holds expert 0
+    for e in (3, 4, 5):
+        assert _slot_bytes(int(tables[0, e]), lay) == ref[e]
+
+
+def test_table_row_is_a_snapshot_not_the_live_mirror(tmp_path):
+    """A layer's device table row is copied late (simulated stream); resolves of the other layer
+    change the host mirror meanwhile. The row must show the addresses of its own resolve: the old
+    store copied straight from the mirror."""
+    store, gpu, tables, lay, ref, keep = _two_layer_store(tmp_path, gpu_slots=4, host_slots=6, delay_us=100_000)
+    ids = lambda *xs: np.array(xs, dtype=np.int32)  # noqa: E731
+    first = ids(0, 1)
+    store.begin_step()
+    store.resolve_ready(0, first.ctypes.data, 2, 1, 0)          # row of layer 0, queued late
+    want = [int(store.gpu_address(0, e)) for e in (0, 1)]
+    other = ids(0, 1, 2, 3)
+    store.begin_step()
+    store.resolve_ready(1, other.ctypes.data, 4, 1, 0)          # evicts layer 0's experts from the slots
+    store.sync_copies()
+    got = [int(tables[0, e]) for e in (0, 1)]
+    assert got == want, (got, want)                           # layer 0's row as its resolve wrote it

@@ -23,19 +23,19 @@ def python_blocks():
 
 def _needs(block):
     first = block.lstrip().splitlines()[0]
-    return first[len("# needs:"):].strip() if first.startswith("# needs:") else None
+    return first[len("# needs:") :].strip() if first.startswith("# needs:") else None
 
 
 def test_readme_has_python_blocks():
     blocks = python_blocks()
     assert len(blocks) >= 3
-    assert sum(_needs(b) is None for b in blocks) >= 3      # most of them run here
+    assert sum(_needs(b) is None for b in blocks) >= 3  # most of them run here
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
-    make_tiny(d / "tiny")                                   # deepseek-fp4 make-tiny ./tiny
+    make_tiny(d / "tiny")  # deepseek-fp4 make-tiny ./tiny
     return d
 
 
@@ -49,7 +49,7 @@ def test_readme_block_runs(index, workdir, monkeypatch, capsys):
         pytest.skip(f"needs {needs}")
     monkeypatch.chdir(workdir)
     exec(compile(block, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
-    assert capsys.readouterr().out.strip()                 # every block prints what it shows
+    assert capsys.readouterr().out.strip()  # every block prints what it shows
 
 
 def _section(title):

@@ -8,6 +8,7 @@
     deepseek-fp4 convert SRC DST [...]
     deepseek-fp4 bench [--model DIR] [--preset P] [--out DIR]
     deepseek-fp4 tune [--model DIR] [--target throughput] [--time-budget S] [--out FILE]
+    deepseek-fp4 serve [--model DIR] [--host H] [--port P] [engine options] [--api-key KEY] [--max-queue N]
     deepseek-fp4 --version
 
 Without --model, generate runs the built-in tiny random DeepSeek-V3 (written to the cache
@@ -20,6 +21,7 @@ the parser sets ``func``, which ``run_command`` calls. Library modules never imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -30,8 +32,10 @@ from . import __version__
 
 # PagingSettings fields offered as options: (field, type, help)
 _PAGING_OPTIONS = (
-    ("cpu_cache_size", float, "GiB of pinned host memory for expert units (default: what the host can spare)"),
-    ("prefetch_layers", int, "layers (and predicted experts) brought in ahead; 0 disables prefetch (default 1)"),
+    ("cpu_cache_size", float, "GiB of pinned host memory for expert units (default: what the host "
+                              "can spare)"),
+    ("prefetch_layers", int, "layers (and predicted experts) brought in ahead; 0 disables prefetch "
+                             "(default 1)"),
     ("max_gpu_layers", int, "most layers whose attention / dense weights are on the GPU at once"),
     ("expert_threshold", float, "opt-in approximation: skip a non-resident expert whose routing weight is "
                                 "below this (default 0 = exact)"),
@@ -40,6 +44,44 @@ _PAGING_OPTIONS = (
     ("gpu_memory_fraction", float, "without --memory-limit, the budget is this fraction of the card"),
     ("io_threads", int, "disk reader threads (default 8)"),
 )
+
+
+def add_engine_options(p: argparse.ArgumentParser, batch_help: str) -> None:
+    """The engine's memory and paging options (generate, serve); ``load_engine`` reads them."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    e = p.add_argument_group("engine (see Engine.from_pretrained)")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA; paging needs bfloat16)")
+    e.add_argument("--precision", default="default", choices=["default", "fp4", "bf16"],
+                   help="which layers run in NVFP4 (see PrecisionPolicy; default: MLPs and experts)")
+    e.add_argument("--memory-limit", type=float, default=None,
+                   help="device memory budget in GiB; what does not fit is paged")
+    e.add_argument("--max-batch-size", type=int, default=8, help=batch_help)
+    e.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + generated)")
+    e.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens per prefill forward (default 2048)")
+    e.add_argument("--use-cuda-graph", action="store_true", help="replay decode steps from CUDA graphs")
+    g = p.add_argument_group("paging (see PagingSettings)")
+    for name, kind, text in _PAGING_OPTIONS:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+
+
+def load_engine(args, model):
+    """Engine.from_pretrained with the options ``add_engine_options`` added; a paged plan goes
+    to stderr (stdout may carry generated text)."""
+    from .engine import Engine
+
+    paging = {name: getattr(args, name) for name, _, _ in _PAGING_OPTIONS if getattr(args, name) is not None}
+    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit,
+                                    dtype=args.dtype, precision=args.precision, max_seq_len=args.max_seq_len,
+                                    max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk,
+                                    use_cuda_graph=args.use_cuda_graph, paging=paging,
+                                    progress=not args.no_progress, verbose=False)
+    plan = getattr(engine, "memory_plan", None)
+    if plan is not None and plan.paged:
+        print(plan.table(), file=sys.stderr)
+    return engine
 
 
 def add_generate_parser(sub) -> argparse.ArgumentParser:
@@ -55,31 +97,12 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--stats", action="store_true", help="print prefill / decode speed to stderr")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
-
-    e = p.add_argument_group("engine (see Engine.from_pretrained)")
-    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA; paging needs bfloat16)")
-    e.add_argument("--precision", default="default", choices=["default", "fp4", "bf16"],
-                   help="which layers run in NVFP4 (see PrecisionPolicy; default: MLPs and experts)")
-    e.add_argument("--memory-limit", type=float, default=None,
-                   help="device memory budget in GiB; what does not fit is paged")
-    e.add_argument("--max-batch-size", type=int, default=8, help="sequences the KV cache holds (default 8)")
-    e.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + generated)")
-    e.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill forward (default 2048)")
-    e.add_argument("--use-cuda-graph", action="store_true", help="replay decode steps from CUDA graphs")
-
-    g = p.add_argument_group("paging (see PagingSettings)")
-    for name, kind, text in _PAGING_OPTIONS:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    add_engine_options(p, batch_help="sequences the KV cache holds (default 8)")
     p.set_defaults(func=_run_generate)
     return p
 
 
 def _run_generate(args) -> int:
-    from .engine import Engine
-
     model = args.model
     if model is None:
         from .tiny import ensure_tiny
@@ -87,15 +110,7 @@ def _run_generate(args) -> int:
         model = ensure_tiny()
         print(f"(no --model: using the built-in tiny random model at {model}; its output is gibberish)",
               file=sys.stderr)
-    paging = {name: getattr(args, name) for name, _, _ in _PAGING_OPTIONS if getattr(args, name) is not None}
-    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit, dtype=args.dtype,
-                                    precision=args.precision, max_seq_len=args.max_seq_len,
-                                    max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk,
-                                    use_cuda_graph=args.use_cuda_graph, paging=paging,
-                                    progress=not args.no_progress, verbose=False)
-    plan = engine.memory_plan
-    if plan is not None and plan.paged:
-        print(plan.table(), file=sys.stderr)   # stdout carries only the generated text
+    engine = load_engine(args, model)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")   # a terminal that cannot show a character gets '?'
     pieces = engine.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -265,9 +280,77 @@ def _run_tune(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# serve
+
+
+def _port(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {v}")
+    return v
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,"
+                                   " /v1/completions, /v1/models, /health, /metrics). Many clients share one"
+                                   " engine: requests join the running batch at the next decode step.")
+    p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("DEEPSEEK_FP4_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $DEEPSEEK_FP4_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id in the API (default: the folder's name)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a batch row; more get 429 (default 64)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="seconds running requests may finish after SIGINT / SIGTERM (default 5)")
+    p.add_argument("--batch-prefill", action="store_true",
+                   help="prefill requests that arrive together as one padded batch (faster with paged "
+                        "experts; rows' numbers then depend on the padding)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_options(p, batch_help="batch rows: requests generating at once (default 8)")
+    p.set_defaults(func=_run_serve)
+    return p
+
+
+def _run_serve(args) -> int:
+    from pathlib import Path
+
+    try:
+        from .server import make_server
+    except ImportError as e:
+        missing = e.name or "fastapi and uvicorn"
+        raise ValueError(f"serving needs {missing}: pip install 'deepseek-fp4[serve]'") from e
+
+    model = args.model
+    if model is None:
+        from .tiny import ensure_tiny
+
+        model = ensure_tiny()
+        print(f"(no --model: serving the built-in tiny random model at {model}; its output is gibberish)",
+              file=sys.stderr)
+    engine = load_engine(args, model)
+    name = args.served_model_name or Path(model).resolve().name
+    server = make_server(engine, args.host, args.port, name, args.api_key, args.max_queue,
+                         args.shutdown_grace, args.batch_prefill, log_level=args.log_level)
+    key = ", API key required" if args.api_key else ""
+    print(f"serving {name} at http://{args.host}:{args.port}/v1 ({engine.max_batch_size} batch rows, "
+          f"context {engine.max_seq_len}{key}); Ctrl-C stops", file=sys.stderr)
+    try:
+        server.run()
+    except KeyboardInterrupt:   # uvicorn shut down gracefully, then re-raised the Ctrl-C
+        pass
+    print("deepseek-fp4 serve: stopped", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 
 SUBCOMMANDS = (add_generate_parser, add_make_tiny_parser, add_convert_parser, add_bench_parser,
-               add_tune_parser)
+               add_tune_parser, add_serve_parser)
 
 
 def _version() -> str:
@@ -280,7 +363,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepseek-fp4", description="DeepSeek-V3/R1 inference with NVFP4 weights.")
+    parser = argparse.ArgumentParser(prog="deepseek-fp4",
+                                     description="DeepSeek-V3/R1 inference with NVFP4 weights.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:

@@ -128,8 +128,8 @@ def _resolve_exclude(ck: SafetensorsCheckpoint, exclude: Optional[Sequence[str]]
         patterns = list(dict.fromkeys(exclude))
     modules = list(linear_shapes(ck.config))
     if patterns and all(exclude_match(m, patterns) is not None for m in modules):
-        raise ValueError(f"exclude pattern(s) {patterns} keep every linear layer of {ck.path} unquantized: nothing "
-                         f"to quantize (the output would declare NVFP4 and hold none)")
+        raise ValueError(f"exclude pattern(s) {patterns} keep every linear layer of {ck.path} unquantized: "
+                         f"nothing to quantize (the output would declare NVFP4 and hold none)")
     for m in nvfp4_modules:
         p = exclude_match(m, patterns)
         if p is not None:

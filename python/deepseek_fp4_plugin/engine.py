@@ -219,13 +219,15 @@ class Engine:
         return self.cache
 
     @torch.inference_mode()
-    def prefill(self, tokens: Tensor, lengths: Sequence[int]) -> Tensor:
+    def prefill(self, tokens: Tensor, lengths: Sequence[int], rows: Optional[Sequence[int]] = None) -> Tensor:
         """Runs right-padded prompts into the KV cache (slots 0..len-1 of rows 0..B-1).
 
         Parameters
         ----------
         tokens : int64 [B, T] on the engine's device, right-padded
         lengths : the B prompt lengths (1 ≤ length ≤ T)
+        rows : the cache rows the B prompts go to (distinct, < max_batch_size; default 0..B-1);
+            other rows are left as they are, so sequences may join while others decode
 
         Returns
         -------
@@ -233,8 +235,8 @@ class Engine:
         """
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
                 or tokens.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise ValueError(f"tokens must be an integer tensor [B, T], got "
-                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+            got = f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}"
+            raise ValueError(f"tokens must be an integer tensor [B, T], got {got}")
         B, T = tokens.shape
         if T > self.max_seq_len:
             raise ValueError(f"tokens has {T} positions, more than max_seq_len = {self.max_seq_len}")
@@ -247,25 +249,36 @@ class Engine:
                     raise ValueError(f"tokens: token id {t} is outside the vocabulary [0, {v})")
         if len(lengths) != B or not all(is_int(n) and 1 <= n <= T for n in lengths):
             raise ValueError(f"lengths must be {B} integers in [1, {T}], got {list(lengths)!r}")
+        if rows is not None and (len(rows) != B or not all(is_int(r) and 0 <= r < self.max_batch_size
+                                                           for r in rows) or len(set(rows)) != B):
+            raise ValueError(f"rows must be {B} distinct cache rows in [0, {self.max_batch_size}), "
+                             f"got {list(rows)!r}")
         with self._compute():
             if self.model.routing_replay is not None:
                 self.model.routing_replay.begin_prefill()
-            cache = self._ensure_cache(B)
+            cache = (self._ensure_cache(B) if rows is None   # with rows: max_batch_size rows, never regrown
+                     else self._ensure_cache(self.max_batch_size).rows(rows))
             if self.store.layer_major_prefill:
                 logits = self._prefill_layer_major(tokens, lengths, cache)
-                self.store.end_step()
-                return logits
-            positions = torch.arange(T, device=self.device).expand(B, T)          # [B, T]
-            last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
-            for start in range(0, T, self.prefill_chunk):
-                end = min(start + self.prefill_chunk, T)
-                h = self.model.forward(tokens[:, start:end], positions[:, start:end], cache, kv_len=end,
-                                       causal=start == 0)                        # [B, t, D]
-                rows = [b for b, n in enumerate(lengths) if start <= n - 1 < end]  # last token in this chunk
-                if rows:
-                    cols = [lengths[b] - 1 - start for b in rows]
-                    last[rows] = h[rows, cols]
-            return self.model.logits(last)                                        # [B, V]
+            else:
+                logits = self._prefill_chunks(tokens, lengths, cache)
+            self.store.end_step()
+            return logits
+
+    def _prefill_chunks(self, tokens: Tensor, lengths: Sequence[int], cache: KVCache) -> Tensor:
+        """Resident prefill: chunks of prefill_chunk positions through the whole model."""
+        B, T = tokens.shape
+        positions = torch.arange(T, device=self.device).expand(B, T)              # [B, T]
+        last = torch.empty(B, self.config.hidden_size, dtype=self.dtype, device=self.device)  # [B, D]
+        for start in range(0, T, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, T)
+            h = self.model.forward(tokens[:, start:end], positions[:, start:end], cache, kv_len=end,
+                                   causal=start == 0)                            # [B, t, D]
+            rows = [b for b, n in enumerate(lengths) if start <= n - 1 < end]      # last token in this chunk
+            if rows:
+                cols = [lengths[b] - 1 - start for b in rows]
+                last[rows] = h[rows, cols]
+        return self.model.logits(last)                                            # [B, V]
 
     def _prefill_layer_major(self, tokens: Tensor, lengths: Sequence[int], cache: KVCache) -> Tensor:
         """Paged prefill: every chunk runs through layer l before any runs through l+1, so a

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -133,4 +133,26 @@ def sample_checked(logits: Tensor, params: SamplingParams,
         logits = torch.where(finite[:, None], logits, 0.0)
     tokens = sample(logits, params, generators)                                     # [B] int64
     marked = torch.where(finite, tokens, -1).tolist()   # -1 marks a flagged row; one copy to the host
+    return [max(t, 0) for t in marked], [t >= 0 for t in marked]
+
+
+def sample_checked_rows(logits: Tensor, params: Sequence[Optional[SamplingParams]],
+                        generators: Sequence[Optional[torch.Generator]]) -> Tuple[List[int], List[bool]]:
+    """``sample_checked`` with sampling parameters per row (continuous batching): row b samples
+    with ``params[b]`` and ``generators[b]`` (None: the global generator) exactly as
+    ``sample_checked`` would sample it alone; rows whose params are None (unused batch rows)
+    get a token that means nothing. Rows sharing temperature / top-k / top-p sample together;
+    still one copy to the host."""
+    finite = torch.isfinite(logits.sum(dim=-1))                                     # [B] bool
+    tokens = logits.argmax(dim=-1)                                                  # [B] int64, greedy rows
+    groups: Dict[Tuple[float, float, int, bool], List[int]] = {}
+    for b, p in enumerate(params):
+        if p is not None and not p.greedy:
+            groups.setdefault((p.temperature, p.top_p, p.top_k, generators[b] is not None), []).append(b)
+    for (temperature, top_p, top_k, seeded), rows in groups.items():
+        idx = torch.tensor(rows, device=logits.device)
+        sub = torch.where(finite[idx, None], logits[idx], 0.0)                     # [n, V]
+        gens = [generators[b] for b in rows] if seeded else None
+        tokens[idx] = sample(sub, SamplingParams(temperature, top_p, top_k), gens)
+    marked = torch.where(finite, tokens, -1).tolist()
     return [max(t, 0) for t in marked], [t >= 0 for t in marked]

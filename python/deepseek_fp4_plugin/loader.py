@@ -351,7 +351,8 @@ class SafetensorsCheckpoint(CheckpointSource):
                 if Path(f).name != f or f in (".", ".."):
                     raise ValueError(f"{index}: shard name {f!r} must be a plain file name "
                                      f"in the model folder")
-            odd = sorted(f for f in set(wm.values()) if (self.path / f).exists() and not (self.path / f).is_file())
+            odd = sorted(f for f in set(wm.values())
+                         if (self.path / f).exists() and not (self.path / f).is_file())
             if odd:
                 raise ValueError(f"{self.path / odd[0]}: is not a regular file (the shard {index.name} names "
                                  f"must be a safetensors file)")
@@ -384,8 +385,10 @@ class SafetensorsCheckpoint(CheckpointSource):
             raise ValueError(where.format(f"num_hidden_layers = {c.num_hidden_layers}",
                                           f"the tensors of {len(layers)} layers"))
         most = max((len(e) for e in experts.values()), default=0)
-        if c.n_routed_experts > most and any(c.is_moe_layer(x) for x in range(min(c.num_hidden_layers, len(layers)))):
-            raise ValueError(where.format(f"n_routed_experts = {c.n_routed_experts}", f"{most} experts per layer"))
+        moe = any(c.is_moe_layer(x) for x in range(min(c.num_hidden_layers, len(layers))))
+        if c.n_routed_experts > most and moe:
+            raise ValueError(where.format(f"n_routed_experts = {c.n_routed_experts}",
+                                          f"{most} experts per layer"))
 
     def _open(self, fname: str):
         p = self.path / fname

@@ -64,8 +64,9 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
              settings: PagingSettings, memory_limit: Optional[float], max_batch_size: int, max_seq_len: int,
              prefill_chunk: int) -> Optional[MemoryPlan]:
     """The memory plan, or None when there is no budget to plan (CPU without memory_limit)."""
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))
-                                     or not math.isfinite(memory_limit) or not 0 < memory_limit <= MAX_MEMORY_LIMIT):
+    if memory_limit is not None and (
+            isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))
+            or not math.isfinite(memory_limit) or not 0 < memory_limit <= MAX_MEMORY_LIMIT):
         raise ValueError(f"memory_limit must be a positive number of GiB up to {MAX_MEMORY_LIMIT}, "
                          f"got {memory_limit!r}")
     total = None
@@ -86,8 +87,8 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
         not_pageable = (f"paging runs the NVFP4 kernels on bfloat16 activations: use dtype='bfloat16' "
                         f"(got {str(cdt).replace('torch.', '')})")
     elif non_nvfp4_expert(source) is not None:
-        not_pageable = ("paging experts reads them from NVFP4 safetensors files (convert FP8/BF16 checkpoints "
-                        "with `deepseek-fp4 convert`)")
+        not_pageable = ("paging experts reads them from NVFP4 safetensors files (convert FP8/BF16 "
+                        "checkpoints with `deepseek-fp4 convert`)")
     else:
         not_pageable = ""
     pageable = not not_pageable

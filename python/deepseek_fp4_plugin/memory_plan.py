@@ -407,7 +407,8 @@ def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype:
         raise ValueError(
             f"memory budget {shown_budget} is too small: the minimum working set needs {shown_need} "
             f"(resident embedding/lm_head/norms/routers {size_text(fixed)}, KV cache for {max_batch_size} × "
-            f"{max_seq_len} tokens {size_text(kv)}, workspace for {chunk}-token prefill chunks {size_text(workspace)}, "
+            f"{max_seq_len} tokens {size_text(kv)}, workspace for {chunk}-token prefill chunks "
+            f"{size_text(workspace)}, "
             f"{ring} layer slot(s), {min_expert_slots} expert slots × {expert_unit_bytes / MiB:.1f} MiB"
             f"{', gpu_reserved ' + size_text(reserved) if reserved else ''}); raise memory_limit to at least "
             f"{gib_at_least(need)} GiB or lower max_batch_size / max_seq_len / prefill_chunk")
@@ -460,9 +461,9 @@ def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype:
                              f"cpu_cache_size to at least {gib_at_least(min_host * expert_unit_bytes)} GiB")
         pinned = host_layer + host_slots * expert_unit_bytes
         if pinned > 0.9 * avail:
-            raise ValueError(f"pinned host memory {size_text(pinned)} (layer units {size_text(host_layer)} + expert "
-                             f"cache {size_text(host_slots * expert_unit_bytes)}) exceeds 90% of the host's available "
-                             f"{size_text(avail)}; lower cpu_cache_size")
+            raise ValueError(f"pinned host memory {size_text(pinned)} (layer units {size_text(host_layer)} + "
+                             f"expert cache {size_text(host_slots * expert_unit_bytes)}) exceeds 90% of the "
+                             f"host's available {size_text(avail)}; lower cpu_cache_size")
         if host_slots < total_experts:
             notes.append(f"host cache holds {host_slots} of {total_experts} experts: the rest are read from disk")
     return MemoryPlan(budget=budget, paged=is_paged, device_total=device_total, resident_fixed=fixed,

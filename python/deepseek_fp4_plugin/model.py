@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Generator, Optional
+from typing import Generator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +148,11 @@ class KVCache:
         """[b, kv_len, C+R] view of the first ``batch`` sequences."""
         return self.kv[layer, :batch, :kv_len]
 
+    def rows(self, rows: Sequence[int]) -> "KVCacheRows":
+        """The cache seen through rows ``rows`` (sequence b of a forward ↔ cache row rows[b]),
+        so a prefill can fill free rows while other rows hold live sequences."""
+        return KVCacheRows(self, rows)
+
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
@@ -156,6 +161,30 @@ class KVCache:
     def bytes_for(config: DeepseekV3Config, batch: int, max_len: int, element_size: int) -> int:
         dim = config.kv_lora_rank + config.qk_rope_head_dim
         return config.num_hidden_layers * batch * max_len * dim * element_size
+
+
+class KVCacheRows:
+    """A KVCache restricted to some of its rows, with the KVCache write / read interface."""
+
+    def __init__(self, cache: KVCache, rows: Sequence[int]):
+        rows = list(rows)
+        if not rows or len(set(rows)) != len(rows) or not all(0 <= r < cache.batch for r in rows):
+            raise ValueError(f"rows must be distinct cache rows in [0, {cache.batch}), got {rows!r}")
+        self.cache, self.batch, self.max_len = cache, len(rows), cache.max_len
+        # consecutive rows read as a view; others gather (a copy of the rows read)
+        self._span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        self._rows = torch.tensor(rows, device=cache.kv.device)[:, None]                 # [b, 1]
+
+    def write(self, layer: int, positions: Tensor, latent: Tensor) -> None:
+        """latent [b, T, C+R] of positions [b, T] into rows rows[0..b-1]."""
+        b = latent.shape[0]
+        self.cache.kv[layer][self._rows[:b], positions] = latent
+
+    def read(self, layer: int, batch: int, kv_len: int) -> Tensor:
+        """[b, kv_len, C+R] of rows rows[0..batch-1]."""
+        if self._span is not None:
+            return self.cache.kv[layer, self._span:self._span + batch, :kv_len]
+        return self.cache.kv[layer][self._rows[:batch, 0], :kv_len]
 
 
 # ---------------------------------------------------------------------------------------

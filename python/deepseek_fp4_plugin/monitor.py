@@ -71,6 +71,12 @@ COUNTERS: Dict[str, Tuple[str, ...]] = {
     "weight_wait_ms": ("weight_wait_ms", "experts.weight_wait_ms", "experts.stall_ms", "stall_ms"),
     "cpu_experts": ("cpu_experts", "experts.cpu_experts", "experts.cpu_computed", "cpu.experts"),
     "cpu_expert_ms": ("cpu_expert_ms", "experts.cpu_ms", "cpu.ms"),
+    # the decode pipeline: layers its thread resolved, and its host time from seeing a layer's
+    # routed ids to issuing the last ready word (summed)
+    "pipeline_publishes": ("experts.publishes",),
+    "pipeline_resolve_ms": ("experts.publish_to_ready_ms",),
+    "expert_failed": ("experts.failed",),
+    "prefetch_cancelled": ("experts.prefetch_cancelled",),
     "file_read_s": ("files.seconds",),
 }
 PER_LAYER_KEYS = ("requests", "gpu_hits", "host_hits", "copies")

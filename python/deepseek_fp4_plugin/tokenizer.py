@@ -159,8 +159,8 @@ def check_text(text: Any, name: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name}: not valid Unicode text: lone surrogate {text[e.start]!r} at index {e.start} "
-                         f"(decoded from bytes that are not UTF-8?)") from None
+        raise ValueError(f"{name}: not valid Unicode text: lone surrogate {text[e.start]!r} at index "
+                         f"{e.start} (decoded from bytes that are not UTF-8?)") from None
 
 
 def check_messages(messages: Any, name: str = "messages") -> None:
@@ -170,7 +170,8 @@ def check_messages(messages: Any, name: str = "messages") -> None:
         check_text(messages, name)
         return
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"{name} must be a string or a non-empty list of {{'role': ..., 'content': ...}} dicts")
+        raise ValueError(f"{name} must be a string or a non-empty list of "
+                         f"{{'role': ..., 'content': ...}} dicts")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"{name}[{i}] needs 'role' and 'content', got {m!r}"[:300])

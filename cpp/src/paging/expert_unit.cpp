@@ -169,6 +169,17 @@ Status expert_unit_from_modelopt(const ExpertUnitLayout& l, const ModeloptLinear
   for (int64_t t = 0; t < tiles(I); ++t) gs[tiles(I) + t] = up.global_scale;
   float* ds = reinterpret_cast<float*>(unit + l.down_global_scale);
   for (int64_t t = 0; t < tiles(H); ++t) ds[t] = down.global_scale;
+  // the alignment gaps too, so that a unit's bytes depend on its expert alone (not on what a
+  // reused host or GPU slot held before)
+  const int64_t ends[6][2] = {
+      {l.gate_up_qweight + static_cast<int64_t>(tiled_weight_bytes(2 * I, H)), l.gate_up_qscale},
+      {l.gate_up_qscale + static_cast<int64_t>(tiled_scale_bytes(2 * I, H)), l.gate_up_global_scale},
+      {l.gate_up_global_scale + 4 * tiles(2 * I), l.down_qweight},
+      {l.down_qweight + static_cast<int64_t>(tiled_weight_bytes(H, I)), l.down_qscale},
+      {l.down_qscale + static_cast<int64_t>(tiled_scale_bytes(H, I)), l.down_global_scale},
+      {l.down_global_scale + 4 * tiles(H), l.bytes}};
+  for (const auto& gap : ends)
+    if (gap[1] > gap[0]) std::memset(unit + gap[0], 0, static_cast<size_t>(gap[1] - gap[0]));
   return Status::Ok();
 }
 

@@ -151,6 +151,32 @@ struct ResolveMode {
   Stream compute = nullptr;  // blocking, or ready from Python: the compute stream
 };
 
+// Tiers (store_tiers.cpp). Addresses of units: a GPU slot, a host unit (as kernels see it), or
+// what a kernel can read for a key that is not in a GPU slot (its filled, mapped host unit; 0).
+uint8_t* gpu_unit(const Ctx& c, int slot);
+uint8_t* host_unit_ptr(const Ctx& c, int slot);
+bool host_mapped(const Ctx& c);
+uint64_t host_unit_addr(const Ctx& c, int slot);
+uint64_t fallback_addr(const Ctx& c, int64_t key);
+void* cev(const Ctx& c, int64_t s);
+Stream copy_stream(const Ctx& c, Stream compute);
+// Host cache: start a fill (captures what must finish before the unit is overwritten), wait for
+// one, finish those done, or put a key in the cache (false: no slot free).
+void start_fill(const Ctx& c, int64_t key, int h, bool urgent, bool pipelined);
+Status finish_host(const Ctx& c, int64_t key);
+void sweep_host(const Ctx& c);
+bool ensure_host(const Ctx& c, int64_t key, bool demand, int layer, bool pipelined);
+// GPU slots: take one for `key` with the copy stream ordered behind its last readers (-1: none);
+// copy part of a unit into it (events recorded right behind); write a table entry and ready word
+// behind everything queued, or a layer's rows from a snapshot.
+int take_slot(const Ctx& c, int64_t key, Stream s, bool pipelined, Status* st);
+Status copy_part(const Ctx& c, int64_t key, int g, int64_t off, int64_t n, Stream s);
+Status write_ready(const Ctx& c, int64_t key, uint64_t addr, uint32_t epoch, Stream s);
+Status write_rows(const Ctx& c, int layer, bool with_ready, Stream s, Staging& staging);
+// Speculative copies: issue every remaining chunk (a demand needs it now), or stop one.
+Status finish_spec(const Ctx& c, int g, Stream s);
+void cancel_spec(const Ctx& c, int64_t key, int layer);
+
 Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, const ResolveMode& mode,
                     std::vector<std::pair<int32_t, Lane>>* lanes);
 Status prefetch_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, bool pipelined, Stream compute);
