@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepseek_fp4_plugin import convert as convert_mod
+from deepseek_fp4_plugin.cli import main as cli_main
 from deepseek_fp4_plugin import ops
 from deepseek_fp4_plugin.checkpoint import NVFP4
 from deepseek_fp4_plugin.convert import DEFAULT_EXCLUDE, MANIFEST_FILE, convert_checkpoint
@@ -271,7 +272,7 @@ def test_bad_source_writes_nothing(small, tmp_path):
 
 
 def test_command_line(small, tmp_path, capsys):
-    assert convert_mod.main([str(small), str(tmp_path / "out"), "--exclude", "lm_head"]) == 0
+    assert cli_main(["convert", str(small), str(tmp_path / "out"), "--exclude", "lm_head"]) == 0
     captured = capsys.readouterr()
     assert "wrote" in captured.out and "convert" in captured.err     # the progress bar
     with open_checkpoint(tmp_path / "out") as ck:
@@ -308,7 +309,7 @@ def test_bad_options_write_nothing(small, tmp_path, kw, word):
 def test_cuda_device_without_cuda(small, tmp_path, capsys):
     with pytest.raises(ValueError, match="no CUDA device"):
         convert_checkpoint(small, tmp_path / "out", progress=False, device="cuda")
-    assert convert_mod.main([str(small), str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert cli_main(["convert", str(small), str(tmp_path / "out"), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CUDA" in err
     assert not (tmp_path / "out").exists()
@@ -316,7 +317,7 @@ def test_cuda_device_without_cuda(small, tmp_path, capsys):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
 def test_command_line_input_scale(small, tmp_path, capsys, value):
-    assert convert_mod.main([str(small), str(tmp_path / "out"), f"--input-scale={value}"]) == 2
+    assert cli_main(["convert", str(small), str(tmp_path / "out"), f"--input-scale={value}"]) == 2
     assert "input_scale must be a finite number > 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -327,7 +328,7 @@ def test_destination_under_a_file(small, tmp_path, capsys):
     with pytest.raises(convert_mod.ConvertError, match=rf"{dst}: cannot create the destination folder "
                                                        rf"\(Not a directory"):
         convert_checkpoint(small, dst, progress=False)
-    assert convert_mod.main([str(small), str(dst), "--no-progress"]) == 2
+    assert cli_main(["convert", str(small), str(dst), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"convert: error: {dst}: cannot create" in err
 
@@ -339,7 +340,7 @@ def test_read_only_destination(small, tmp_path, capsys):
     try:
         if os.access(ro, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        assert convert_mod.main([str(small), str(ro / "a" / "b"), "--no-progress"]) == 2
+        assert cli_main(["convert", str(small), str(ro / "a" / "b"), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{ro / 'a'}" in err and "Permission denied" in err
         assert list(ro.iterdir()) == []
@@ -361,7 +362,7 @@ def test_permission_denied_named(small, tmp_path, capsys, monkeypatch):
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
     dst = tmp_path / "ro" / "a" / "b"
-    assert convert_mod.main([str(small), str(dst), "--no-progress"]) == 2
+    assert cli_main(["convert", str(small), str(dst), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"convert: error: {dst}: cannot create the destination folder (Permission denied: {dst.parent})" in err
@@ -484,3 +485,52 @@ def test_corrupt_source_shard(tiny, tmp_path, which):
     else:
         assert "finished shard(s) kept" in str(info.value)
         assert json.loads((dst / MANIFEST_FILE).read_text())["done"]
+
+
+# ---- conversions that would leave an unusable folder ------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "bf16"])
+def test_exclusion_that_leaves_nothing_quantized_is_refused(tiny, tmp_path, capsys, fmt):
+    with pytest.raises(ValueError, match=r"exclude pattern.*'\*'.*every linear layer.*nothing to quantize"):
+        convert_checkpoint(tiny[fmt], tmp_path / "out", exclude=["*"], progress=False)
+    assert not (tmp_path / "out").exists()
+    args = ["convert", str(tiny[fmt]), str(tmp_path / "out"), "--exclude", "*", "--no-progress"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to quantize" in err
+    assert not (tmp_path / "out").exists()
+
+
+_KILL_AFTER_FIRST_SHARD = """
+import os, sys
+from pathlib import Path
+from deepseek_fp4_plugin import convert
+from deepseek_fp4_plugin.convert import MANIFEST_FILE, convert_checkpoint
+
+real_replace = os.replace
+
+def replace(src, dst):
+    # killed between renaming the first shard into place and renaming the manifest that records it
+    if Path(dst).name == MANIFEST_FILE and any(Path(dst).parent.glob("*.safetensors")):
+        os._exit(9)
+    real_replace(src, dst)
+
+os.replace = replace
+convert_checkpoint(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_killed_after_the_first_shard_resumes(small, tmp_path):
+    import subprocess
+    import sys
+
+    reference = _snapshot(convert_checkpoint(small, tmp_path / "ref", progress=False))
+    dst = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_SHARD, str(small), str(dst)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr
+    assert list(dst.glob("*.safetensors"))                   # a shard renamed into place, not recorded
+    convert_checkpoint(small, dst, progress=False)            # resumes
+    assert _snapshot(dst) == reference
+    assert not [p for p in dst.iterdir() if p.name.endswith(".partial")]

@@ -542,15 +542,17 @@ def test_corrupt_block_scale_of_a_paged_expert_is_an_error(tmp_path):
     d = tmp_path / "m"
     make_tiny(d, seed=4, hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_hidden_layers=5,
               n_group=8, topk_group=4, num_experts_per_tok=6)
-    eng = paged(d, prefetch_layers=0)
     src = open_checkpoint(d)
-    layer = eng.store.moe_layers[0]
-    for e in range(eng.config.n_routed_experts):   # every expert of one layer: the prompt must touch one
+    layer = next(x for x in range(src.config.num_hidden_layers) if src.config.is_moe_layer(x))
+    for e in range(src.config.n_routed_experts):   # every expert of one layer: the prompt must touch one
         info = src.tensor_info(f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight_scale")
         with open(info.file, "r+b") as f:
             f.seek(info.offset + 7)
             f.write(bytes([0xC0]))                      # e4m3 -2.0
     src.close()
+    # before loading (a change after loading is refused as such): block scales of paged experts
+    # are checked when an expert is first read, not at load
+    eng = paged(d, prefetch_layers=0)
     with pytest.raises(ValueError, match=r"experts\.\d+\.up_proj\.weight_scale.*negative block scale"):
         eng.generate(PROMPT, max_tokens=4, ignore_eos=True)
 
@@ -564,3 +566,59 @@ def test_prefill_in_groups_equals_resident(model_dir, reference):
     eng.store.plan.prefill_group_tokens = 32             # 32-token chunks: two groups of one chunk
     assert eng.generate(PROMPT, max_tokens=10, ignore_eos=True).token_ids == ref_tokens
     assert torch.equal(eng.logits(PROMPT[:30]), ref_logits)
+
+
+# ---------------------------------------------------------------------------------------
+# a shard changed after loading
+
+
+def test_reader_refuses_a_file_changed_since_open(tmp_path):
+    f = tmp_path / "model-00001.safetensors"
+    data = bytes(range(256)) * 400
+    f.write_bytes(data)
+    st = f.stat()
+    files = P.CheckpointFiles([str(f)], True)
+    out = torch.empty(9000, dtype=torch.uint8)
+    files.read(0, 100, 9000, "layers.0.w", out.data_ptr())
+    with open(f, "r+b") as fh:                 # the same size, other bytes
+        fh.seek(5000)
+        fh.write(bytes(16))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    for direct_size in (9000, 100):            # through O_DIRECT and buffered
+        with pytest.raises(RuntimeError, match=r"model-00001\.safetensors: reading tensor 'layers\.0\.w'.*"
+                                               r"changed since the model was loaded \(modified\)"):
+            files.read(0, 100, direct_size, "layers.0.w", out.data_ptr())
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    files.read(0, 100, 9000, "layers.0.w", out.data_ptr())   # identity as recorded: reads again
+    os.truncate(f, 4096)
+    with pytest.raises(RuntimeError, match=r"size 102400 -> 4096 bytes, truncated"):
+        files.read(0, 0, 100, "layers.0.w", out.data_ptr())
+    with pytest.raises(ValueError, match="not a regular file"):
+        P.CheckpointFiles(["/dev/zero"], False)
+
+
+def test_shard_changed_after_load_fails_the_request_naming_it(tmp_path, reference):
+    """Bytes of a shard changed in place after loading (same size): the paged store's read of it
+    fails that request naming the file, and the engine serves again once the file is as it was
+    (no half-filled cache entry survives)."""
+    ref_tokens, _ = reference
+    d = tmp_path / "m"
+    make_tiny(d, seed=3, hidden_size=512, moe_intermediate_size=256, n_routed_experts=64, num_hidden_layers=5,
+              n_group=8, topk_group=4, num_experts_per_tok=6)
+    eng = paged(d, prefetch_layers=0)
+    shards = sorted(d.glob("*.safetensors"))
+    saved = {p: (p.read_bytes(), p.stat()) for p in shards}
+    for p in shards:                                  # XOR a run of bytes in the middle of every shard
+        with open(p, "r+b") as fh:
+            fh.seek(p.stat().st_size // 2)
+            chunk = fh.read(64)
+            fh.seek(p.stat().st_size // 2)
+            fh.write(bytes(b ^ 0xFF for b in chunk))
+        os.utime(p, ns=(saved[p][1].st_atime_ns, saved[p][1].st_mtime_ns + 1_000_000))
+    with pytest.raises(RuntimeError, match=r"model-\d+-of-\d+\.safetensors: reading tensor .*changed since "
+                                           r"the model was loaded"):
+        eng.generate(PROMPT, max_tokens=10, ignore_eos=True)
+    for p, (data, st) in saved.items():               # put every shard back as it was
+        p.write_bytes(data)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert eng.generate(PROMPT, max_tokens=10, ignore_eos=True).token_ids == ref_tokens

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from deepseek_fp4_plugin import ops, tiny as tiny_mod
+from deepseek_fp4_plugin.cli import main as cli_main
 from deepseek_fp4_plugin.checkpoint import DENSE, FP8_BLOCK, NVFP4
 from deepseek_fp4_plugin.loader import INDEX_FILE, linear_shapes, open_checkpoint, other_tensor_shapes
 from deepseek_fp4_plugin.tiny import (ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN, default_tiny_path,
@@ -201,6 +202,6 @@ def test_fp8_block_quantize_matches_dequantize():
 
 
 def test_command_line(tmp_path, capsys):
-    assert tiny_mod.main([str(tmp_path / "t"), "--format", "bf16", "--seed", "3"]) == 0
+    assert cli_main(["make-tiny", str(tmp_path / "t"), "--format", "bf16", "--seed", "3"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert load_file(str(tmp_path / "t" / _shards(tmp_path / "t")[0]))

@@ -65,6 +65,9 @@ void nogil(Fn fn) {
 
 void bind_paging(py::module_& m) {
   py::module_ p = m.def_submodule("paging", "tiered weight paging (paging.h)");
+  // The counters of a store that pages nothing: every key, zero.
+  p.def("zero_expert_counters", [] { return counters_dict(ExpertCounters()); });
+  p.def("zero_read_counters", [] { return read_counters_dict(ReadCounters()); });
 
   p.def("expert_unit_layout", [](int64_t hidden, int64_t inter) {
     ExpertUnitLayout l;

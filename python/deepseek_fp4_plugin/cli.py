@@ -1,15 +1,21 @@
 """The ``deepseek-fp4`` command.
 
-    deepseek-fp4 generate [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]
-                          [--top-p P] [--top-k K] [--seed S] [--device D] [--chat] [--use-cuda-graph]
+    deepseek-fp4 generate [--model DIR] --prompt TEXT [--max-tokens N] [sampling options]
+                          [--device D] [--dtype T] [--precision P] [--memory-limit GiB]
+                          [--max-batch-size N] [--max-seq-len N] [--prefill-chunk N]
+                          [--cpu-cache-size GiB] [--prefetch-layers N] [...] [--use-cuda-graph]
     deepseek-fp4 make-tiny DIR [--seed S] [--format nvfp4|fp8_block|bf16]
     deepseek-fp4 convert SRC DST [...]
     deepseek-fp4 bench [--model DIR] [--preset P] [--out DIR]
     deepseek-fp4 tune [--model DIR] [--target throughput] [--time-budget S] [--out FILE]
     deepseek-fp4 serve [--model DIR] [--host H] [--port P] [engine options] [--api-key KEY] [--max-queue N]
+    deepseek-fp4 --version
 
 Without --model, generate runs the built-in tiny random DeepSeek-V3 (written to the cache
 folder on first use), so it works on a fresh machine with no download; its text is gibberish.
+
+Each subcommand is one ``add_<name>_parser(subparsers)`` function listed in ``SUBCOMMANDS``;
+the parser sets ``func``, which ``run_command`` calls. Library modules never import this one.
 """
 
 from __future__ import annotations
@@ -19,8 +25,66 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from . import __version__
 
-def _add_generate_parser(sub) -> None:
+# ---------------------------------------------------------------------------------------
+# generate
+
+# PagingSettings fields offered as options: (field, type, help)
+_PAGING_OPTIONS = (
+    ("cpu_cache_size", float, "GiB of pinned host memory for expert units (default: what the host "
+                              "can spare)"),
+    ("prefetch_layers", int, "layers (and predicted experts) brought in ahead; 0 disables prefetch "
+                             "(default 1)"),
+    ("max_gpu_layers", int, "most layers whose attention / dense weights are on the GPU at once"),
+    ("expert_threshold", float, "opt-in approximation: skip a non-resident expert whose routing weight is "
+                                "below this (default 0 = exact)"),
+    ("miss_mode", str, "copy (default), zero_copy or auto: how a missed expert is read"),
+    ("cache_policy", str, "lrfu (default) or lru"),
+    ("gpu_memory_fraction", float, "without --memory-limit, the budget is this fraction of the card"),
+    ("io_threads", int, "disk reader threads (default 8)"),
+)
+
+
+def add_engine_options(p: argparse.ArgumentParser, batch_help: str) -> None:
+    """The engine's memory and paging options (generate, serve); ``load_engine`` reads them."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    e = p.add_argument_group("engine (see Engine.from_pretrained)")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA; paging needs bfloat16)")
+    e.add_argument("--precision", default="default", choices=["default", "fp4", "bf16"],
+                   help="which layers run in NVFP4 (see PrecisionPolicy; default: MLPs and experts)")
+    e.add_argument("--memory-limit", type=float, default=None,
+                   help="device memory budget in GiB; what does not fit is paged")
+    e.add_argument("--max-batch-size", type=int, default=8, help=batch_help)
+    e.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + generated)")
+    e.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens per prefill forward (default 2048)")
+    e.add_argument("--use-cuda-graph", action="store_true", help="replay decode steps from CUDA graphs")
+    g = p.add_argument_group("paging (see PagingSettings)")
+    for name, kind, text in _PAGING_OPTIONS:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+
+
+def load_engine(args, model):
+    """Engine.from_pretrained with the options ``add_engine_options`` added; a paged plan goes
+    to stderr (stdout may carry generated text)."""
+    from .engine import Engine
+
+    paging = {name: getattr(args, name) for name, _, _ in _PAGING_OPTIONS if getattr(args, name) is not None}
+    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit,
+                                    dtype=args.dtype, precision=args.precision, max_seq_len=args.max_seq_len,
+                                    max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk,
+                                    use_cuda_graph=args.use_cuda_graph, paging=paging,
+                                    progress=not args.no_progress, verbose=False)
+    plan = getattr(engine, "memory_plan", None)
+    if plan is not None and plan.paged:
+        print(plan.table(), file=sys.stderr)
+    return engine
+
+
+def add_generate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text, streamed to stdout",
                        description="Generate a continuation of --prompt, printed as it is produced.")
     p.add_argument("--model", help="model folder (default: the built-in tiny random model)")
@@ -31,22 +95,14 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--precision", default="default", choices=["default", "fp4", "bf16"],
-                   help="which layers run in NVFP4 (see PrecisionPolicy; default: MLPs and experts)")
-    p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
-    p.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + generated)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--use-cuda-graph", action="store_true", help="replay decode steps from CUDA graphs")
     p.add_argument("--stats", action="store_true", help="print prefill / decode speed to stderr")
+    add_engine_options(p, batch_help="sequences the KV cache holds (default 8)")
     p.set_defaults(func=_run_generate)
+    return p
 
 
 def _run_generate(args) -> int:
-    from .engine import Engine
-
     model = args.model
     if model is None:
         from .tiny import ensure_tiny
@@ -54,9 +110,7 @@ def _run_generate(args) -> int:
         model = ensure_tiny()
         print(f"(no --model: using the built-in tiny random model at {model}; its output is gibberish)",
               file=sys.stderr)
-    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit,
-                                    dtype=args.dtype, precision=args.precision, max_seq_len=args.max_seq_len,
-                                    use_cuda_graph=args.use_cuda_graph)
+    engine = load_engine(args, model)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")   # a terminal that cannot show a character gets '?'
     pieces = engine.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -78,7 +132,70 @@ def _run_generate(args) -> int:
     return 0
 
 
-def _add_bench_parser(sub) -> None:
+# ---------------------------------------------------------------------------------------
+# make-tiny
+
+
+def add_make_tiny_parser(sub) -> argparse.ArgumentParser:
+    from .tiny import FORMATS
+
+    p = sub.add_parser("make-tiny", help="write a small random DeepSeek-V3 checkpoint with a tokenizer",
+                       description="Write the built-in tiny random DeepSeek-V3 (with a tokenizer) to DIR.")
+    p.add_argument("dir", help="output folder (new or empty)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--format", choices=FORMATS, default="nvfp4", help="weight format (default nvfp4)")
+    p.set_defaults(func=_run_make_tiny)
+    return p
+
+
+def _run_make_tiny(args) -> int:
+    from .tiny import make_tiny
+
+    print(f"wrote {make_tiny(args.dir, seed=args.seed, format=args.format)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# convert
+
+
+def add_convert_parser(sub) -> argparse.ArgumentParser:
+    from .convert import DEFAULT_EXCLUDE
+
+    p = sub.add_parser("convert", help="convert a checkpoint to NVFP4 (ModelOpt layout)",
+                       description="Convert a DeepSeek-V3/R1 checkpoint folder (BF16/FP16/FP32, FP8 block or "
+                                   "NVFP4) to NVFP4 in the NVIDIA ModelOpt layout. Resumable: run the same "
+                                   "command again after an interruption.")
+    p.add_argument("src", help="source model folder")
+    p.add_argument("dst", help="destination folder (new, empty, or an unfinished conversion to resume)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="module-name pattern to keep unquantized (repeatable; default: "
+                        f"{' '.join(DEFAULT_EXCLUDE)})")
+    p.add_argument("--fp8", action="append", metavar="PATTERN",
+                   help="module-name pattern to write as DeepSeek FP8 blocks (128x128 scales) instead of "
+                        "NVFP4, e.g. 'model.layers.*.self_attn.*' (repeatable)")
+    p.add_argument("--input-scale", type=float, default=1.0,
+                   help="input_scale written for each quantized layer (uncalibrated; default 1.0)")
+    p.add_argument("--device", default="cpu", help="device to quantize on (cpu or cuda)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_convert)
+    return p
+
+
+def _run_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst, exclude=args.exclude, progress=not args.no_progress,
+                             input_scale=args.input_scale, device=args.device, fp8=args.fp8)
+    print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# bench, tune
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
     from .bench import PRESETS
 
     p = sub.add_parser("bench", help="standard prefill + decode workload, table, JSON and HTML report",
@@ -100,6 +217,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--use-cuda-graph", choices=["on", "off"], default=None,
                    help="CUDA-graph decode (default: the preset's choice, else off)")
     p.set_defaults(func=_run_bench)
+    return p
 
 
 def _run_bench(args) -> int:
@@ -115,7 +233,7 @@ def _run_bench(args) -> int:
     return 0
 
 
-def _add_tune_parser(sub) -> None:
+def add_tune_parser(sub) -> argparse.ArgumentParser:
     from .tuner import METRICS
 
     p = sub.add_parser("tune", help="search knob settings by short measured trials; write the best config",
@@ -135,6 +253,7 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
     p.add_argument("--batch", type=int, default=1, help="starting batch size (default 1)")
     p.set_defaults(func=_run_tune)
+    return p
 
 
 def _run_tune(args) -> int:
@@ -162,21 +281,6 @@ def _run_tune(args) -> int:
 
 # ---------------------------------------------------------------------------------------
 # serve
-
-# PagingSettings fields offered as options: (field, type, help)
-_SERVE_PAGING_OPTIONS = (
-    ("cpu_cache_size", float, "GiB of pinned host memory for expert units (default: what the host "
-                              "can spare)"),
-    ("prefetch_layers", int, "layers (and predicted experts) brought in ahead; 0 disables prefetch "
-                             "(default 1)"),
-    ("max_gpu_layers", int, "most layers whose attention / dense weights are on the GPU at once"),
-    ("expert_threshold", float, "opt-in approximation: skip a non-resident expert whose routing weight is "
-                                "below this (default 0 = exact)"),
-    ("miss_mode", str, "copy (default), zero_copy or auto: how a missed expert is read"),
-    ("cache_policy", str, "lrfu (default) or lru"),
-    ("gpu_memory_fraction", float, "without --memory-limit, the budget is this fraction of the card"),
-    ("io_threads", int, "disk reader threads (default 8)"),
-)
 
 
 def _port(text: str) -> int:
@@ -207,33 +311,13 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="prefill requests that arrive together as one padded batch (faster with paged "
                         "experts; rows' numbers then depend on the padding)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
-
-    e = p.add_argument_group("engine (see Engine.from_pretrained)")
-    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA; paging needs bfloat16)")
-    e.add_argument("--precision", default="default", choices=["default", "fp4", "bf16"],
-                   help="which layers run in NVFP4 (see PrecisionPolicy; default: MLPs and experts)")
-    e.add_argument("--memory-limit", type=float, default=None,
-                   help="device memory budget in GiB; what does not fit is paged")
-    e.add_argument("--max-batch-size", type=int, default=8,
-                   help="batch rows: requests generating at once (default 8)")
-    e.add_argument("--max-seq-len", type=int, default=None, help="context length (prompt + generated)")
-    e.add_argument("--prefill-chunk", type=int, default=2048,
-                   help="prompt tokens per prefill forward (default 2048)")
-    e.add_argument("--use-cuda-graph", action="store_true", help="replay decode steps from CUDA graphs")
-    g = p.add_argument_group("paging (see PagingSettings)")
-    for name, kind, text in _SERVE_PAGING_OPTIONS:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    add_engine_options(p, batch_help="batch rows: requests generating at once (default 8)")
     p.set_defaults(func=_run_serve)
     return p
 
 
 def _run_serve(args) -> int:
     from pathlib import Path
-
-    from .engine import Engine
 
     try:
         from .server import make_server
@@ -248,16 +332,7 @@ def _run_serve(args) -> int:
         model = ensure_tiny()
         print(f"(no --model: serving the built-in tiny random model at {model}; its output is gibberish)",
               file=sys.stderr)
-    paging = {name: getattr(args, name) for name, _, _ in _SERVE_PAGING_OPTIONS
-              if getattr(args, name) is not None}
-    engine = Engine.from_pretrained(model, device=args.device, memory_limit=args.memory_limit,
-                                    dtype=args.dtype, precision=args.precision, max_seq_len=args.max_seq_len,
-                                    max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk,
-                                    use_cuda_graph=args.use_cuda_graph, paging=paging,
-                                    progress=not args.no_progress, verbose=False)
-    plan = getattr(engine, "memory_plan", None)
-    if plan is not None and plan.paged:
-        print(plan.table(), file=sys.stderr)
+    engine = load_engine(args, model)
     name = args.served_model_name or Path(model).resolve().name
     server = make_server(engine, args.host, args.port, name, args.api_key, args.max_queue,
                          args.shutdown_grace, args.batch_prefill, log_level=args.log_level)
@@ -272,19 +347,28 @@ def _run_serve(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .convert import add_convert_parser
-    from .tiny import add_make_tiny_parser
+# ---------------------------------------------------------------------------------------
 
+SUBCOMMANDS = (add_generate_parser, add_make_tiny_parser, add_convert_parser, add_bench_parser,
+               add_tune_parser, add_serve_parser)
+
+
+def _version() -> str:
+    import torch
+
+    from ._ext import has_cuda_kernels
+
+    return (f"deepseek-fp4 {__version__} (torch {torch.__version__}, CUDA kernels "
+            f"{'built' if has_cuda_kernels() else 'not built'})")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-fp4",
                                      description="DeepSeek-V3/R1 inference with NVFP4 weights.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate_parser(sub)
-    add_make_tiny_parser(sub)
-    add_convert_parser(sub)
-    _add_bench_parser(sub)
-    _add_tune_parser(sub)
-    add_serve_parser(sub)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

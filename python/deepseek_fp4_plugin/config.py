@@ -19,6 +19,9 @@ _INT_MIN = {
     "num_nextn_predict_layers": 0,
 }
 _INT_FIELDS = tuple(_INT_MIN)
+# fields config.json must state (they size the tensors)
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "n_routed_experts",
+                "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 _FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps")
 _BOOL_FIELDS = ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings")
 _STR_FIELDS = ("scoring_func", "topk_method", "hidden_act")
@@ -51,6 +54,8 @@ def read_json_file(path: Union[str, Path]) -> Dict[str, Any]:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a configuration file") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d
@@ -157,6 +162,17 @@ class DeepseekV3Config:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise err(f"unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        # the fields that size tensors have no default: a default would be blamed on a tensor shape
+        experts = d.get("n_routed_experts")
+        required = list(_SIZE_FIELDS)
+        if isinstance(experts, int) and experts > 0:
+            required += ["moe_intermediate_size", "num_experts_per_tok"]
+        if not (isinstance(experts, int) and experts > 0) or d.get("first_k_dense_replace", 0) != 0:
+            required.append("intermediate_size")
+        for name in required:
+            if name not in d:
+                raise err(f"{name} is missing" + (" (null for a q_proj without LoRA)" if name == "q_lora_rank"
+                                                   else " (it sizes the model's tensors)"))
         cfg = cls()
         # values are taken as JSON gives them; validate() checks type, range and finiteness
         for name in _INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS + _STR_FIELDS + ("q_lora_rank",):

@@ -45,7 +45,7 @@ class WeightConverter:
     # ---- tensors and linears ---------------------------------------------------------------
     def dense_tensor(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         t = self.source.get_tensor(name, shape, (torch.bfloat16, torch.float16, torch.float32))
-        return t.to(self.device).to(dtype).contiguous()
+        return owned(t.to(self.device).to(dtype).contiguous(), t)
 
     def linear(self, module: str) -> Linear:
         n, k = self.shapes[module]
@@ -57,7 +57,7 @@ class WeightConverter:
     def to_linear(self, lt: LinearTensors) -> Linear:
         """Stored tensors → runtime linear, as the policy and compute dtype say."""
         dev, cdt = self.device, self.compute_dtype
-        bias = None if lt.bias is None else lt.bias.to(dev).to(cdt)
+        bias = None if lt.bias is None else owned(lt.bias.to(dev).to(cdt), lt.bias)
         fmt = self.policy.runtime_format(lt.module, lt.format)
         if fmt == FP4:
             w = to_fp4(lt, dev, self.block)
@@ -197,8 +197,9 @@ def split_kv_b(attn: AttentionWeights, c: DeepseekV3Config, dtype: torch.dtype) 
 def to_fp4(lt: LinearTensors, dev: torch.device, declared: int = 128) -> Fp4Weight:
     t = lt.tensors
     if lt.format == NVFP4:
+        gs = t["weight_scale_2"]
         return Fp4Weight.from_modelopt(t["weight"].to(dev), t["weight_scale"].to(dev),
-                                       t["weight_scale_2"].to(dev).to(torch.float32))
+                                       owned(gs.to(dev).to(torch.float32), gs))
     if lt.format == FP8_BLOCK:
         w, s = t["weight"].to(dev), t["weight_scale_inv"].to(dev)
         block = fp8_block_size(lt, declared)
@@ -221,7 +222,8 @@ def to_fp8(lt: LinearTensors, dev: torch.device) -> Fp8Weight:
     """FP8 blocks as stored, or a dense weight quantized to them (fp8_block_quantize)."""
     t = lt.tensors
     if lt.format == FP8_BLOCK:
-        return Fp8Weight(t["weight"].to(dev).contiguous(), t["weight_scale_inv"].to(dev).contiguous())
+        w, s = t["weight"], t["weight_scale_inv"]
+        return Fp8Weight(owned(w.to(dev).contiguous(), w), owned(s.to(dev).contiguous(), s))
     return Fp8Weight.from_float(t["weight"].to(dev))
 
 
@@ -234,7 +236,15 @@ def to_dense(lt: LinearTensors, dev: torch.device, dtype: torch.dtype, declared:
     if lt.format == FP8_BLOCK:
         block = fp8_block_size(lt, declared)
         return ops.fp8_block_dequantize(t["weight"].to(dev), t["weight_scale_inv"].to(dev), *block).to(dtype)
-    return t["weight"].to(dev).to(dtype).contiguous()
+    return owned(t["weight"].to(dev).to(dtype).contiguous(), t["weight"])
+
+
+def owned(t: Tensor, stored: Tensor) -> Tensor:
+    """``t``, copied when it still shares memory with the stored tensor it was made from. On
+    the CPU a stored tensor is a view of the checkpoint's memory map, and a loaded weight must
+    not depend on the file staying as it was (a shard truncated after loading would be a SIGBUS
+    at the next read)."""
+    return t.clone() if t.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr() else t
 
 
 def fp8_block_size(lt: LinearTensors, declared: int = 128) -> Tuple[int, int]:

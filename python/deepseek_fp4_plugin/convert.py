@@ -28,9 +28,9 @@ config.json says ``num_nextn_predict_layers: 0``.
 
 Output shards mirror the source shards. Each is built in memory from tensors read one at a
 time from the memory-mapped source, written to a temporary file in DST and renamed into place;
-a progress manifest (``.convert-progress.json``) records finished shards with their size and
-SHA-256, so a rerun after an interruption verifies them and redoes only the rest (and any
-finished shard damaged since).
+a progress manifest (``.convert-progress.json``, written before the first shard) records
+finished shards with their size and SHA-256, so a rerun after an interruption verifies them
+and redoes only the rest (and any finished shard damaged since).
 
 Failures are one-line ``ConvertError`` (a ValueError) messages naming the path: a destination
 that cannot be created or written, a full disk, an unreadable source. Temporary files are
@@ -44,7 +44,6 @@ and no reader takes it for a model.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -127,6 +126,10 @@ def _resolve_exclude(ck: SafetensorsCheckpoint, exclude: Optional[Sequence[str]]
         if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
             raise ValueError(f"exclude must be a list of module-name patterns, got {exclude!r}")
         patterns = list(dict.fromkeys(exclude))
+    modules = list(linear_shapes(ck.config))
+    if patterns and all(exclude_match(m, patterns) is not None for m in modules):
+        raise ValueError(f"exclude pattern(s) {patterns} keep every linear layer of {ck.path} unquantized: "
+                         f"nothing to quantize (the output would declare NVFP4 and hold none)")
     for m in nvfp4_modules:
         p = exclude_match(m, patterns)
         if p is not None:
@@ -554,6 +557,9 @@ def _convert(ck: SafetensorsCheckpoint, dst: Path, exclude: Optional[Sequence[st
     fp8_patterns = _resolve_fp8(ck, fp8)
     shards = _plan(ck, share_scales)
     manifest = _prepare_dst(dst, _fingerprint(ck, excl, input_scale, share_scales, fp8_patterns))
+    if not (dst / MANIFEST_FILE).is_file():
+        # before any shard is renamed into place: a run killed after that rename still resumes
+        _write_json(dst / MANIFEST_FILE, manifest)
     conv = _Converter(ck, excl, input_scale, device, fp8_patterns)
     weight_map: Dict[str, str] = {}
     total_bytes = 0
@@ -627,8 +633,13 @@ def _clean_up(dst: Path, created: List[Path]) -> int:
     manifest = dst / MANIFEST_FILE
     if manifest.is_file():
         try:
-            return len(read_json_file(manifest).get("done") or {})
+            done = len(read_json_file(manifest).get("done") or {})
         except ValueError:
+            done = 0
+        if done:
+            return done
+        if not created:
+            manifest.unlink()   # this run's, recording nothing
             return 0
     if not created:
         return 0
@@ -656,55 +667,3 @@ def _write_metadata_files(ck: SafetensorsCheckpoint, dst: Path, exclude: List[st
             _atomic_write(dst / p.name, lambda tmp, p=p: shutil.copyfile(p, tmp))
     _write_json(dst / HF_QUANT_CONFIG_FILE, hf)
     _write_json(dst / CONFIG_FILE, cfg)
-
-
-# ---------------------------------------------------------------------------------------
-# command line (``deepseek-fp4 convert SRC DST``)
-
-
-_DESCRIPTION = ("Convert a DeepSeek-V3/R1 checkpoint folder (BF16/FP16/FP32, FP8 block or NVFP4) to NVFP4 "
-                "in the NVIDIA ModelOpt layout. Resumable: run the same command again after an interruption.")
-
-
-def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the converter's arguments to ``p`` and sets ``func`` (call ``args.func(args)``)."""
-    p.add_argument("src", help="source model folder")
-    p.add_argument("dst", help="destination folder (new, empty, or an unfinished conversion to resume)")
-    p.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="module-name pattern to keep unquantized (repeatable; default: "
-                        f"{' '.join(DEFAULT_EXCLUDE)})")
-    p.add_argument("--fp8", action="append", metavar="PATTERN",
-                   help="module-name pattern to write as DeepSeek FP8 blocks (128x128 scales) instead of "
-                        "NVFP4, e.g. 'model.layers.*.self_attn.*' (repeatable)")
-    p.add_argument("--input-scale", type=float, default=1.0,
-                   help="input_scale written for each quantized layer (uncalibrated; default 1.0)")
-    p.add_argument("--device", default="cpu", help="device to quantize on (cpu or cuda)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_convert)
-    return p
-
-
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the ``convert`` subcommand to an argparse subparsers object."""
-    return add_convert_arguments(subparsers.add_parser(
-        "convert", help="convert a checkpoint to NVFP4 (ModelOpt layout)", description=_DESCRIPTION))
-
-
-def _run_convert(args) -> int:
-    out = convert_checkpoint(args.src, args.dst, exclude=args.exclude, progress=not args.no_progress,
-                             input_scale=args.input_scale, device=args.device, fp8=args.fp8)
-    print(f"wrote {out}")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deepseek_fp4_plugin.convert SRC DST [options]``"""
-    args = add_convert_arguments(argparse.ArgumentParser(prog="python -m deepseek_fp4_plugin.convert",
-                                                         description=_DESCRIPTION)).parse_args(argv)
-    from .cli import run_command
-
-    return run_command(args, "convert")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -233,9 +233,20 @@ class Engine:
         -------
         float32 [B, V] logits of each prompt's last token
         """
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
+                or tokens.dtype in (torch.bool, torch.complex64, torch.complex128):
+            got = f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}"
+            raise ValueError(f"tokens must be an integer tensor [B, T], got {got}")
         B, T = tokens.shape
         if T > self.max_seq_len:
             raise ValueError(f"tokens has {T} positions, more than max_seq_len = {self.max_seq_len}")
+        if tokens.numel():
+            # one sync; an id out of range would index past the embedding (or wrap around, if negative)
+            lo, hi = torch.aminmax(tokens)
+            v = self.config.vocab_size
+            for t in (int(lo), int(hi)):
+                if not 0 <= t < v:
+                    raise ValueError(f"tokens: token id {t} is outside the vocabulary [0, {v})")
         if len(lengths) != B or not all(is_int(n) and 1 <= n <= T for n in lengths):
             raise ValueError(f"lengths must be {B} integers in [1, {T}], got {list(lengths)!r}")
         if rows is not None and (len(rows) != B or not all(is_int(r) and 0 <= r < self.max_batch_size

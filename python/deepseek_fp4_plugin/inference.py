@@ -172,12 +172,15 @@ class DeepseekInference:
         if prefill_chunk is not None:
             self._engine_kwargs["prefill_chunk"] = prefill_chunk
 
-    def _record(self, section: str, schema: Dict[str, tuple], values: Dict[str, Any]) -> Dict[str, Any]:
+    @staticmethod
+    def _check(section: str, schema: Dict[str, tuple], values: Dict[str, Any]) -> Dict[str, Any]:
+        """The values, validated; nothing is recorded (a setter records after it took effect)."""
         unknown = sorted(set(values) - set(schema))
         if unknown:
             raise ValueError(f"{section}: unknown setting(s) {unknown} (known: {', '.join(schema)})")
         checked = {k: _validate(section, k, *schema[k], v) for k, v in values.items()}
-        self.settings[section].update(checked)
+        if checked.get("expert_threshold", 0) >= 1:
+            raise ValueError(f"{section}: expert_threshold must be below 1 (1 would skip every expert)")
         return checked
 
     def set_memory_config(self, prefetch_layers: Optional[int] = None, max_gpu_layers: Optional[int] = None,
@@ -187,17 +190,18 @@ class DeepseekInference:
         not on the GPU is skipped when its normalized routing weight is below it."""
         values = {k: v for k, v in dict(prefetch_layers=prefetch_layers, max_gpu_layers=max_gpu_layers,
                                         expert_threshold=expert_threshold).items() if v is not None}
-        checked = self._record("memory_config", _MEMORY_CONFIG, values)
-        if "expert_threshold" in checked and checked["expert_threshold"] >= 1:
-            raise ValueError("memory_config: expert_threshold must be below 1 (1 would skip every expert)")
+        checked = self._check("memory_config", _MEMORY_CONFIG, values)
         self._apply(checked)
+        self.settings["memory_config"].update(checked)
 
     def set_memory_strategy(self, strategy: Dict[str, Any]) -> None:
         """{'gpu_reserved', 'cpu_cache_size', 'prefetch_size' (GiB), 'min_layers', 'max_experts'}
         (see memory_plan.PagingSettings). Makes a new memory plan."""
         if not isinstance(strategy, dict):
             raise ValueError(f"strategy must be a dict, got {type(strategy).__name__}")
-        self._apply(self._record("memory_strategy", _MEMORY_STRATEGY, strategy))
+        checked = self._check("memory_strategy", _MEMORY_STRATEGY, strategy)
+        self._apply(checked)
+        self.settings["memory_strategy"].update(checked)
 
     def set_compute_streams(self, streams: Dict[str, bool]) -> None:
         """{'prefetch', 'compute', 'transfer'}: False runs that stream's work on the current
@@ -205,8 +209,9 @@ class DeepseekInference:
         speculative copies)."""
         if not isinstance(streams, dict):
             raise ValueError(f"streams must be a dict, got {type(streams).__name__}")
-        checked = self._record("compute_streams", _COMPUTE_STREAMS, streams)
+        checked = self._check("compute_streams", _COMPUTE_STREAMS, streams)
         self._apply({"streams": {**self._paging.get("streams", {}), **checked}})
+        self.settings["compute_streams"].update(checked)
 
     def pending_settings(self) -> Dict[str, Dict[str, Any]]:
         """Settings recorded but with nothing to act on in the current engine (paging knobs of
@@ -220,6 +225,7 @@ class DeepseekInference:
 
     # ---- presets and tuner configs -------------------------------------------------------
     def _preset(self, name: str, approximate: bool) -> Dict[str, Any]:
+        _validate(f"optimize_for_{name}", "approximate", "bool", None, approximate)
         cfg = dict(_PRESETS[name])
         if not approximate:
             cfg["expert_threshold"] = 0.0
@@ -257,27 +263,31 @@ class DeepseekInference:
         if unknown:
             raise ValueError(f"apply_config: unknown key(s) {unknown} "
                              f"(known: {', '.join(sorted(now | set(_CONFIG)))})")
+        # everything is checked before anything changes
         batch = None
         if "batch_size" in config:
             batch = _validate("apply_config", "batch_size", "int", 1, config["batch_size"])
         chunk = _validate("apply_config", "prefill_chunk", "int", 1, config["prefill_chunk"]) \
             if "prefill_chunk" in config else None
-        checked = self._record("config", _CONFIG, {k: v for k, v in config.items() if k in _CONFIG})
-        if "expert_threshold" in checked and checked["expert_threshold"] >= 1:
-            raise ValueError("apply_config: expert_threshold must be below 1")
-        if "enable_tf32" in checked:
-            # float32 matmuls only (the CPU reference path, routers); the FP4/BF16 kernels are unaffected
-            torch.backends.cuda.matmul.allow_tf32 = checked.pop("enable_tf32")
-        if "overlap_compute" in checked:
-            on = checked.pop("overlap_compute")
-            checked["streams"] = {"compute": on, "prefetch": on, "transfer": on}
-            checked["enable_async_copy"] = on
-        engine = translate(self, checked, batch)   # the guide's names that are engine arguments
-        self._apply(checked, batch_size=engine.get("max_batch_size", batch),
-                    prefill_chunk=engine.get("prefill_chunk", chunk))
+        graphs = None
         if "use_cuda_graph" in config:
-            self.engine.set_use_cuda_graph(_validate("apply_config", "use_cuda_graph", "bool", None,
-                                                     config["use_cuda_graph"]))
+            graphs = _validate("apply_config", "use_cuda_graph", "bool", None, config["use_cuda_graph"])
+        checked = self._check("apply_config", _CONFIG, {k: v for k, v in config.items() if k in _CONFIG})
+        changes = dict(checked)
+        tf32 = changes.pop("enable_tf32", None)
+        if "overlap_compute" in changes:
+            on = changes.pop("overlap_compute")
+            changes["streams"] = {"compute": on, "prefetch": on, "transfer": on}
+            changes["enable_async_copy"] = on
+        engine = translate(self, changes, batch)   # the guide's names that are engine arguments
+        self._apply(changes, batch_size=engine.get("max_batch_size", batch),
+                    prefill_chunk=engine.get("prefill_chunk", chunk))
+        if tf32 is not None:
+            # float32 matmuls only (the CPU reference path, routers); the FP4/BF16 kernels are unaffected
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        if graphs is not None:
+            self.engine.set_use_cuda_graph(graphs)
+        self.settings["config"].update(checked)
 
     # ---- generation ---------------------------------------------------------------------
     def generate(self, prompt: Union[str, List[str]], max_tokens: int = 1024, temperature: float = 0.7,

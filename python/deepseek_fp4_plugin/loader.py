@@ -54,6 +54,7 @@ _ST_DTYPES = {
 }
 _DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,6 +330,7 @@ class SafetensorsCheckpoint(CheckpointSource):
         self._handles: Dict[str, Any] = {}
         self._headers: Dict[str, Dict[str, Any]] = {}
         self.weight_map, self.index_file = self._read_weight_map()
+        self._check_counts()
         self.files = [self.path / f for f in dict.fromkeys(self.weight_map.values())]
         self._open_all()
         self._names = [n for n in self.weight_map if not is_mtp_tensor(n, self.config)]
@@ -349,6 +351,11 @@ class SafetensorsCheckpoint(CheckpointSource):
                 if Path(f).name != f or f in (".", ".."):
                     raise ValueError(f"{index}: shard name {f!r} must be a plain file name "
                                      f"in the model folder")
+            odd = sorted(f for f in set(wm.values())
+                         if (self.path / f).exists() and not (self.path / f).is_file())
+            if odd:
+                raise ValueError(f"{self.path / odd[0]}: is not a regular file (the shard {index.name} names "
+                                 f"must be a safetensors file)")
             missing = sorted(f for f in set(wm.values()) if not (self.path / f).is_file())
             if missing:
                 raise FileNotFoundError(f"{index}: shard{'s' if len(missing) > 1 else ''} "
@@ -360,8 +367,36 @@ class SafetensorsCheckpoint(CheckpointSource):
                 return {k: SINGLE_FILE for k in f.keys()}, single
         raise FileNotFoundError(f"{self.path}: no {INDEX_FILE} or {SINGLE_FILE}")
 
+    def _check_counts(self) -> None:
+        """config.json's layer and expert counts against the index, before anything is sized by
+        them (a count far beyond the checkpoint would otherwise build a huge tensor list)."""
+        c = self.config
+        layers: set = set()
+        experts: Dict[int, set] = {}
+        for name in self.weight_map:
+            m = _EXPERT_RE.match(name)
+            if m:
+                experts.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+            layer = layer_of(name)
+            if layer is not None:
+                layers.add(layer)
+        where = f"{self.path / CONFIG_FILE}: {{}} but {self.index_file} holds {{}}"
+        if c.num_hidden_layers > len(layers):
+            raise ValueError(where.format(f"num_hidden_layers = {c.num_hidden_layers}",
+                                          f"the tensors of {len(layers)} layers"))
+        most = max((len(e) for e in experts.values()), default=0)
+        moe = any(c.is_moe_layer(x) for x in range(min(c.num_hidden_layers, len(layers))))
+        if c.n_routed_experts > most and moe:
+            raise ValueError(where.format(f"n_routed_experts = {c.n_routed_experts}",
+                                          f"{most} experts per layer"))
+
     def _open(self, fname: str):
         p = self.path / fname
+        try:
+            with open(p, "rb"):   # the OS's own reason (safetensors reports a denied read as missing)
+                pass
+        except OSError as e:
+            raise ValueError(f"{p}: cannot be read ({e.strerror or e})") from e
         try:
             return safe_open(str(p), framework="pt", device="cpu")
         except SafetensorError as e:

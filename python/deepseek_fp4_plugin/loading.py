@@ -15,7 +15,7 @@ import torch
 
 from ._ext import has_cuda_kernels
 from .checkpoint import CheckpointSource
-from .memory_plan import MemoryPlan, PagingSettings, expert_unit_bytes, plan_memory
+from .memory_plan import MemoryPlan, PagingSettings, expert_unit_bytes, plan_memory, size_text
 from .paged import PagedWeightStore, non_nvfp4_expert
 from .precision import PrecisionPolicy
 from .resident import ResidentWeightStore
@@ -25,6 +25,7 @@ from .weights import WeightStore
 GiB = 1 << 30
 CUBLAS_WORKSPACE = 32 << 20   # PyTorch's default per-stream cuBLAS workspace on Hopper (":4096:8")
 DEFAULT_MAX_SEQ_LEN = 4096
+MAX_MEMORY_LIMIT = 1 << 20   # GiB (1 PiB): larger budgets overflow byte counts
 
 
 def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
@@ -63,9 +64,11 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
              settings: PagingSettings, memory_limit: Optional[float], max_batch_size: int, max_seq_len: int,
              prefill_chunk: int) -> Optional[MemoryPlan]:
     """The memory plan, or None when there is no budget to plan (CPU without memory_limit)."""
-    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))
-                                     or not math.isfinite(memory_limit) or not memory_limit > 0):
-        raise ValueError(f"memory_limit must be a positive number of GiB, got {memory_limit!r}")
+    if memory_limit is not None and (
+            isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))
+            or not math.isfinite(memory_limit) or not 0 < memory_limit <= MAX_MEMORY_LIMIT):
+        raise ValueError(f"memory_limit must be a positive number of GiB up to {MAX_MEMORY_LIMIT}, "
+                         f"got {memory_limit!r}")
     total = None
     budget = None if memory_limit is None else int(memory_limit * GiB)
     if dev.type == "cuda":
@@ -78,16 +81,27 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
     if budget is None:
         return None
     unit = expert_unit_bytes(source, policy, cdt)   # as the experts will run: NVFP4, FP8 or dense
-    pageable = hasattr(source, "tensor_info") and cdt == torch.bfloat16 and non_nvfp4_expert(source) is None
+    if not hasattr(source, "tensor_info"):
+        not_pageable = "paging reads routed experts from safetensors files (open the model folder)"
+    elif cdt != torch.bfloat16:
+        not_pageable = (f"paging runs the NVFP4 kernels on bfloat16 activations: use dtype='bfloat16' "
+                        f"(got {str(cdt).replace('torch.', '')})")
+    elif non_nvfp4_expert(source) is not None:
+        not_pageable = ("paging experts reads them from NVFP4 safetensors files (convert FP8/BF16 "
+                        "checkpoints with `deepseek-fp4 convert`)")
+    else:
+        not_pageable = ""
+    pageable = not not_pageable
     # cuBLAS keeps a workspace per stream that runs a matmul: the compute and the graph side stream
     cublas = 2 * CUBLAS_WORKSPACE if dev.type == "cuda" else 0
     plan = plan_memory(source, policy, cdt, budget, settings, max_batch_size, max_seq_len, prefill_chunk, unit,
-                       device_total=total, experts_pageable=pageable, library_workspace=cublas)
+                       device_total=total, experts_pageable=pageable, library_workspace=cublas,
+                       not_pageable_reason=not_pageable)
     if plan.paged and cdt != torch.bfloat16:
-        raise ValueError(f"the model needs paging within {budget / GiB:.2f} GiB, which runs the FP4 kernels: "
-                         f"use dtype='bfloat16' (got {cdt})")
+        raise ValueError(f"the model needs paging within {size_text(budget)}, which runs the FP4 kernels: "
+                         f"use dtype='bfloat16' (got {str(cdt).replace('torch.', '')})")
     if plan.paged and plan.paged_layers and not pageable:
-        raise ValueError("paging needs the routed experts stored in NVFP4 safetensors files")
+        raise ValueError(f"the model needs paging within {size_text(budget)}: {not_pageable}")
     return plan
 
 

@@ -204,7 +204,7 @@ class MemoryPlan:
         return r
 
     def table(self) -> str:
-        lines = [f"GPU memory plan: budget {self.budget / GiB:.2f} GiB"
+        lines = [f"GPU memory plan: budget {size_text(self.budget)}"
                  + (f" (card {self.device_total / GiB:.1f} GiB)" if self.device_total else "")
                  + ("" if self.paged else " — everything resident")]
         for name, b, note in self.rows():
@@ -303,7 +303,7 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
                 budget: int, settings: PagingSettings, max_batch_size: int, max_seq_len: int,
                 prefill_chunk: int, expert_unit_bytes: int, device_total: Optional[int] = None,
                 host_bytes: Optional[int] = None, experts_pageable: bool = True,
-                library_workspace: int = 0) -> MemoryPlan:
+                library_workspace: int = 0, not_pageable_reason: str = "") -> MemoryPlan:
     """Carves ``budget`` bytes (see the module docstring). Raises ValueError, with the sizes
     that would fit, when the budget cannot hold the minimum working set.
 
@@ -312,7 +312,7 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
     load (half the bytes) if that pages fewer layers, and says so in its notes;
     ``MemoryPlan.policy`` is the precision the stores must then load with."""
     args = (compute_dtype, budget, settings, max_batch_size, max_seq_len, prefill_chunk, expert_unit_bytes,
-            device_total, host_bytes, experts_pageable, library_workspace)
+            device_total, host_bytes, experts_pageable, library_workspace, not_pageable_reason)
     try:
         plan, error = _plan_with(source, policy, *args), None
     except ValueError as e:
@@ -343,7 +343,7 @@ def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype:
                budget: int, settings: PagingSettings, max_batch_size: int, max_seq_len: int,
                prefill_chunk: int, expert_unit_bytes: int, device_total: Optional[int] = None,
                host_bytes: Optional[int] = None, experts_pageable: bool = True,
-               library_workspace: int = 0) -> MemoryPlan:
+               library_workspace: int = 0, not_pageable_reason: str = "") -> MemoryPlan:
     """The plan for one precision policy (see plan_memory)."""
     s = settings.validate()
     c = source.config
@@ -403,13 +403,15 @@ def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype:
     min_budget = min_cost + min_expert_slots * expert_unit_bytes
     if budget < min_budget or (fixed_choice and budget < cost(n_paged)[0] + min_expert_slots * expert_unit_bytes):
         need = max(min_budget, cost(n_paged)[0] + min_expert_slots * expert_unit_bytes) if fixed_choice else min_budget
+        shown_budget, shown_need = distinct_sizes(budget, need)
         raise ValueError(
-            f"memory budget {budget / GiB:.2f} GiB is too small: the minimum working set needs {need / GiB:.2f} GiB "
-            f"(resident embedding/lm_head/norms/routers {fixed / GiB:.2f}, KV cache for {max_batch_size} × "
-            f"{max_seq_len} tokens {kv / GiB:.2f}, workspace for {chunk}-token prefill chunks {workspace / GiB:.2f}, "
+            f"memory budget {shown_budget} is too small: the minimum working set needs {shown_need} "
+            f"(resident embedding/lm_head/norms/routers {size_text(fixed)}, KV cache for {max_batch_size} × "
+            f"{max_seq_len} tokens {size_text(kv)}, workspace for {chunk}-token prefill chunks "
+            f"{size_text(workspace)}, "
             f"{ring} layer slot(s), {min_expert_slots} expert slots × {expert_unit_bytes / MiB:.1f} MiB"
-            f"{', gpu_reserved ' + format(reserved / GiB, '.2f') if reserved else ''}); raise memory_limit to at least "
-            f"{math.ceil(need / GiB * 100) / 100:.2f} GiB or lower max_batch_size / max_seq_len / prefill_chunk")
+            f"{', gpu_reserved ' + size_text(reserved) if reserved else ''}); raise memory_limit to at least "
+            f"{gib_at_least(need)} GiB or lower max_batch_size / max_seq_len / prefill_chunk")
 
     if not fixed_choice:
         # keep as many layers resident as leave the minimum expert cache
@@ -419,8 +421,9 @@ def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype:
     used, slots, slot_bytes = cost(n_paged)
     expert_slots = min(total_experts, (budget - used) // expert_unit_bytes) if moe_layers else 0
     if not experts_pageable and expert_slots < total_experts:
-        raise ValueError("the routed experts do not fit the budget and cannot be paged: paging experts reads them "
-                         "from NVFP4 safetensors files (convert FP8/BF16 checkpoints with `deepseek-fp4 convert`)")
+        raise ValueError("the routed experts do not fit the budget and cannot be paged: " + (
+            not_pageable_reason or "paging experts reads them from NVFP4 safetensors files (convert FP8/BF16 "
+                                   "checkpoints with `deepseek-fp4 convert`)"))
     paged_layers = sorted(order[:n_paged])
     is_paged = bool(paged_layers) or expert_slots < total_experts
     if not is_paged:
@@ -455,12 +458,12 @@ def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype:
         if moe_layers and host_slots < min_host:
             raise ValueError(f"cpu_cache_size: the host expert cache holds {host_slots} expert units, fewer than the "
                              f"{min_host} one step needs (2 × {step_experts} + {prefetch_units} prefetched); raise "
-                             f"cpu_cache_size to at least {math.ceil(min_host * expert_unit_bytes / GiB * 100) / 100:.2f} GiB")
+                             f"cpu_cache_size to at least {gib_at_least(min_host * expert_unit_bytes)} GiB")
         pinned = host_layer + host_slots * expert_unit_bytes
         if pinned > 0.9 * avail:
-            raise ValueError(f"pinned host memory {pinned / GiB:.2f} GiB (layer units {host_layer / GiB:.2f} + expert "
-                             f"cache {host_slots * expert_unit_bytes / GiB:.2f}) exceeds 90% of the host's available "
-                             f"{avail / GiB:.2f} GiB; lower cpu_cache_size")
+            raise ValueError(f"pinned host memory {size_text(pinned)} (layer units {size_text(host_layer)} + "
+                             f"expert cache {size_text(host_slots * expert_unit_bytes)}) exceeds 90% of the "
+                             f"host's available {size_text(avail)}; lower cpu_cache_size")
         if host_slots < total_experts:
             notes.append(f"host cache holds {host_slots} of {total_experts} experts: the rest are read from disk")
     return MemoryPlan(budget=budget, paged=is_paged, device_total=device_total, resident_fixed=fixed,
@@ -470,6 +473,28 @@ def _plan_with(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype:
                       expert_slots=expert_slots if is_paged else total_experts, total_experts=total_experts,
                       host_layer_bytes=host_layer if is_paged else 0, host_expert_slots=host_slots,
                       min_budget=min_budget, prefill_group_tokens=prefill_group, notes=notes, policy=policy)
+
+
+def size_text(n: int, digits: int = 2) -> str:
+    """``n`` bytes in GiB from 1 GiB up, else in MiB."""
+    unit, name = (GiB, "GiB") if n >= GiB else (MiB, "MiB")
+    return f"{n / unit:.{digits}f} {name}"
+
+
+def distinct_sizes(*ns: int) -> List[str]:
+    """Each size with just enough digits that different sizes never print the same."""
+    for digits in range(2, 10):
+        out = [size_text(n, digits) for n in ns]
+        if len(set(out)) == len(set(ns)):
+            break
+    return out
+
+
+def gib_at_least(n: int) -> str:
+    """``n`` bytes in GiB rounded up to three significant digits (a memory_limit that holds n)."""
+    gib = n / GiB
+    digits = max(2, 2 - math.floor(math.log10(gib))) if gib > 0 else 2
+    return f"{math.ceil(gib * 10**digits) / 10**digits:.{digits}f}"
 
 
 def _page_order(first: List[int], then: List[int]) -> List[int]:

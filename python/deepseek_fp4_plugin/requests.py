@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .sampling import SamplingParams
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .tokenizer import IncrementalDecoder, Tokenizer, check_messages, check_text
 
 PromptLike = Union[str, Sequence[int], Sequence[Dict[str, Any]]]
 
@@ -88,8 +88,12 @@ class RequestParser:
             if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise ValueError(f"{name} must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
             ids = ids.tolist()
-        if not isinstance(ids, (list, tuple, range)) or not all(is_int(t) for t in ids):
+        if not isinstance(ids, (list, tuple, range)):
             raise ValueError(f"{name} must be a sequence of integer token ids")
+        bad = next((i for i, t in enumerate(ids) if not is_int(t)), None)
+        if bad is not None:
+            t = ids[bad]
+            raise ValueError(f"{name}[{bad}] must be an integer token id, got {t!r} ({type(t).__name__})")
         ids = list(ids)
         if not ids:
             raise ValueError(f"{name} is empty")
@@ -102,8 +106,9 @@ class RequestParser:
     def prompts(self, prompts, chat: bool, add_bos: Optional[bool]) -> Tuple[bool, List[List[int]]]:
         """(single?, token ids per prompt)."""
         def is_ids(p) -> bool:
+            # numbers of any kind: token ids (a bool or float among them is named by check_ids)
             return isinstance(p, Tensor) or (isinstance(p, (list, tuple)) and len(p) > 0 and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in p))
+                isinstance(t, (int, float)) for t in p))
 
         def is_messages(p) -> bool:
             return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
@@ -117,13 +122,17 @@ class RequestParser:
         out = []
         for i, p in enumerate(items):
             name = "prompt" if single else f"prompts[{i}]"
+            if (isinstance(p, str) and p == "") or (isinstance(p, (list, tuple)) and len(p) == 0):
+                raise ValueError(f"{name} is empty")
             if isinstance(p, str) or (chat and is_messages(p)):
                 if self.tokenizer is None:
                     raise ValueError(f"{name}: text prompts need a tokenizer (the model has no "
                                      f"tokenizer.json); pass token ids")
                 if chat:
+                    check_messages(p, name if isinstance(p, str) else "messages")
                     ids = self.tokenizer.encode_chat(p)
                 else:
+                    check_text(p, name)
                     ids = self.tokenizer.encode(p, add_bos=add_bos)
                 if not ids:
                     raise ValueError(f"{name} is empty")
@@ -152,6 +161,8 @@ class RequestParser:
             raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        for i, s in enumerate(stops):
+            check_text(s, "stop" if isinstance(stop, str) else f"stop[{i}]")
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the model has no tokenizer.json); "
                              "use stop_token_ids")

@@ -7,10 +7,11 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 from torch import Tensor
 
+from ._ext import _C
 from .checkpoint import CheckpointSource
 from .conversion import WeightConverter, estimate_bytes  # noqa: F401  (estimate_bytes re-exported)
 from .precision import PrecisionPolicy, resolve_compute_dtype
-from .weights import BuiltWeights, DenseLinear, LayerWeights, Linear, WeightStore
+from .weights import BuiltWeights, DenseLinear, LayerWeights, Linear, WeightStore, empty_counters
 
 
 class ResidentWeightStore(BuiltWeights, WeightStore):
@@ -59,6 +60,16 @@ class ResidentWeightStore(BuiltWeights, WeightStore):
                 rep["experts"] += lw.moe.experts.nbytes
         rep["total"] = sum(rep.values())
         return rep
+
+    def counters(self) -> Dict[str, object]:
+        """WeightStore.counters() with every nested key of the paging store's counters too:
+        counts zero, rates None (nothing pages; every expert is always on the device)."""
+        out = empty_counters()
+        moe = sum(1 for lw in self._layers if lw.moe is not None)
+        out.update(experts=_C.paging.zero_expert_counters(),
+                   per_layer=[_C.paging.zero_expert_counters() for _ in range(moe)],
+                   files=_C.paging.zero_read_counters())
+        return out
 
 
 def resolve_store_device(device: Union[str, torch.device]) -> torch.device:

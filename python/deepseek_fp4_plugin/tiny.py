@@ -15,14 +15,13 @@ are drawn from the seed and written as BF16, as DeepSeek FP8 blocks (float8_e4m3
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -385,42 +384,3 @@ def ensure_tiny(path: Optional[Union[str, Path]] = None) -> Path:
             return final
         raise
     return final
-
-
-# ---------------------------------------------------------------------------------------
-# command line (``deepseek-fp4 make-tiny DIR``)
-
-
-_DESCRIPTION = "Write the built-in tiny random DeepSeek-V3 (with a tokenizer) to DIR."
-
-
-def add_make_tiny_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds make-tiny's arguments to ``p`` and sets ``func`` (call ``args.func(args)``)."""
-    p.add_argument("dir", help="output folder (new or empty)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    p.add_argument("--format", choices=FORMATS, default="nvfp4", help="weight format (default nvfp4)")
-    p.set_defaults(func=_run_make_tiny)
-    return p
-
-
-def add_make_tiny_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the ``make-tiny`` subcommand to an argparse subparsers object."""
-    return add_make_tiny_arguments(subparsers.add_parser(
-        "make-tiny", help="write a small random DeepSeek-V3 checkpoint with a tokenizer",
-        description=_DESCRIPTION))
-
-
-def _run_make_tiny(args) -> int:
-    print(f"wrote {make_tiny(args.dir, seed=args.seed, format=args.format)}")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m deepseek_fp4_plugin.tiny DIR [--seed N] [--format F]``"""
-    args = add_make_tiny_arguments(argparse.ArgumentParser(prog="python -m deepseek_fp4_plugin.tiny",
-                                                           description=_DESCRIPTION)).parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

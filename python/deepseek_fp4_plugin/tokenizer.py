@@ -5,7 +5,12 @@ and incremental detokenization for streaming.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import math
+import re
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -62,6 +67,7 @@ class Tokenizer:
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.add_bos_token: Optional[bool] = cfg.get("add_bos_token")
+        self.chat_template_source = str(cfg_file)   # where the template came from, for errors
         self.chat_template = self._find_chat_template(cfg)
         self._template = None
 
@@ -80,6 +86,7 @@ class Tokenizer:
         f = self.path / CHAT_TEMPLATE_FILE
         if not f.is_file():
             return None
+        self.chat_template_source = str(f)
         try:
             return f.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
@@ -127,15 +134,14 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError(f"{self.path}: the tokenizer has no chat template "
                              f"(tokenizer_config.json 'chat_template' or {CHAT_TEMPLATE_FILE})")
+        check_messages(messages)
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        if not isinstance(messages, (list, tuple)) or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
         if self._template is None:
-            self._template = _compile_template(self.chat_template)
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+            self._template = _compile_template(self.chat_template, self.chat_template_source)
+        return _render(self._template, self.chat_template_source, messages=list(messages),
+                       add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                       eos_token=self.eos_token or "", **kwargs)
 
     def encode_chat(self, messages: Union[str, Sequence[Message]], **kwargs: Any) -> List[int]:
         """Token ids of a rendered chat prompt (the template writes BOS; none is added)."""
@@ -145,26 +151,185 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens)
 
 
-def _compile_template(source: str):
+def check_text(text: Any, name: str) -> None:
+    """ValueError naming ``name`` unless ``text`` is a string that encodes as UTF-8 (a lone
+    surrogate, e.g. from command-line bytes that were not UTF-8, does not)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {text!r} ({type(text).__name__})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: not valid Unicode text: lone surrogate {text[e.start]!r} at index "
+                         f"{e.start} (decoded from bytes that are not UTF-8?)") from None
+
+
+def check_messages(messages: Any, name: str = "messages") -> None:
+    """ValueError naming the message and field unless ``messages`` is a string or a list of
+    {"role": str, "content": str} dicts."""
+    if isinstance(messages, str):
+        check_text(messages, name)
+        return
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{name} must be a string or a non-empty list of "
+                         f"{{'role': ..., 'content': ...}} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{name}[{i}] needs 'role' and 'content', got {m!r}"[:300])
+        for key in ("role", "content"):
+            check_text(m[key], f"{name}[{i}][{key!r}]")
+
+
+# A chat template comes with the model folder and may be hostile: rendering is sandboxed
+# (jinja2's immutable sandbox) and bounded in time and in the size of what it builds.
+TEMPLATE_TIME_LIMIT = 10.0      # seconds per rendering
+TEMPLATE_MAX_CHARS = 1 << 24    # characters (or items) of the output and of any string or list it builds
+
+
+class _TemplateLimit(Exception):
+    """A chat template went past a bound (the message says which)."""
+
+
+class _Timeout(BaseException):
+    """Raised inside the rendering thread when its time is up (not an Exception, so template
+    code and jinja2 cannot swallow it)."""
+
+
+def _size(x: Any) -> int:
+    return len(x) if isinstance(x, (str, bytes, list, tuple, dict)) else 0
+
+
+def _check_size(x: Any) -> Any:
+    if _size(x) > TEMPLATE_MAX_CHARS:
+        raise _TemplateLimit(f"builds a value too large ({_size(x)} > {TEMPLATE_MAX_CHARS} items)")
+    return x
+
+
+def _check_args(args: Sequence[Any], kwargs: Dict[str, Any]) -> None:
+    # widths and counts (center, ljust, indent, wordwrap, ...) size what a call allocates
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"asks for a value too large ({v} > {TEMPLATE_MAX_CHARS})")
+
+
+def _bounded_join(join):
+    def bounded(parts):
+        parts = list(parts)
+        if sum(_size(p) for p in parts) > TEMPLATE_MAX_CHARS:
+            raise _TemplateLimit(f"builds a value too large (more than {TEMPLATE_MAX_CHARS} characters)")
+        return join(parts)
+    return bounded
+
+
+def _bounded_filter(f):
+    @functools.wraps(f)   # keeps jinja2's pass_context / pass_environment marks
+    def bounded(*args, **kwargs):
+        _check_args(args[1:], kwargs)
+        return _check_size(f(*args, **kwargs))
+    return bounded
+
+
+def _compile_template(source: str, where: str = "chat template"):
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and all(isinstance(v, (int, float)) for v in (left, right)) \
+                    and abs(left) > 1 and abs(right) * math.log2(abs(left)) > 4096:
+                raise _TemplateLimit(f"asks for a value too large ({left!r} ** {right!r})")
+            if operator == "*":
+                n, seq = (right, left) if isinstance(right, int) else (left, right)
+                if isinstance(n, int) and _size(seq) * n > TEMPLATE_MAX_CHARS:
+                    raise _TemplateLimit(f"builds a value too large ({_size(seq)} × {n} items)")
+            if operator == "+" and _size(left) + _size(right) > TEMPLATE_MAX_CHARS:
+                raise _TemplateLimit("builds a value too large (a sum of sequences)")
+            if operator == "%" and isinstance(left, str):
+                widths = [int(w) for w in re.findall(r"%[-#0 +]*(\d+)", left)]
+                if any(w > TEMPLATE_MAX_CHARS for w in widths):
+                    raise _TemplateLimit(f"asks for a value too large (format width {max(widths)})")
+            return _check_size(super().call_binop(context, operator, left, right))
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+            _check_args(args, kwargs)
+            return _check_size(super().call(__context, __obj, *args, **kwargs))
+
     def raise_exception(message: str):
-        raise ValueError(f"chat template: {message}")
+        raise ValueError(f"{where}: chat template: {message}")
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
+    env.filters = {k: _bounded_filter(f) for k, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(source)
+        template = env.from_string(source)
     except jinja2.TemplateError as e:
-        raise ValueError(f"chat template does not parse: {e}") from e
+        raise ValueError(f"{where}: chat template does not parse: {e}") from e
+    except (_TemplateLimit, RecursionError, MemoryError) as e:
+        raise ValueError(f"{where}: chat template does not parse: {_why(e)}") from None
+    g = template.root_render_func.__globals__
+    for name in ("str_join", "markup_join"):   # what `~` and output concatenation compile to
+        if name in g:
+            g[name] = _bounded_join(g[name])
+    return template
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "recursion too deep"
+    if isinstance(e, _TemplateLimit):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def _render(template, where: str, **variables: Any) -> str:
+    """Renders within TEMPLATE_TIME_LIMIT seconds and TEMPLATE_MAX_CHARS characters; any
+    failure is a ValueError naming the template's file."""
+    import jinja2
+
+    limit = TEMPLATE_TIME_LIMIT
+    thread = threading.get_ident()
+    lock = threading.Lock()
+    state = {"done": False}
+
+    def interrupt() -> None:   # on the timer thread: stops the rendering thread's Python code
+        with lock:
+            if not state["done"]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(_Timeout))
+
+    timer = threading.Timer(limit, interrupt)
+    timer.daemon = True
+    out: List[str] = []
+    try:
+        try:
+            timer.start()
+            n = 0
+            for piece in template.generate(**variables):
+                n += len(piece)
+                if n > TEMPLATE_MAX_CHARS:
+                    raise _TemplateLimit(f"output exceeds {TEMPLATE_MAX_CHARS} characters")
+                out.append(piece)
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()   # a call: an interrupt already sent is raised here at the latest
+    except _Timeout:
+        raise ValueError(f"{where}: chat template took longer than {limit:g} s to render") from None
+    except ValueError as e:
+        if str(e).startswith(f"{where}: chat template"):   # raise_exception() in the template
+            raise
+        raise ValueError(f"{where}: chat template failed: ValueError: {e}") from None
+    except jinja2.TemplateError as e:   # a sandbox refusal (SecurityError) or a template error
+        raise ValueError(f"{where}: chat template failed: {e}") from None
+    except Exception as e:   # noqa: BLE001 (a hostile template can raise anything)
+        raise ValueError(f"{where}: chat template failed: {_why(e)}") from None
+    return "".join(out)
 
 
 class IncrementalDecoder:

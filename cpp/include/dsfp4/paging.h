@@ -114,7 +114,10 @@ struct ReadCounters {
 // The checkpoint's shard files, opened once. Reads are pread loops (short reads and EINTR
 // handled); with direct_io the file is also opened with O_DIRECT and aligned ranges are read
 // through it into an aligned scratch buffer, bypassing the page cache; file systems that
-// refuse O_DIRECT fall back to buffered reads. Thread-safe.
+// refuse O_DIRECT fall back to buffered reads. Each file's identity (device, inode, size,
+// modification time) is recorded at open and checked (one fstat) after every read: a file
+// changed since, in place or by truncation, fails the read with a Status naming it and how it
+// changed, whatever bytes were read. Only regular files open. Thread-safe.
 class CheckpointFiles {
  public:
   static Status open(const std::vector<std::string>& paths, bool direct_io, std::unique_ptr<CheckpointFiles>* out);
@@ -122,7 +125,8 @@ class CheckpointFiles {
   CheckpointFiles(const CheckpointFiles&) = delete;
   CheckpointFiles& operator=(const CheckpointFiles&) = delete;
 
-  // Reads r.nbytes bytes at r.offset of file r.file into dst. Errors name the file and tensor.
+  // Reads r.nbytes bytes at r.offset of file r.file into dst. Errors name the file and tensor
+  // (kInternal: an I/O error, a short read, or a file changed since open).
   Status read(const TensorRange& r, void* dst);
   const std::string& path(int file) const { return paths_[file]; }
   int num_files() const { return static_cast<int>(paths_.size()); }

@@ -35,11 +35,30 @@ struct Scratch {  // per-thread aligned buffer for O_DIRECT reads
   }
 };
 thread_local Scratch t_scratch;
+
+// What identifies a shard as the one the model was loaded from: the tensor offsets and the
+// scales checked at load hold for this file only.
+struct FileIdentity {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  int64_t size = 0;
+  int64_t mtime_ns = 0;
+};
+
+FileIdentity identity_of(const struct stat& st) {
+  FileIdentity id;
+  id.dev = st.st_dev;
+  id.ino = st.st_ino;
+  id.size = static_cast<int64_t>(st.st_size);
+  id.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000ll + st.st_mtim.tv_nsec;
+  return id;
+}
 }  // namespace
 
 struct CheckpointFiles::Impl {
   std::vector<int> fd, dfd;          // buffered and O_DIRECT descriptors (-1: none)
   std::vector<int64_t> size;
+  std::vector<FileIdentity> identity;  // recorded at open
   mutable std::mutex mu;
   ReadCounters counters;
   std::vector<int64_t> fault_offset;  // < 0: none
@@ -63,9 +82,19 @@ Status CheckpointFiles::open(const std::vector<std::string>& paths, bool direct_
       return InvalidArgument(p + ": cannot be opened (" + std::strerror(err) + ")");
     }
     struct stat st {};
-    fstat(fd, &st);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      const int err = errno;
+      const bool regular = S_ISREG(st.st_mode);
+      ::close(fd);
+      for (int x : m.fd) ::close(x);
+      for (int x : m.dfd)
+        if (x >= 0) ::close(x);
+      return InvalidArgument(p + (regular ? ": cannot be examined (" + std::string(std::strerror(err)) + ")"
+                                          : std::string(": is not a regular file")));
+    }
     m.fd.push_back(fd);
     m.size.push_back(static_cast<int64_t>(st.st_size));
+    m.identity.push_back(identity_of(st));
     int dfd = -1;
 #ifdef O_DIRECT
     if (direct_io) dfd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
@@ -100,6 +129,20 @@ ReadCounters CheckpointFiles::counters() const {
 void CheckpointFiles::reset_counters() {
   std::lock_guard<std::mutex> lk(impl_->mu);
   impl_->counters = ReadCounters();
+}
+
+// "" when file `file` is still the one opened, else how it changed. One fstat on the open
+// descriptor (about a microsecond, against reads of kilobytes to megabytes).
+static std::string identity_change(int fd, const FileIdentity& was) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0) return std::string("cannot be examined: ") + std::strerror(errno);
+  const FileIdentity now = identity_of(st);
+  if (now.dev != was.dev || now.ino != was.ino) return "replaced by another file";
+  if (now.size != was.size)
+    return "size " + std::to_string(was.size) + " -> " + std::to_string(now.size) + " bytes" +
+           (now.size < was.size ? ", truncated" : "");
+  if (now.mtime_ns != was.mtime_ns) return "modified";
+  return "";
 }
 
 Status CheckpointFiles::read(const TensorRange& r, void* dst) {
@@ -138,6 +181,13 @@ Status CheckpointFiles::read(const TensorRange& r, void* dst) {
     return true;
   };
 
+  // The file must still be the one the model was loaded from; checked after the data is read,
+  // so a change before or during the read is seen.
+  auto changed = [&]() -> Status {
+    const std::string how = identity_change(m.fd[r.file], m.identity[r.file]);
+    if (how.empty()) return Status::Ok();
+    return fail("the file changed since the model was loaded (" + how + "); reload the model");
+  };
   uint8_t* out = static_cast<uint8_t*>(dst);
   bool done = false;
   const int dfd = m.dfd[r.file];
@@ -153,8 +203,10 @@ Status CheckpointFiles::read(const TensorRange& r, void* dst) {
       if (pread_all(dfd, buf, a0, a1 - a0, &got, &err)) {
         direct_reads += reads - reads_before;
         device_bytes += static_cast<uint64_t>(got);
-        if (got < r.offset + r.nbytes - a0)
+        if (got < r.offset + r.nbytes - a0) {
+          DSFP4_RETURN_IF_ERROR(changed());
           return fail("the file ends at byte " + std::to_string(a0 + got) + " (truncated)");
+        }
         std::memcpy(out, buf + (r.offset - a0), static_cast<size_t>(r.nbytes));
         done = true;
       } else if (err != EINVAL) {
@@ -167,8 +219,12 @@ Status CheckpointFiles::read(const TensorRange& r, void* dst) {
     int err = 0;
     if (!pread_all(m.fd[r.file], out, r.offset, r.nbytes, &got, &err)) return fail(std::strerror(err));
     device_bytes += static_cast<uint64_t>(got);
-    if (got < r.nbytes) return fail("the file ends at byte " + std::to_string(r.offset + got) + " (truncated)");
+    if (got < r.nbytes) {
+      DSFP4_RETURN_IF_ERROR(changed());
+      return fail("the file ends at byte " + std::to_string(r.offset + got) + " (truncated)");
+    }
   }
+  DSFP4_RETURN_IF_ERROR(changed());
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::lock_guard<std::mutex> lk(m.mu);
   m.counters.bytes += static_cast<uint64_t>(r.nbytes);
