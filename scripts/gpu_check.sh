@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
-#   scripts/gpu_check.sh [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
+#   scripts/gpu_check.sh [prebuilt] [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
 #                        [peer-llama] [cpu-experts] [bench-report] [serve]
 # With no arguments: build tests sanitizer bench-gemm.
+# prebuilt (instead of build, when device time is short): takes the extension built elsewhere for
+# this machine's Python from .prebuilt/_C.so (cmake with -DPython_EXECUTABLE=python3.12,
+# DSFP4_CUDA_ARCHS=90a-real) and runs from the source tree (PYTHONPATH=python).
 # fp8: the FP8 block GEMM's GPU tests, compute-sanitizer on a quick subset and bench_fp8_gemm.py
 # (add tune to sweep its tactics); logs under $OUT/fp8_*.
 # cpu-experts (after build): the CPU expert kernels on every instruction set of this CPU (ctest and
@@ -31,6 +34,13 @@ if [ -n "$wheels" ]; then  # wheels carried to a machine without a registry
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+
+if has prebuilt; then
+  suffix=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  cp .prebuilt/_C.so "python/deepseek_fp4_plugin/_C$suffix" || exit 1
+  export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+  python3 -c "import deepseek_fp4_plugin as p; print('prebuilt extension, CUDA kernels:', p.has_cuda_kernels())" || exit 1
+fi
 
 if has build; then
   arch=$(python3 -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0]==9 else ''))")
