@@ -469,6 +469,8 @@ def main() -> int:
     ap.add_argument("--baseline", action="store_true", help="also run transformers + accelerate")
     ap.add_argument("--skip-ssd", action="store_true")
     ap.add_argument("--skip-ablations", action="store_true")
+    ap.add_argument("--cpu-experts", default="off",
+                    help="off, auto or threads: adds full-depth decode rows with the CPU expert lane")
     ap.add_argument("--profile", type=Path, default=None, help="write a prefill profile summary here")
     ap.add_argument("--no-replay", action="store_true", help="random routing only (no trace)")
     ap.add_argument("--out", type=Path, default=None)
@@ -531,7 +533,7 @@ def main() -> int:
     base_alloc = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     eng = Engine.from_pretrained(args.dir, paging=dict(cpu_cache_size=float(
-        cfg.n_routed_experts * n_moe * 24.78e6 / GiB + 0.5)), **kw)
+        cfg.n_routed_experts * n_moe * 24.78e6 / GiB + 0.5), cpu_experts=args.cpu_experts), **kw)
     result["plan"] = eng.memory_plan.as_dict()
     slots = eng.memory_plan.expert_slots
     ids = np.arange(cfg.n_routed_experts, dtype=np.int32)
@@ -548,8 +550,9 @@ def main() -> int:
 
     rows = result["rows"]
     keys = ("prefetch_layers", "prefetch_min_accuracy", "cache_policy", "stream_priorities", "miss_mode",
-            "expert_threshold", "expert_slots", "decode_pipeline")
+            "expert_threshold", "expert_slots", "decode_pipeline", "cpu_experts")
     default = {k: getattr(eng.paging, k) for k in keys}
+    default["cpu_experts"] = "off"   # the lane's rows turn it on
 
     def run(change, fn):
         eng.reconfigure_paging(**{**default, **change})
@@ -581,6 +584,12 @@ def main() -> int:
         n = share_slots(b)
         run(dict(expert_slots=n), lambda rec, b=b, n=n: decode_row(eng, b, args.steps, h2d, n_moe, "full", routing,
                                                                     "full_depth", rec, n, full_depth=share))
+    if args.cpu_experts != "off":   # the hybrid lane, same engine and routing
+        for b in (1, 4, 8):
+            n = share_slots(b)
+            run(dict(expert_slots=n, cpu_experts=args.cpu_experts),
+                lambda rec, b=b, n=n: decode_row(eng, b, args.steps, h2d, n_moe, "cpu_lane", routing, "full_depth",
+                                                 rec, n, full_depth=share))
     n = share_slots(1)
     run(dict(expert_slots=n, decode_pipeline=False),
         lambda rec: decode_row(eng, 1, args.steps, h2d, n_moe, "no_pipeline", routing, "full_depth", rec, n,

@@ -113,6 +113,7 @@ if has sanitizer; then
     "tests/gpu/test_pipeline_gpu.py::test_units_gemm_wait_times_out_as_nan_and_flag" \
     "tests/gpu/test_paging_gpu.py::test_paged_equals_resident[ssd_paged-graph]" \
     "tests/gpu/test_paging_gpu.py::test_paged_equals_resident[ssd_paged_no_pipeline-eager]" \
+    "tests/gpu/test_pipeline_gpu.py::test_cpu_lane_auto_equals_off_under_replay" \
     > "$OUT/sanitizer_paged.log" 2>&1
   rc=$?; tail -4 "$OUT/sanitizer_paged.log"; echo "sanitizer (paged engine) exit $rc"; [ $rc -eq 0 ] || status=1
   for tool in racecheck synccheck; do

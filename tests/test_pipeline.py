@@ -320,3 +320,99 @@ def test_table_row_is_a_snapshot_not_the_live_mirror(tmp_path):
     store.sync_copies()
     got = [int(tables[0, e]) for e in (0, 1)]
     assert got == want, (got, want)                           # layer 0's row as its resolve wrote it
+
+
+# ---------------------------------------------------------------------------------------
+# the CPU expert lane: decode misses computed by CPU threads from the host cache
+
+CPU_LANE = dict(sim_copy_delay_us=2000, cpu_experts=1, prefetch_min_accuracy=0.0)
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "host_points"])
+def test_cpu_lane_equals_resident(model_dir, reference, pipeline):
+    """A slow simulated bus: the miss policy puts decode misses on the CPU lane, whose rows replace
+    the GEMM's NaN rows after the down GEMM. Tokens equal the resident engine's; nothing failed."""
+    ref_tokens, ref_logits = reference
+    eng = paged(model_dir, decode_pipeline=pipeline, **CPU_LANE)
+    assert "host CPU: 1 threads" in eng.memory_plan.table()
+    out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == ref_tokens
+    assert all(o.finish_reason == "length" for o in out)
+    c = eng.store.counters()
+    ex, unit = c["experts"], eng.memory_plan.expert_unit_bytes
+    assert ex["cpu_experts"] > 0 and ex["failed"] == 0
+    assert ex["cpu_bytes"] == ex["cpu_experts"] * unit and ex["cpu_ms"] > 0
+    assert sum(p["cpu_experts"] for p in c["per_layer"]) == ex["cpu_experts"]
+    lane = c["cpu_lane"]
+    assert lane["threads"] == 1 and lane["cpu_gbs"] > 0 and lane["bus_gbs"] > 0
+    # prefill keeps streaming to the GPU: the logits of a prompt are the paged engine's usual ones
+    assert (eng.logits(PROMPTS[0]) - ref_logits).abs().max().item() < 1e-3
+
+
+def test_cpu_lane_off_and_forced_paths(model_dir, reference):
+    ref_tokens, _ = reference
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=2000, prefetch_min_accuracy=0.0)
+    eng.generate(PROMPTS, max_tokens=4, ignore_eos=True)
+    assert eng.store.counters()["experts"]["cpu_experts"] == 0 and eng.store.counters()["cpu_lane"] is None
+    feats = __import__("deepseek_fp4_plugin.cpu_experts", fromlist=["x"]).cpu_features()
+    if feats["avx2"] and feats["fma"]:     # the AVX2 path, forced
+        eng = paged(model_dir, decode_pipeline=True, cpu_isa="avx2", **CPU_LANE)
+        assert eng.store.counters()["cpu_lane"]["isa"] == "avx2"
+        assert [o.token_ids for o in eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)] == ref_tokens
+    if not feats["avx512f"]:               # a path this CPU cannot run is refused with the reason
+        with pytest.raises(ValueError, match=r"cpu_experts=1: .*avx512"):
+            paged(model_dir, cpu_isa="avx512", **CPU_LANE)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(cpu_experts="many"), "cpu_experts must be 'off', 'auto' or a number of threads"),
+    (dict(cpu_experts=0), "cpu_experts must be"),
+    (dict(cpu_experts=True), "cpu_experts must be"),
+    (dict(cpu_isa="sse2"), "cpu_isa must be"),
+    (dict(cpu_experts="auto", enable_async_copy=False), "cpu_experts needs enable_async_copy"),
+])
+def test_cpu_lane_bad_settings(model_dir, bad, match):
+    with pytest.raises(ValueError, match=match):
+        paged(model_dir, **bad)
+
+
+def test_cpu_lane_fault_fails_the_request_naming_layer_and_expert(model_dir):
+    """Routing replay pins the first MoE layer's (decoder layer 1's) decode experts to 0..5
+    (misses: prefill used others, no prefetch); a fault inside the CPU job of expert 3 fails that
+    generation naming the layer and the expert; the engine stays usable and gives the same tokens
+    again."""
+    L, B, K, E = 3, 2, 6, 64
+    rng = np.random.default_rng(1)
+    dec = np.stack([[[rng.choice(E, K, replace=False) for _ in range(B)] for _ in range(L)] for _ in range(16)])
+    dec[:, 0] = np.arange(K)
+    pre = np.stack([[rng.choice(np.arange(10, E), K, replace=False) for _ in range(40)] for _ in range(L)])
+    eng = paged(model_dir, decode_pipeline=True, prefetch_layers=0, **CPU_LANE)
+
+    def run():   # a fresh replay each time (a replay walks its trace step by step)
+        eng.set_routing_replay(RoutingReplay(dec.astype(np.int32), pre.astype(np.int32)))
+        return [o.token_ids for o in eng.generate(PROMPTS, max_tokens=6, ignore_eos=True)]
+
+    first = run()
+    assert eng.store.counters()["per_layer"][0]["cpu_experts"] > 0
+    eng.store.experts.inject_cpu_fault(0, 3)
+    with pytest.raises(RuntimeError, match=r"layer 1 expert 3"):
+        run()
+    assert run() == first
+
+
+def test_cpu_lane_turns_off_and_on_between_generations(model_dir):
+    eng = paged(model_dir, decode_pipeline=True, **CPU_LANE)
+    eng.generate(PROMPTS, max_tokens=6, ignore_eos=True)
+    n = eng.store.counters()["experts"]["cpu_experts"]
+    assert n > 0
+    eng.reconfigure_paging(cpu_experts="off")
+    eng.generate(PROMPTS, max_tokens=6, ignore_eos=True)
+    assert eng.store.counters()["experts"]["cpu_experts"] == n
+    eng.reconfigure_paging(cpu_experts=1)
+    eng.generate(PROMPTS, max_tokens=6, ignore_eos=True)
+    assert eng.store.counters()["experts"]["cpu_experts"] > n
+    with pytest.raises(ValueError, match="another count needs a reload"):
+        eng.reconfigure_paging(cpu_experts=3)
+    plain = paged(model_dir, sim_copy_delay_us=100)
+    with pytest.raises(ValueError, match="loaded without the CPU lane"):
+        plain.reconfigure_paging(cpu_experts="auto")

@@ -221,6 +221,30 @@ void bind_paging(py::module_& m) {
       py::arg("view"), py::arg("layer"), py::arg("next_layer"), py::arg("ids"), py::arg("n_ids"), py::arg("pred"),
       py::arg("n_pred"), py::arg("stream"));
 
+  p.def(
+      "cpu_lane_join",
+      [](std::uintptr_t y_perm, std::uintptr_t row_offsets, std::uintptr_t table, int experts, int64_t hidden,
+         std::uintptr_t epoch, std::uintptr_t done, std::uintptr_t ok, std::uintptr_t y_cpu, std::uintptr_t wait_failed,
+         uint64_t timeout_ns, bool on_device, std::uintptr_t s) {
+        CpuLaneJoin j;
+        j.y_perm = ptr<void>(y_perm);
+        j.row_offsets = ptr<const int32_t>(row_offsets);
+        j.table = ptr<const uint64_t>(table);
+        j.experts = experts;
+        j.hidden = hidden;
+        j.epoch = ptr<const uint32_t>(epoch);
+        j.done = ptr<const uint32_t>(done);
+        j.ok = ptr<const uint32_t>(ok);
+        j.y_cpu = ptr<const void>(y_cpu);
+        j.wait_failed = ptr<uint32_t>(wait_failed);
+        j.timeout_ns = timeout_ns;
+        j.on_device = on_device;
+        nogil([&] { return cpu_lane_join(j, stream(s)); });
+      },
+      py::arg("y_perm"), py::arg("row_offsets"), py::arg("table"), py::arg("experts"), py::arg("hidden"),
+      py::arg("epoch"), py::arg("done"), py::arg("ok"), py::arg("y_cpu"), py::arg("wait_failed"),
+      py::arg("timeout_ns"), py::arg("on_device"), py::arg("stream"));
+
   py::class_<ExpertStore>(p, "ExpertStore")
       .def(py::init([](const ExpertStoreOptions& opt, std::shared_ptr<CheckpointFiles> files,
                        const std::vector<std::vector<std::tuple<int, int64_t, int64_t, std::string>>>& stored) {
@@ -318,6 +342,42 @@ void bind_paging(py::module_& m) {
             nogil([&] { return s.set_pinned(layer, expert, pinned, stream(compute)); });
           },
           py::arg("layer"), py::arg("expert"), py::arg("pinned"), py::arg("compute"))
+      .def(
+          "enable_cpu_lane",
+          [](ExpertStore& s, int threads, const std::string& isa, const std::vector<int>& reserved_cores, int max_rows,
+             int top_k, double bus_gbs, double cpu_gbs, const std::vector<int>& decoder_layers) {
+            CpuLaneOptions o;
+            o.decoder_layers = decoder_layers;
+            o.threads = threads;
+            o.isa = isa;
+            o.reserved_cores = reserved_cores;
+            o.max_rows = max_rows;
+            o.top_k = top_k;
+            o.bus_gbs = bus_gbs;
+            o.cpu_gbs = cpu_gbs;
+            nogil([&] { return s.enable_cpu_lane(o); });
+          },
+          py::arg("threads"), py::arg("isa"), py::arg("reserved_cores"), py::arg("max_rows"), py::arg("top_k"),
+          py::arg("bus_gbs"), py::arg("cpu_gbs") = 0.0, py::arg("decoder_layers") = std::vector<int>{})
+      .def_property_readonly("cpu_lane", [](const ExpertStore& s) { return s.cpu_lane(); })
+      .def_property_readonly("cpu_lane_view",
+                             [](const ExpertStore& s) {
+                               const CpuLaneView v = s.cpu_lane_view();
+                               py::dict d;
+                               d["x"] = v.x;
+                               d["y"] = v.y_dev;
+                               d["done"] = v.done_dev;
+                               d["ok"] = v.ok_dev;
+                               d["max_rows"] = v.max_rows;
+                               d["top_k"] = v.top_k;
+                               d["threads"] = v.threads;
+                               d["isa"] = v.isa;
+                               d["bus_gbs"] = v.bus_gbs;
+                               d["cpu_gbs"] = v.cpu_gbs;
+                               return d;
+                             })
+      .def("set_cpu_lane_active", &ExpertStore::set_cpu_lane_active, py::arg("active"))
+      .def("inject_cpu_fault", &ExpertStore::inject_cpu_fault, py::arg("layer"), py::arg("expert"))
       .def("demote_layers_before", &ExpertStore::demote_layers_before)
       .def("gpu_address", &ExpertStore::gpu_address)
       .def("host_address", &ExpertStore::host_address)

@@ -43,6 +43,8 @@ _PAGING_OPTIONS = (
     ("cache_policy", str, "lrfu (default) or lru"),
     ("gpu_memory_fraction", float, "without --memory-limit, the budget is this fraction of the card"),
     ("io_threads", int, "disk reader threads (default 8)"),
+    ("cpu_experts", str, "off (default), auto or a number of threads: CPU threads compute missed experts "
+                         "in decode steps while the bus brings others"),
 )
 
 

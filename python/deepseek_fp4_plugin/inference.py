@@ -64,15 +64,17 @@ _UNSUPPORTED = {
 }
 # what changes the memory plan (a reload); the rest apply to the running engine
 _PLAN_KEYS = {"max_gpu_layers", "gpu_reserved", "cpu_cache_size", "prefetch_size", "min_layers", "max_experts",
-              "gpu_memory_fraction", "pinned_memory", "enable_async_copy"}
+              "gpu_memory_fraction", "pinned_memory", "enable_async_copy", "cpu_experts", "cpu_isa"}
 
 # The tuning guide's scenarios. Its expert_threshold values are left out: they make every answer
-# approximate, so a preset applies them only when asked (approximate=True).
+# approximate, so a preset applies them only when asked (approximate=True). The presets for one
+# sequence turn the CPU expert lane on where the engine pages experts.
 _PRESETS = {
     "single_task": {"prefetch_layers": 2, "batch_size": 1, "expert_threshold": 0.15},
     "batch": {"prefetch_layers": 3, "batch_size": 16, "expert_threshold": 0.1},
     "long_sequence": {"prefetch_layers": 4, "batch_size": 1, "expert_threshold": 0.08},
 }
+_CPU_LANE_PRESETS = ("single_task", "long_sequence")
 
 
 def _validate(section: str, key: str, kind: str, minimum: Optional[int], value: Any) -> Any:
@@ -218,7 +220,7 @@ class DeepseekInference:
         an engine that keeps every weight resident)."""
         if self.engine.store.pages:
             return {}
-        idle = {"prefetch_layers", "expert_threshold", "prefetch_experts", "prefetch_size", "cpu_cache_size",
+        idle = {"prefetch_layers", "expert_threshold", "prefetch_experts", "prefetch_size", "cpu_cache_size", "cpu_experts",
                 "max_experts", "min_layers"}
         out = {s: {k: v for k, v in d.items() if k in idle} for s, d in self.settings.items()}
         return {k: v for k, v in out.items() if v}
@@ -230,6 +232,8 @@ class DeepseekInference:
         if not approximate:
             cfg["expert_threshold"] = 0.0
         cfg["use_cuda_graph"] = self.engine.device.type == "cuda" and self.engine.store.graph_safe
+        if name in _CPU_LANE_PRESETS and self.engine.store.pages and self._paging.get("enable_async_copy", True):
+            cfg["cpu_experts"] = "auto"   # one sequence decoding: misses split between the bus and the CPU
         self.apply_config(cfg)
         return cfg
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -85,6 +85,10 @@ class PagingSettings:
         publishes them, with no host point per MoE layer (None: on CUDA with async copies)
     sim_copy_delay_us : tests only, CPU mode: copies run on a simulated asynchronous stream,
         each delayed this long (exposes ordering bugs between copies, reads and events)
+    cpu_experts : "off" (default), "auto" or a number of threads: in decode steps, missed
+        experts may be computed by CPU threads from the host cache while the bus brings others
+        (the miss policy balances the two lanes from measured rates); needs enable_async_copy
+    cpu_isa : the CPU lane's instruction set: "auto", "avx512_bf16", "avx512" or "avx2"
     """
 
     prefetch_layers: int = 1
@@ -110,6 +114,8 @@ class PagingSettings:
     expert_slots: Optional[int] = None
     decode_pipeline: Optional[bool] = None
     sim_copy_delay_us: int = 0
+    cpu_experts: Union[str, int] = "off"
+    cpu_isa: str = "auto"
 
     def validate(self) -> "PagingSettings":
         def need(cond: bool, msg: str) -> None:
@@ -142,6 +148,14 @@ class PagingSettings:
              f"decode_pipeline must be None, True or False, got {self.decode_pipeline!r}")
         need(is_int(self.sim_copy_delay_us) and 0 <= self.sim_copy_delay_us <= 1_000_000,
              f"sim_copy_delay_us must be an integer in [0, 1000000], got {self.sim_copy_delay_us!r}")
+        if isinstance(self.cpu_experts, str) and self.cpu_experts.strip().isdigit():
+            self.cpu_experts = int(self.cpu_experts.strip())   # from a command line
+        need(self.cpu_experts in ("off", "auto") or (is_int(self.cpu_experts) and 1 <= self.cpu_experts <= 1024),
+             f"cpu_experts must be 'off', 'auto' or a number of threads in [1, 1024], got {self.cpu_experts!r}")
+        need(self.cpu_isa in ("auto", "avx512_bf16", "avx512", "avx2"),
+             f"cpu_isa must be 'auto', 'avx512_bf16', 'avx512' or 'avx2', got {self.cpu_isa!r}")
+        need(self.cpu_experts == "off" or self.enable_async_copy,
+             "cpu_experts needs enable_async_copy=True (ready words order the GPU's side of the CPU lane)")
         for k in ("pinned_memory", "enable_async_copy", "direct_io", "stream_priorities"):
             need(isinstance(getattr(self, k), bool), f"{k} must be True or False, got {getattr(self, k)!r}")
         need(self.miss_mode in _MISS_MODES, f"miss_mode must be one of {_MISS_MODES}, got {self.miss_mode!r}")
@@ -185,6 +199,8 @@ class MemoryPlan:
     host_expert_slots: int
     min_budget: int                  # smallest budget this configuration accepts
     prefill_group_tokens: int = 0    # tokens a layer-major prefill holds between layers
+    cpu_expert_threads: int = 0      # CPU lane threads (cpu_experts), 0: off
+    cpu_reserved_cores: List[int] = field(default_factory=list)   # kept free of them
     notes: List[str] = field(default_factory=list)
     policy: Optional[PrecisionPolicy] = None   # the precision the plan was made for (the stores use it)
 
@@ -214,6 +230,9 @@ class MemoryPlan:
         if self.paged:
             lines.append(f"host (pinned): {self.host_layer_bytes / GiB:.3f} GiB of layer units, "
                          f"{self.host_expert_slots} expert units ({self.host_expert_slots * self.expert_unit_bytes / GiB:.2f} GiB)")
+            if self.cpu_expert_threads:
+                lines.append(f"host CPU: {self.cpu_expert_threads} threads compute missed experts in decode steps "
+                             f"(cores {self.cpu_reserved_cores or 'none'} kept for the GPU and I/O threads)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -333,9 +352,27 @@ def plan_memory(source: CheckpointSource, policy: PrecisionPolicy, compute_dtype
                                 f"block scales): dense it takes {dense_gib:.2f} GiB and does not fit "
                                 f"beside the minimum expert cache ({was}); in FP8 {fp8_gib:.2f} GiB, "
                                 f"{len(alt.resident_layers)} of {L} layers resident")
-            return alt
+            return _with_cpu_lane(alt, settings)
     if plan is None:
         raise error
+    return _with_cpu_lane(plan, settings)
+
+
+def cpu_lane_cores(setting: Union[str, int]) -> Tuple[int, List[int]]:
+    """(threads, reserved cores) of the CPU expert lane for ``cpu_experts=setting``: the first
+    cores this process may use are kept for the threads that drive the GPU and read the disk
+    (two from 6 cores, one from 3), the lane takes the rest ("auto") or the number asked for."""
+    if setting == "off":
+        return 0, []
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    keep = 2 if len(cores) >= 6 else 1 if len(cores) >= 3 else 0
+    free = max(1, len(cores) - keep)
+    return (free if setting == "auto" else min(int(setting), free)), cores[:keep]
+
+
+def _with_cpu_lane(plan: MemoryPlan, settings: PagingSettings) -> MemoryPlan:
+    if plan.paged and plan.total_experts > plan.expert_slots:
+        plan.cpu_expert_threads, plan.cpu_reserved_cores = cpu_lane_cores(settings.cpu_experts)
     return plan
 
 

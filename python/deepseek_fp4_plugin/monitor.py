@@ -71,6 +71,7 @@ COUNTERS: Dict[str, Tuple[str, ...]] = {
     "weight_wait_ms": ("weight_wait_ms", "experts.weight_wait_ms", "experts.stall_ms", "stall_ms"),
     "cpu_experts": ("cpu_experts", "experts.cpu_experts", "experts.cpu_computed", "cpu.experts"),
     "cpu_expert_ms": ("cpu_expert_ms", "experts.cpu_ms", "cpu.ms"),
+    "cpu_expert_bytes": ("experts.cpu_bytes",),  # unit bytes the CPU lane read
     # the decode pipeline: layers its thread resolved, and its host time from seeing a layer's
     # routed ids to issuing the last ready word (summed)
     "pipeline_publishes": ("experts.publishes",),

@@ -36,6 +36,7 @@ the layer ring uses ``transfer`` (copies the current layer waits for) and ``pref
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Generator, List, Optional, Tuple
 
@@ -151,9 +152,12 @@ class PagedRoutedExperts(RoutedExperts):
 
     def run(self, x: Tensor, row_offsets: Tensor, tokens: int) -> Tensor:
         point = self.store.route_points[self.index]
-        if not point.deferred:
-            return super().run(x, row_offsets, tokens)
-        return self.store._run_waves(self, x, row_offsets, tokens)
+        if point.deferred:
+            return self.store._run_waves(self, x, row_offsets, tokens)
+        y = super().run(x, row_offsets, tokens)
+        if self.store.cpu_lane is not None:
+            self.store._cpu_join(self, y, row_offsets)
+        return y
 
     @property
     def nbytes(self) -> int:
@@ -233,6 +237,10 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         if self.ready_mode:
             self.experts.start_pipeline()     # the mailbox; its thread only works inside decode steps
             self.view = self.experts.pipeline_view
+        self.cpu_lane: Optional[dict] = None
+        self.cpu_x: Optional[Tensor] = None
+        if plan.cpu_expert_threads:
+            self._enable_cpu_lane(plan)
 
         self.ring = None
         self.rank_of = {layer: r for r, layer in enumerate(plan.paged_layers)}
@@ -288,12 +296,13 @@ class PagedWeightStore(BuiltWeights, WeightStore):
 
     _RUNTIME = ("expert_threshold", "prefetch_layers", "prefetch_experts", "miss_mode", "cache_policy",
                 "lrfu_lambda", "prefetch_size", "prefetch_min_accuracy", "streams", "stream_priorities",
-                "expert_slots", "decode_pipeline")
+                "expert_slots", "decode_pipeline", "cpu_experts")
 
     def reconfigure(self, **changes) -> None:
         """Changes knobs that need no new memory plan, between generations: expert_threshold,
         prefetch_layers (up to the ring's slots - 1 when layers are paged), prefetch_experts,
-        miss_mode, cache_policy, lrfu_lambda, prefetch_size, streams, stream_priorities.
+        miss_mode, cache_policy, lrfu_lambda, prefetch_size, streams, stream_priorities, and
+        cpu_experts "off" / back on for an engine loaded with the CPU lane.
         Changing the policy, miss mode or prefetch size empties the GPU expert cache."""
         bad = sorted(set(changes) - set(self._RUNTIME))
         if bad:
@@ -307,9 +316,18 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                              f"the plan has {self.plan.layer_slots} (reload the engine with the new setting)")
         if min(self.config.num_experts_per_tok, new.prefetch_experts or self.config.num_experts_per_tok) > self.pred_k:
             raise ValueError("prefetch_experts can only shrink without a reload (the prediction buffers are sized)")
+        if new.cpu_experts != s.cpu_experts and new.cpu_experts != "off":
+            if self.cpu_lane is None:
+                raise ValueError("cpu_experts: this engine was loaded without the CPU lane (load it with cpu_experts "
+                                 "set; at run time the lane can only be turned off and on again)")
+            if isinstance(new.cpu_experts, int) and new.cpu_experts != self.cpu_lane["threads"]:
+                raise ValueError(f"cpu_experts = {new.cpu_experts}: the lane runs {self.cpu_lane['threads']} threads; "
+                                 f"another count needs a reload")
         if self.ring is not None and new.prefetch_layers != s.prefetch_layers:
             self.ring.set_prefetch(min(new.prefetch_layers, self.plan.layer_slots - 1))
         self.settings = new
+        if self.cpu_lane is not None:
+            self.experts.set_cpu_lane_active(new.cpu_experts != "off")
         self.expert_threshold = float(new.expert_threshold)
         self.predict = new.prefetch_layers > 0
         if new.prefetch_experts is not None:
@@ -364,6 +382,57 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         o.pipeline_max_pred = self.max_rows * min(k, s.prefetch_experts or k)
         o.sim_copy_delay_us = int(s.sim_copy_delay_us)
         return o
+
+    def _enable_cpu_lane(self, plan: MemoryPlan) -> None:
+        """The CPU expert lane (cpu_experts): CPU threads compute decode misses from the host
+        cache; the miss policy balances them against the bus from measured rates."""
+        if not self.ready_mode:
+            raise ValueError("cpu_experts needs enable_async_copy=True and the transfer stream on "
+                             "(ready words order the GPU's side of the CPU lane)")
+        c = self.config
+        try:
+            self.experts.enable_cpu_lane(threads=plan.cpu_expert_threads, isa=self.settings.cpu_isa,
+                                         reserved_cores=list(plan.cpu_reserved_cores), max_rows=self.max_rows,
+                                         top_k=c.num_experts_per_tok, bus_gbs=self._bus_gbs(),
+                                         decoder_layers=list(self.moe_layers))
+        except NotImplementedError as e:   # no AVX2 + FMA, or the forced instruction set is missing
+            raise ValueError(f"cpu_experts={self.settings.cpu_experts!r}: {e}") from None
+        self.cpu_lane = dict(self.experts.cpu_lane_view)
+        x = host_tensor(self.cpu_lane["x"], self.max_rows * c.hidden_size * 2)
+        self.cpu_x = x.view(torch.bfloat16).view(self.max_rows, c.hidden_size)
+
+    def _bus_gbs(self) -> float:
+        """Host → device rate of one expert unit's copy, measured now (CPU mode: the simulated
+        copy delay, else memcpy)."""
+        unit = int(self.layout["bytes"])
+        if not self.on_device:
+            if self.settings.sim_copy_delay_us > 0:
+                return unit / (self.settings.sim_copy_delay_us * 1e3)
+            src, dst = torch.empty(unit, dtype=torch.uint8), torch.empty(unit, dtype=torch.uint8)
+            t0 = time.perf_counter()
+            for _ in range(4):
+                dst.copy_(src)
+            return 4 * unit / max(time.perf_counter() - t0, 1e-9) / 1e9
+        n = max(unit, 64 << 20)
+        src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(n, dtype=torch.uint8, device=self.device)
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return 3 * n / (start.elapsed_time(end) * 1e6)
+
+    def _cpu_join(self, experts: "PagedRoutedExperts", y: Tensor, row_offsets: Tensor) -> None:
+        """After the down GEMM: the rows of experts computed on the CPU replace the GEMM's NaN rows
+        (one kernel that waits for the layer's CPU call; graph-safe)."""
+        lane, v, i = self.cpu_lane, self.view, experts.index
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.on_device else 0
+        _C.paging.cpu_lane_join(y.data_ptr(), row_offsets.data_ptr(), experts.table.data_ptr(), experts.num_experts,
+                                experts.hidden, v.epoch(i), lane["done"] + 4 * i, lane["ok"] + 4 * i, lane["y"],
+                                v.wait_failed, v.wait_timeout_ns, self.on_device, stream)
 
     def _stored_experts(self, source) -> Tuple[object, list]:
         """The byte ranges of every expert's 9 tensors, read from the safetensors headers."""
@@ -538,6 +607,9 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                                                 min(c.topk_group, c.n_group), c.routed_scaling_factor,
                                                 c.norm_topk_prob)                      # [N, k'] int32
             pred = pred.contiguous()
+        if self.cpu_x is not None and self.decoding:
+            # the CPU lane reads the MoE input from host memory (copied before the routing is published)
+            self.cpu_x[:n].copy_(h.reshape(-1, h.shape[-1]), non_blocking=True)
         if self.ready_mode:
             # bumps the layer's epoch; inside a pipelined decode step the store's thread takes it from here
             stream = torch.cuda.current_stream(self.device).cuda_stream if self.on_device else 0
@@ -632,6 +704,9 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             "zero_copy_bytes": tot["zero_copy_bytes"],
             "ssd_bytes": tot["ssd_bytes"],
             "layer_hit_rate": (ring["hits"] / ring["requests"]) if ring.get("requests") else None,
+            # threads, instruction set and the rates the miss policy balances (the CPU's updated as it runs)
+            "cpu_lane": None if self.cpu_lane is None else {
+                k: v for k, v in self.experts.cpu_lane_view.items() if k in ("threads", "isa", "bus_gbs", "cpu_gbs")},
         }
         return out
 

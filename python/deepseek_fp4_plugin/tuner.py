@@ -54,9 +54,9 @@ DEFAULT_PROMPTS = (
 
 
 def cpu_thread_knob() -> Optional[str]:
-    """The PagingSettings field that sets the CPU expert lane's threads, if the runtime has one."""
+    """The PagingSettings field that sets the CPU expert lane ("off", "auto" or threads)."""
     for f in fields(PagingSettings):
-        if re.search(r"cpu.*thread|thread.*cpu", f.name):
+        if f.name == "cpu_experts" or re.search(r"cpu.*thread|thread.*cpu", f.name):
             return f.name
     return None
 
@@ -154,8 +154,8 @@ class EngineTrials(TrialRunner):
             sp["miss_mode"] = ["copy", "auto", "zero_copy"]
             knob = cpu_thread_knob()
             if knob is not None:
-                cores = os.cpu_count() or 1
-                sp[knob] = sorted({t for t in (1, 2, 4, 8, 16, 32) if t <= cores} | {cores})
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                sp[knob] = ["off", "auto"] + [t for t in (1, 2, 4, 8) if t < cores]
             if allow_approximation:
                 sp["expert_threshold"] = [0.0, 0.05, 0.1, 0.15]
         return sp

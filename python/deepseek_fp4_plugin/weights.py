@@ -640,7 +640,7 @@ class HostPoint:
 
 
 COUNTER_KEYS = ("experts", "per_layer", "layers", "files", "expert_hit_rate", "host_hit_rate", "prefetch_accuracy",
-                "wasted_bytes", "h2d_bytes", "zero_copy_bytes", "ssd_bytes", "layer_hit_rate")
+                "wasted_bytes", "h2d_bytes", "zero_copy_bytes", "ssd_bytes", "layer_hit_rate", "cpu_lane")
 
 
 def empty_counters() -> Dict[str, Any]:
@@ -648,7 +648,7 @@ def empty_counters() -> Dict[str, Any]:
     rates None (nothing was requested)."""
     return {"experts": {}, "per_layer": [], "layers": {}, "files": {}, "expert_hit_rate": None,
             "host_hit_rate": None, "prefetch_accuracy": None, "wasted_bytes": 0, "h2d_bytes": 0,
-            "zero_copy_bytes": 0, "ssd_bytes": 0, "layer_hit_rate": None}
+            "zero_copy_bytes": 0, "ssd_bytes": 0, "layer_hit_rate": None, "cpu_lane": None}
 
 
 def run_host_points(steps: Generator[HostPoint, None, Any], store: WeightStore) -> Any:

@@ -228,7 +228,8 @@ enum class Lane : uint8_t {
   kGpu = 0,     // already in a GPU slot (a hit)
   kCopy = 1,    // copied into a GPU slot now, computed from there
   kMapped = 2,  // read in place by the GEMM from the pinned, mapped host cache ("zero-copy")
-  kCpu = 3,     // computed on the CPU where it lies (the CPU expert lane; not placed by this build)
+  kCpu = 3,     // computed on the CPU from the host cache (ExpertStore::enable_cpu_lane); its
+                // table entry is kCpuLaneAddress and cpu_lane_join puts its rows in place
   kFailed = 4,  // could not be made readable (a read error): its rows become NaN
 };
 const char* lane_name(Lane lane);
@@ -244,7 +245,7 @@ struct MissPolicyOptions {
   int max_copies = -1;          // most copies into GPU slots (-1: no cap); the rest are read in place
   int free_slots = 0;           // GPU slots that can take a copy now (not pinned or held)
   bool mapped_ok = false;       // the host cache is mapped: kMapped is possible
-  bool cpu_ok = false;          // a CPU expert lane exists (the hybrid issue); off in this build
+  bool cpu_ok = false;          // a CPU expert lane exists (ExpertStore::enable_cpu_lane)
   double bus_gbs = 0;           // measured host → device copy rate
   double cpu_gbs = 0;           // measured CPU expert rate (GB/s of unit bytes) at 1 token
   int64_t unit_bytes = 0;
@@ -310,6 +311,7 @@ struct StoredExpert {
   X(uint64_t, copies)                /* host → GPU unit copies (demand + prefetch) */                   \
   X(uint64_t, zero_copy)             /* units computed from host memory */                              \
   X(uint64_t, cpu_experts)           /* units computed on the CPU */                                    \
+  X(uint64_t, cpu_bytes)             /* unit bytes the CPU lane read */                                 \
   X(uint64_t, failed)                /* units that could not be made readable (NaN rows) */            \
   X(uint64_t, h2d_bytes)             /* host → GPU bytes (copies, speculative chunks included) */       \
   X(uint64_t, zero_copy_bytes)       /* bytes the GEMM read over the bus (zero-copy units) */           \
@@ -324,7 +326,8 @@ struct StoredExpert {
   X(uint64_t, skipped)               /* routed experts dropped by expert_threshold (by the caller) */   \
   X(uint64_t, publishes)             /* pipeline: routed-id publishes handled */                        \
   X(double, wait_ms)                 /* host time resolve() blocked on disk reads */                    \
-  X(double, publish_to_ready_ms)     /* pipeline: publish seen → last ready word issued, summed */
+  X(double, publish_to_ready_ms)     /* pipeline: publish seen → last ready word issued, summed */      \
+  X(double, cpu_ms)                  /* CPU lane: time its calls ran (first work item → last) */
 
 struct ExpertCounters {
 #define DSFP4_DECLARE_COUNTER(type, name) type name = 0;
@@ -376,6 +379,58 @@ inline int64_t pipeline_sync_words(int layers, int experts) {
 // pointers are host pointers.
 Status publish_route(const PipelineView& view, int layer, int next_layer, const int32_t* ids, int64_t n_ids,
                      const int32_t* pred, int64_t n_pred, Stream stream);
+
+// The CPU expert lane (ExpertStore::enable_cpu_lane). In a decode step, misses that
+// choose_lanes puts on the CPU are computed by a pool of pinned CPU threads from the host cache
+// while the GPU computes the rest: their table entry is kCpuLaneAddress (the GEMM writes NaN
+// rows for it, as for any address it cannot read), the CPU writes their rows of the permuted
+// output into `y` (mapped host memory, rows placed as moe_permute places them), and
+// cpu_lane_join, run after the down GEMM, waits for the layer's done word and copies them over.
+constexpr uint64_t kCpuLaneAddress = 1;
+
+struct CpuLaneOptions {
+  int threads = 0;                  // 0: every core this process may use but `reserved_cores`
+  std::string isa = "auto";         // cpu_experts.h
+  std::vector<int> reserved_cores;  // kept free for the threads that drive the GPU and the I/O
+  int max_rows = 0;                 // tokens of one forward (rows of x)
+  int top_k = 0;                    // routed experts per token (ids of a resolve are [rows, top_k])
+  double bus_gbs = 0;               // host → device rate measured at start-up (> 0)
+  double cpu_gbs = 0;               // start value of the CPU rate at one token (0: measured on
+                                    // a scratch unit at enable time), then averaged over its calls
+  std::vector<int> decoder_layers;  // the model's layer number of each MoE layer (error messages;
+                                    // empty: the store's numbering)
+};
+
+// Addresses the engine uses: x receives the MoE input rows ([max_rows, hidden] bf16, host
+// memory the GPU copies into before it publishes the routing); y holds the CPU's rows
+// ([max_rows·top_k, hidden] bf16); done/ok are per-layer words (set to the epoch when the
+// layer's CPU call finished / succeeded). *_dev are the addresses kernels read.
+struct CpuLaneView {
+  uint64_t x = 0, y_dev = 0, done_dev = 0, ok_dev = 0;
+  int max_rows = 0, top_k = 0, threads = 0;
+  std::string isa;
+  double bus_gbs = 0, cpu_gbs = 0;  // the rates choose_lanes uses now
+};
+
+// After the down GEMM of a MoE layer: rows of experts whose table entry is kCpuLaneAddress are
+// copied from the CPU lane's y once the layer's done word reaches the epoch (and only if its ok
+// word does too: a failed CPU call leaves the GEMM's NaN rows). One kernel, capturable; CPU mode
+// runs on the calling thread. A wait past timeout_ns sets *wait_failed and copies nothing.
+struct CpuLaneJoin {
+  void* y_perm = nullptr;              // bf16 [rows, hidden], rows grouped by expert
+  const int32_t* row_offsets = nullptr;  // [experts + 1]
+  const uint64_t* table = nullptr;     // [experts] the layer's device table
+  int experts = 0;
+  int64_t hidden = 0;
+  const uint32_t* epoch = nullptr;     // the layer's epoch word
+  const uint32_t* done = nullptr;      // the layer's done / ok words (CpuLaneView)
+  const uint32_t* ok = nullptr;
+  const void* y_cpu = nullptr;         // CpuLaneView::y_dev
+  uint32_t* wait_failed = nullptr;
+  uint64_t timeout_ns = 0;
+  bool on_device = true;
+};
+Status cpu_lane_join(const CpuLaneJoin& j, Stream stream);
 
 class ExpertStore {
  public:
@@ -463,6 +518,17 @@ class ExpertStore {
   // Prefill: the experts of MoE layers before `layer` are the first to be evicted (they are not
   // needed again before the next step).
   void demote_layers_before(int layer);
+
+  // The CPU expert lane: a pool of CPU threads computes the decode misses choose_lanes puts
+  // on it (needs async_copy: ready words order the GPU's side). Rates: bus_gbs as measured by
+  // the caller, the CPU's from its own calls (a running average). Called once, before any step.
+  Status enable_cpu_lane(const CpuLaneOptions& options);
+  bool cpu_lane() const;
+  // Between steps: the enabled lane takes misses (true, the default) or stands idle.
+  void set_cpu_lane_active(bool active);
+  CpuLaneView cpu_lane_view() const;
+  // Tests: the next CPU job of (layer, expert) fails as if its unit were corrupt.
+  void inject_cpu_fault(int layer, int expert);
 
   // Host and device address of the unit of (layer, expert), 0 where it is not (tests).
   uint64_t gpu_address(int layer, int expert) const;

@@ -85,6 +85,7 @@ ExpertStore::~ExpertStore() {
   }
   m.cv.notify_all();
   if (m.thread.joinable()) m.thread.join();
+  if (m.cpu && m.cpu->call) m.cpu->call->wait();
   for (HostSlot& h : m.hslot)
     if (h.job.valid()) h.job.wait();
   m.pool.reset();
@@ -112,6 +113,192 @@ void ExpertStore::begin_step(bool prefill) {
 // ---------------------------------------------------------------------------------------
 // resolve
 
+// ---------------------------------------------------------------------------------------
+// the CPU lane
+
+namespace {
+uint32_t* cpu_words(const CpuLane& L) { return reinterpret_cast<uint32_t*>(L.words->data()); }
+uint64_t kernel_address(const HostBuffer& b, bool on_device) {
+  return on_device ? b.device_address(0) : reinterpret_cast<uint64_t>(b.data());
+}
+}  // namespace
+
+// Queues the CPU experts of one resolve: each writes its rows of the permuted output (as
+// moe_permute places them: by expert, pairs in order) into the lane's y; when the call is
+// done the layer's ok word (on success) and done word get the epoch.
+Status submit_cpu_call(const Ctx& c, int layer, const int32_t* ids, int64_t count, uint32_t epoch,
+                       const std::vector<std::pair<int32_t, int>>& experts, const std::vector<int>& tokens) {
+  ExpertStore::Impl& m = *c.m;
+  CpuLane& L = *m.cpu;
+  const int E = c.opt->experts;
+  const int K = L.opt.top_k;
+  uint32_t* done = cpu_words(L) + layer;
+  uint32_t* ok = cpu_words(L) + c.opt->layers + layer;
+  std::vector<int64_t> off(static_cast<size_t>(E) + 1, 0);
+  for (int64_t i = 0; i < count; ++i)
+    if (ids[i] >= 0 && ids[i] < E) ++off[static_cast<size_t>(ids[i]) + 1];
+  for (int e = 0; e < E; ++e) off[e + 1] += off[e];
+  L.jobs.clear();
+  L.rows.clear();
+  std::vector<size_t> start;
+  double equiv = 0;
+  for (const auto& je : experts) {
+    start.push_back(L.rows.size());
+    for (int64_t i = 0; i < count; ++i)
+      if (ids[i] == je.first) L.rows.push_back(static_cast<int32_t>(i / K));
+    equiv += static_cast<double>(c.layout->bytes) * std::sqrt(std::max(1, tokens[static_cast<size_t>(je.first)]));
+  }
+  auto* y = reinterpret_cast<uint16_t*>(L.y->data());
+  for (size_t j = 0; j < experts.size(); ++j) {
+    const int32_t e = experts[j].first;
+    CpuExpertJob job;
+    job.expert = e;
+    job.unit = host_unit_ptr(c, experts[j].second);
+    job.rows = L.rows.data() + start[j];
+    job.tokens = tokens[static_cast<size_t>(e)];
+    job.y = y + off[static_cast<size_t>(e)] * c.opt->hidden;
+    job.ldy = c.opt->hidden;
+    L.jobs.push_back(job);
+  }
+  CpuExpertsCall call;
+  call.layer = layer < static_cast<int>(L.opt.decoder_layers.size()) ? L.opt.decoder_layers[layer] : layer;
+  call.layout = *c.layout;
+  call.x = L.x->data();
+  call.x_rows = count / K;
+  call.ldx = c.opt->hidden;
+  call.jobs = L.jobs.data();
+  call.count = static_cast<int>(L.jobs.size());
+  std::shared_ptr<CpuExpertsHandle> handle;
+  Status st = L.pool->submit(call, &handle, [done, ok, epoch](const Status& r) {
+    if (r.ok()) __atomic_store_n(ok, epoch, __ATOMIC_RELEASE);
+    __atomic_store_n(done, epoch, __ATOMIC_RELEASE);
+  });
+  if (!st.ok()) {
+    __atomic_store_n(done, epoch, __ATOMIC_RELEASE);  // nothing to wait for: the rows stay NaN
+    return Status(st.code(), "MoE layer " + std::to_string(layer) + ": the CPU lane: " + st.message());
+  }
+  for (const auto& je : experts) m.hslot[static_cast<size_t>(je.second)].cpu_reader = handle;
+  L.call = handle;
+  L.call_layer = layer;
+  L.tok_weight.assign(1, equiv);
+  return Status::Ok();
+}
+
+Status finish_cpu_call(const Ctx& c) {
+  ExpertStore::Impl& m = *c.m;
+  if (!m.cpu || !m.cpu->call) return Status::Ok();
+  CpuLane& L = *m.cpu;
+  CpuExpertsStats stats;
+  Status st = L.call->wait(&stats);
+  L.call.reset();
+  ExpertCounters& ct = m.counters[static_cast<size_t>(L.call_layer)];
+  ct.cpu_ms += stats.run_ms;
+  if (st.ok() && stats.run_ms > 0 && !L.tok_weight.empty()) {
+    // the rate at one token that this call showed (its experts' bytes, weighted as choose_lanes does)
+    const double gbs = L.tok_weight[0] / (stats.run_ms * 1e6);
+    L.cpu_gbs = L.cpu_gbs > 0 ? 0.8 * L.cpu_gbs + 0.2 * gbs : gbs;
+  }
+  return st;
+}
+
+Status ExpertStore::enable_cpu_lane(const CpuLaneOptions& o) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  Impl& m = *impl_;
+  if (m.cpu) return InvalidArgument("enable_cpu_lane: the CPU lane is already enabled");
+  if (!opt_.async_copy) return InvalidArgument("enable_cpu_lane: needs async_copy (ready words order the GPU side)");
+  if (o.max_rows <= 0 || o.top_k <= 0 || o.top_k > opt_.experts)
+    return InvalidArgument("enable_cpu_lane: max_rows and top_k must be positive (top_k at most the experts)");
+  if (!(o.bus_gbs > 0)) return InvalidArgument("enable_cpu_lane: bus_gbs (the measured host → device rate) must be positive");
+  if (o.cpu_gbs < 0) return InvalidArgument("enable_cpu_lane: cpu_gbs must not be negative");
+  if (!o.decoder_layers.empty() && static_cast<int>(o.decoder_layers.size()) != opt_.layers)
+    return InvalidArgument("enable_cpu_lane: decoder_layers must name every MoE layer");
+  auto L = std::make_unique<CpuLane>();
+  L->opt = o;
+  CpuExpertsOptions po;
+  po.isa = o.isa;
+  po.threads = o.threads;
+  po.reserved_cores = o.reserved_cores;
+  DSFP4_RETURN_IF_ERROR(CpuExpertPool::create(po, &L->pool));
+  const bool pinned = opt_.on_device;
+  const size_t row = static_cast<size_t>(opt_.hidden) * 2;
+  DSFP4_RETURN_IF_ERROR(HostBuffer::create(static_cast<size_t>(o.max_rows) * row, pinned, &L->x));
+  DSFP4_RETURN_IF_ERROR(HostBuffer::create(static_cast<size_t>(o.max_rows) * o.top_k * row, pinned, &L->y));
+  DSFP4_RETURN_IF_ERROR(HostBuffer::create(static_cast<size_t>(opt_.layers) * 8, pinned, &L->words));
+  if (opt_.on_device && (L->y->device_address(0) == 0 || L->words->device_address(0) == 0))
+    return Unsupported("enable_cpu_lane: host memory could not be mapped for the GPU");
+  std::memset(L->x->data(), 0, L->x->size());
+  std::memset(L->words->data(), 0, L->words->size());
+  L->bus_gbs = o.bus_gbs;
+  L->cpu_gbs = o.cpu_gbs;
+  if (L->cpu_gbs == 0) {
+    // start value: this pool's one-token expert rate, measured on a zeroed scratch unit
+    std::unique_ptr<HostBuffer> scratch;
+    DSFP4_RETURN_IF_ERROR(HostBuffer::create(static_cast<size_t>(layout_.bytes), false, &scratch));
+    std::memset(scratch->data(), 0, scratch->size());
+    const int32_t row0 = 0;
+    CpuExpertJob job;
+    job.expert = 0;
+    job.unit = scratch->data();
+    job.rows = &row0;
+    job.tokens = 1;
+    job.y = L->y->data();
+    job.ldy = opt_.hidden;
+    CpuExpertsCall call;
+    call.layout = layout_;
+    call.x = L->x->data();
+    call.x_rows = 1;
+    call.ldx = opt_.hidden;
+    call.jobs = &job;
+    call.count = 1;
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      CpuExpertsStats st;
+      DSFP4_RETURN_IF_ERROR(L->pool->run(call, &st));
+      if (st.run_ms > 0) best = std::max(best, static_cast<double>(layout_.bytes) / (st.run_ms * 1e6));
+    }
+    L->cpu_gbs = best;
+  }
+  m.cpu = std::move(L);
+  return Status::Ok();
+}
+
+bool ExpertStore::cpu_lane() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->cpu != nullptr;
+}
+
+void ExpertStore::set_cpu_lane_active(bool active) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  if (impl_->cpu) impl_->cpu->active = active;
+}
+
+CpuLaneView ExpertStore::cpu_lane_view() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  CpuLaneView v;
+  const CpuLane* L = impl_->cpu.get();
+  if (L == nullptr) return v;
+  v.x = reinterpret_cast<uint64_t>(L->x->data());
+  v.y_dev = kernel_address(*L->y, opt_.on_device);
+  v.done_dev = kernel_address(*L->words, opt_.on_device);
+  v.ok_dev = v.done_dev + static_cast<uint64_t>(opt_.layers) * 4;
+  v.max_rows = L->opt.max_rows;
+  v.top_k = L->opt.top_k;
+  v.threads = L->pool->threads();
+  v.isa = cpu_isa_name(L->pool->isa());
+  v.bus_gbs = L->bus_gbs;
+  v.cpu_gbs = L->cpu_gbs;
+  return v;
+}
+
+void ExpertStore::inject_cpu_fault(int layer, int expert) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  if (!impl_->cpu) return;
+  const auto& names = impl_->cpu->opt.decoder_layers;
+  impl_->cpu->pool->inject_fault(layer >= 0 && layer < static_cast<int>(names.size()) ? names[layer] : layer, expert);
+}
+
+// ---------------------------------------------------------------------------------------
+
 Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, const ResolveMode& mode,
                     std::vector<std::pair<int32_t, Lane>>* lanes) {
   ExpertStore::Impl& m = *c.m;
@@ -123,6 +310,11 @@ Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, 
   m.gpu.release_holds();
   m.host.release_holds();
   sweep_host(c);
+  {
+    // the last CPU call was joined by the GPU before this layer's routing was published
+    Status cst = finish_cpu_call(c);
+    if (!cst.ok() && m.error.ok()) m.error = cst;
+  }
   ExpertCounters& ct = m.counters[static_cast<size_t>(layer)];
   const Stream s = copy_stream(c, mode.compute);
 
@@ -230,7 +422,16 @@ Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, 
   po.free_slots = avail;
   po.mapped_ok = host_mapped(c) && (opt.miss_mode != MissMode::kCopy || opt.max_step_copies >= 0 || mode.ready);
   po.unit_bytes = c.layout->bytes;
+  CpuLane* cpu = m.cpu.get();
+  // decode only: a prefill's experts have many tokens each, where streaming them to the GPU wins
+  if (cpu != nullptr && cpu->active && mode.ready && m.phase == 0 && cpu->opt.top_k > 0 && count % cpu->opt.top_k == 0 &&
+      count / cpu->opt.top_k <= cpu->opt.max_rows) {
+    po.cpu_ok = true;
+    po.bus_gbs = cpu->bus_gbs;
+    po.cpu_gbs = cpu->cpu_gbs;
+  }
   const std::vector<Lane> lane = choose_lanes(info, po);
+  std::vector<std::pair<int32_t, int>> cpu_jobs;  // (expert, host slot)
 
   const auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < miss.size(); ++i) {
@@ -268,6 +469,13 @@ Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, 
           st = Status(StatusCode::kOutOfMemory, "expert GPU cache too small: every slot is held by this step");
       }
     }
+    if (st.ok() && ln == Lane::kCpu) {
+      const int h = m.host.slot_of(key);
+      cpu_jobs.emplace_back(e, h);
+      ++ct.cpu_experts;
+      ct.cpu_bytes += static_cast<uint64_t>(c.layout->bytes);
+      st = write_ready(c, key, kCpuLaneAddress, mode.epoch, s);  // the GEMM skips it (NaN rows, replaced)
+    }
     if (st.ok() && ln == Lane::kMapped) {
       const int h = m.host.slot_of(key);
       const uint64_t addr = host_unit_addr(c, h);
@@ -289,6 +497,10 @@ Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, 
     placed.emplace_back(e, ln);
   }
   ct.wait_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (!cpu_jobs.empty()) {
+    Status st = submit_cpu_call(c, layer, ids, count, mode.epoch, cpu_jobs, tokens);
+    if (!st.ok() && first_error.ok()) first_error = st;
+  }
   if (lanes != nullptr) {
     std::sort(placed.begin(), placed.end());
     *lanes = std::move(placed);

@@ -28,6 +28,7 @@ inline int64_t mailbox_entry_bytes(int max_ids, int max_pred) {
   return (b + 127) / 128 * 128;
 }
 
+Status cpu_lane_join_cuda(const CpuLaneJoin& j, Stream stream);
 Status publish_route_cuda(const PipelineView& v, int layer, int next_layer, const int32_t* ids, int64_t n_ids,
                           const int32_t* pred, int64_t n_pred, Stream stream);
 

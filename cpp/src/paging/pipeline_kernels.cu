@@ -39,7 +39,60 @@ __global__ void publish_kernel(PipelineView v, int layer, int next_layer, const 
     *reinterpret_cast<volatile uint32_t*>(&e->seq) = seq;
   }
 }
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// One block per expert: rows of an expert on the CPU lane come from the lane's mapped y once
+// its call is done (and succeeded); every other expert's rows are left as the GEMM wrote them.
+__global__ void cpu_join_kernel(CpuLaneJoin j) {
+  const int e = blockIdx.x;
+  const int lo = j.row_offsets[e], hi = j.row_offsets[e + 1];
+  if (hi <= lo) return;
+  __shared__ int go;
+  if (threadIdx.x == 0) {
+    go = 0;
+    if (*reinterpret_cast<const volatile uint64_t*>(j.table + e) == kCpuLaneAddress) {
+      const uint32_t want = *reinterpret_cast<const volatile uint32_t*>(j.epoch);
+      const volatile uint32_t* done = j.done;
+      const uint64_t t0 = now_ns();
+      unsigned sleep = 32;
+      bool waited = true;
+      while (*done != want) {
+        if (now_ns() - t0 > j.timeout_ns) {
+          if (j.wait_failed != nullptr) *reinterpret_cast<volatile uint32_t*>(j.wait_failed) = 1u;
+          waited = false;
+          break;
+        }
+        __nanosleep(sleep);
+        sleep = sleep < 1024 ? 2 * sleep : 1024;
+      }
+      __threadfence_system();
+      go = waited && *reinterpret_cast<const volatile uint32_t*>(j.ok) == want;
+    }
+  }
+  __syncthreads();
+  if (!go) return;
+  const int64_t n16 = static_cast<int64_t>(hi - lo) * j.hidden / 8;  // 16-byte pieces
+  const auto* src = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(j.y_cpu) +
+                                                  static_cast<int64_t>(lo) * j.hidden);
+  auto* dst = reinterpret_cast<uint4*>(static_cast<uint16_t*>(j.y_perm) + static_cast<int64_t>(lo) * j.hidden);
+  for (int64_t i = threadIdx.x; i < n16; i += blockDim.x) {
+    dst[i] = __ldcv(src + i);  // host memory the CPU just wrote: not through a cache
+  }
+}
 }  // namespace
+
+Status cpu_lane_join_cuda(const CpuLaneJoin& j, Stream stream) {
+  if (reinterpret_cast<uintptr_t>(j.y_perm) % 16 != 0 || reinterpret_cast<uintptr_t>(j.y_cpu) % 16 != 0)
+    return InvalidArgument("cpu_lane_join: y_perm and the lane's y must be 16-byte aligned");
+  cpu_join_kernel<<<j.experts, 128, 0, static_cast<cudaStream_t>(stream)>>>(j);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return Status(StatusCode::kCudaError, std::string("cpu_lane_join: ") + cudaGetErrorString(e));
+  return Status::Ok();
+}
 
 Status publish_route_cuda(const PipelineView& v, int layer, int next_layer, const int32_t* ids, int64_t n_ids,
                           const int32_t* pred, int64_t n_pred, Stream stream) {

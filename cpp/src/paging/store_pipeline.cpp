@@ -112,6 +112,10 @@ Status ExpertStore::end_pipeline_step() {
     m.spec.pop_front();
   }
   m.synced_seq = m.seq;
+  {
+    Status cst = finish_cpu_call(c);
+    if (!cst.ok() && m.error.ok()) m.error = cst;
+  }
   auto* flag = reinterpret_cast<uint32_t*>(m.wait_flag->data());
   if (__atomic_load_n(flag, __ATOMIC_ACQUIRE) != 0) {
     __atomic_store_n(flag, 0u, __ATOMIC_RELEASE);
@@ -126,6 +130,9 @@ Status ExpertStore::end_pipeline_step() {
 
 Status ExpertStore::take_error() {
   std::lock_guard<std::mutex> lk(impl_->mu);
+  const Ctx c{impl_.get(), &opt_, &layout_, files_.get(), tables_, device_tables_, sync_, copy_};
+  Status cst = finish_cpu_call(c);
+  if (!cst.ok() && impl_->error.ok()) impl_->error = cst;
   Status st = impl_->error;
   impl_->error = Status::Ok();
   return st;
@@ -234,7 +241,44 @@ Status publish_route(const PipelineView& v, int layer, int next_layer, const int
   return Status::Ok();
 }
 
+// ---------------------------------------------------------------------------------------
+// the CPU lane's join (CPU twin of the kernel in pipeline_kernels.cu)
+
+Status cpu_lane_join(const CpuLaneJoin& j, Stream stream) {
+  if (j.y_perm == nullptr || j.row_offsets == nullptr || j.table == nullptr || j.epoch == nullptr ||
+      j.done == nullptr || j.ok == nullptr || j.y_cpu == nullptr)
+    return InvalidArgument("cpu_lane_join: a pointer is null (is the CPU lane enabled?)");
+  if (j.experts <= 0 || j.hidden <= 0 || j.hidden % 8 != 0)
+    return InvalidArgument("cpu_lane_join: experts must be positive and hidden a positive multiple of 8");
+  if (j.on_device) return cpu_lane_join_cuda(j, stream);
+  const uint32_t want = __atomic_load_n(j.epoch, __ATOMIC_ACQUIRE);
+  auto* y = static_cast<uint16_t*>(j.y_perm);
+  const auto* src = static_cast<const uint16_t*>(j.y_cpu);
+  for (int e = 0; e < j.experts; ++e) {
+    const int64_t lo = j.row_offsets[e], hi = j.row_offsets[e + 1];
+    if (hi <= lo || __atomic_load_n(j.table + e, __ATOMIC_ACQUIRE) != kCpuLaneAddress) continue;
+    const auto t0 = std::chrono::steady_clock::now();
+    bool timed_out = false;
+    while (__atomic_load_n(j.done, __ATOMIC_ACQUIRE) != want) {
+      if (static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+              std::chrono::steady_clock::now() - t0).count()) > j.timeout_ns) {
+        if (j.wait_failed != nullptr) __atomic_store_n(j.wait_failed, 1u, __ATOMIC_RELEASE);
+        timed_out = true;
+        break;
+      }
+      std::this_thread::yield();
+    }
+    if (timed_out) return Status::Ok();
+    if (__atomic_load_n(j.ok, __ATOMIC_ACQUIRE) != want) continue;  // failed: the GEMM's NaN rows stay
+    std::memcpy(y + lo * j.hidden, src + lo * j.hidden, static_cast<size_t>((hi - lo) * j.hidden) * 2);
+  }
+  return Status::Ok();
+}
+
 #if !defined(DSFP4_WITH_CUDA)
+Status cpu_lane_join_cuda(const CpuLaneJoin&, Stream) {
+  return Unsupported("cpu_lane_join: this build has no CUDA kernels");
+}
 Status publish_route_cuda(const PipelineView&, int, int, const int32_t*, int64_t, const int32_t*, int64_t, Stream) {
   return Unsupported("publish_route: this build has no CUDA kernels");
 }

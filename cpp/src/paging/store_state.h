@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "dsfp4/cpu_experts.h"
 #include "dsfp4/paging.h"
 #include "paging/device_ops.h"
 
@@ -83,6 +84,21 @@ struct HostSlot {
   int64_t last_read = -1;    // resolve sequence that last read it in place (zero-copy)
   void* out_ev = nullptr;    // recorded behind the latest copy out of it
   std::shared_future<Status> job;  // fill in flight (valid until consumed)
+  std::shared_ptr<CpuExpertsHandle> cpu_reader;  // the CPU lane's call that reads it in place
+};
+
+// The CPU lane (ExpertStore::enable_cpu_lane) and its call in flight.
+struct CpuLane {
+  CpuLaneOptions opt;
+  std::unique_ptr<CpuExpertPool> pool;
+  std::unique_ptr<HostBuffer> x, y, words;  // words: done [layers], ok [layers]
+  double bus_gbs = 0, cpu_gbs = 0;
+  bool active = true;
+  std::shared_ptr<CpuExpertsHandle> call;   // the last call (its buffers below)
+  int call_layer = -1;
+  std::vector<CpuExpertJob> jobs;
+  std::vector<int32_t> rows;
+  std::vector<double> tok_weight;           // Σ √tokens of the last call's experts ÷ their count
 };
 
 struct SpecCopy {          // a speculative copy being issued chunk by chunk
@@ -129,6 +145,7 @@ struct ExpertStore::Impl {
   bool stop = false, step_active = false, in_step_work = false;
   void* step_mark = nullptr;                     // compute-stream event for begin/end of a step
   Stream step_compute = nullptr;
+  std::unique_ptr<CpuLane> cpu;                  // null until enable_cpu_lane
 };
 
 // File-local helpers of expert_store.cpp that the pipeline also calls (mu held).
@@ -176,6 +193,9 @@ Status write_rows(const Ctx& c, int layer, bool with_ready, Stream s, Staging& s
 // Speculative copies: issue every remaining chunk (a demand needs it now), or stop one.
 Status finish_spec(const Ctx& c, int g, Stream s);
 void cancel_spec(const Ctx& c, int64_t key, int layer);
+
+// The CPU lane: waits for its call in flight, adds its counters and rate, returns its status.
+Status finish_cpu_call(const Ctx& c);
 
 Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, const ResolveMode& mode,
                     std::vector<std::pair<int32_t, Lane>>* lanes);

@@ -165,6 +165,7 @@ void start_fill(const Ctx& c, int64_t key, int h, bool urgent, bool pipelined) {
   std::vector<void*> waits{hs.out_ev};
   if (!pipelined && hs.last_read > m.synced_seq) waits.push_back(cev(c, hs.last_read + 1));
   hs.last_read = -1;
+  std::shared_ptr<CpuExpertsHandle> cpu = std::move(hs.cpu_reader);  // a CPU call still reading it
   // the unit stays pinned while its fill is in flight, so no other key is given the slot
   // (and no I/O thread ever waits for another job)
   m.host.set_pinned(key, true);
@@ -174,7 +175,12 @@ void start_fill(const Ctx& c, int64_t key, int h, bool urgent, bool pipelined) {
   const StoredExpert* e = &m.stored[static_cast<size_t>(key)];
   uint8_t* dst = host_unit_ptr(c, h);
   const Ctx cc = c;
-  m.pool->submit([cc, e, dst, waits, prom] { prom->set_value(fill_host_unit(cc, *e, dst, waits)); }, urgent);
+  m.pool->submit(
+      [cc, e, dst, waits, prom, cpu] {
+        if (cpu) cpu->wait();  // its status is the lane's to report
+        prom->set_value(fill_host_unit(cc, *e, dst, waits));
+      },
+      urgent);
 }
 
 // Waits for a pending host fill of `key`; on failure the key leaves the host cache.
