@@ -134,7 +134,8 @@ fi
 
 if has fp8; then
   echo "== fp8: tests/gpu/test_fp8_gemm_gpu.py"
-  timeout 300 python3 -m pytest tests/gpu/test_fp8_gemm_gpu.py -q -rs --durations=5 2>&1 | tee "$OUT/fp8_tests.log" | tail -12
+  timeout 300 python3 -m pytest tests/gpu/test_fp8_gemm_gpu.py tests/gpu/test_paged_fp8_gpu.py -q -rs --durations=5 2>&1 |
+    tee "$OUT/fp8_tests.log" | tail -12
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   echo "== fp8: compute-sanitizer memcheck (quick sizes)"
   DSFP4_QUICK=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \

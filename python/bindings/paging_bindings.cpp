@@ -116,6 +116,9 @@ void bind_paging(py::module_& m) {
       .def("counters", [](const CheckpointFiles& f) { return read_counters_dict(f.counters()); });
 
   py::enum_<CachePolicy>(p, "CachePolicy").value("lru", CachePolicy::kLru).value("lrfu", CachePolicy::kLrfu);
+  py::enum_<ExpertFormat>(p, "ExpertFormat")
+      .value("nvfp4", ExpertFormat::kNvfp4)
+      .value("fp8_block", ExpertFormat::kFp8Block);
   py::enum_<MissMode>(p, "MissMode")
       .value("copy", MissMode::kCopy)
       .value("zero_copy", MissMode::kZeroCopy)
@@ -181,7 +184,8 @@ void bind_paging(py::module_& m) {
       .def_readwrite("pipeline_max_ids", &ExpertStoreOptions::pipeline_max_ids)
       .def_readwrite("pipeline_max_pred", &ExpertStoreOptions::pipeline_max_pred)
       .def_readwrite("wait_timeout_ms", &ExpertStoreOptions::wait_timeout_ms)
-      .def_readwrite("sim_copy_delay_us", &ExpertStoreOptions::sim_copy_delay_us);
+      .def_readwrite("sim_copy_delay_us", &ExpertStoreOptions::sim_copy_delay_us)
+      .def_readwrite("format", &ExpertStoreOptions::format);
 
   py::class_<MissInfo>(p, "MissInfo")
       .def(py::init([](bool keep, int tokens) { return MissInfo{keep, tokens}; }), py::arg("keep") = false,

@@ -176,7 +176,7 @@ def fp8_grouped_gemm_units(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor
                            split_rows: int = 0, tile_tokens: int = 0) -> Tensor:
     """The grouped FP8 GEMM over expert units: group g's weight lies at byte address
     ``unit_table[slot_of_group[g]]`` + ``unit_weight``, its scales at + ``unit_scale`` (device
-    memory or mapped pinned host memory; 0 or a misaligned address skips the group). See
+    memory or mapped pinned host memory; 0 or a misaligned address gives the group NaN rows). See
     ``fp8_expert_unit_layout``. On the CPU the addresses are host addresses."""
     g = _check_groups(x, row_offsets, slot_of_group, k)
     dev = x.device

@@ -16,7 +16,7 @@ import torch
 from ._ext import has_cuda_kernels
 from .checkpoint import CheckpointSource
 from .memory_plan import MemoryPlan, PagingSettings, expert_unit_bytes, plan_memory, size_text
-from .paged import PagedWeightStore, non_nvfp4_expert
+from .paged import PagedWeightStore, paged_expert_format
 from .precision import PrecisionPolicy
 from .resident import ResidentWeightStore
 from .tokenizer import Tokenizer
@@ -86,9 +86,9 @@ def plan_for(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, poli
     elif cdt != torch.bfloat16:
         not_pageable = (f"paging runs the NVFP4 kernels on bfloat16 activations: use dtype='bfloat16' "
                         f"(got {str(cdt).replace('torch.', '')})")
-    elif non_nvfp4_expert(source) is not None:
-        not_pageable = ("paging experts reads them from NVFP4 safetensors files (convert FP8/BF16 "
-                        "checkpoints with `deepseek-fp4 convert`)")
+    elif paged_expert_format(source, policy)[1] is not None:
+        not_pageable = ("paging experts reads them from NVFP4 or FP8-block safetensors files, run as stored "
+                        "(convert BF16 checkpoints with `deepseek-fp4 convert`)")
     else:
         not_pageable = ""
     pageable = not not_pageable

@@ -47,11 +47,11 @@ from torch import Tensor
 
 from . import paged_ops  # noqa: F401  (registers torch.ops.dsfp4.fp4_grouped_gemm_units)
 from ._ext import _C
-from .checkpoint import NVFP4, CheckpointSource
+from .checkpoint import FP8_BLOCK, NVFP4, CheckpointSource
 from .conversion import WeightConverter, split_kv_b
 from .memory_plan import MemoryPlan, PagingSettings
 from .ops import Fp4Weight
-from .precision import PrecisionPolicy
+from .precision import FP8, PrecisionPolicy
 from .resident import add_layer_report, nbytes
 from .validation import check_expert_global_scales
 from .weights import (AttentionWeights, BuiltWeights, DenseLinear, ExpertGroups, Fp4Linear, HostPoint, LayerWeights,
@@ -60,6 +60,25 @@ from .weights import (AttentionWeights, BuiltWeights, DenseLinear, ExpertGroups,
 
 _ALIGN = 256
 _PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def paged_expert_format(source: CheckpointSource, policy: PrecisionPolicy) -> Tuple[Optional[str], Optional[str]]:
+    """How routed experts page: ("nvfp4", None) for NVFP4-stored experts, ("fp8_block", None) for
+    DeepSeek FP8 blocks that the policy runs in FP8 (their units hold the stored bytes), else
+    (None, the first module that cannot page) — BF16 experts, or FP8 ones re-quantized to NVFP4."""
+    c = source.config
+    found = None
+    for layer in range(c.num_hidden_layers):
+        if not c.is_moe_layer(layer):
+            continue
+        m = f"model.layers.{layer}.mlp.experts.0.gate_proj"
+        stored = source.linear_format(m)
+        fmt = ("nvfp4" if stored == NVFP4 else
+               "fp8_block" if stored == FP8_BLOCK and policy.runtime_format(m, stored) == FP8 else None)
+        if fmt is None or (found is not None and fmt != found):
+            return None, m
+        found = fmt
+    return found or "nvfp4", None
 
 
 def non_nvfp4_expert(source: CheckpointSource) -> Optional[str]:
@@ -128,8 +147,13 @@ class PagedRoutedExperts(RoutedExperts):
         self.num_experts, self.hidden, self.inter = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
         self.table = store.tables[index]                                          # int64 [E]
         lay = store.layout
-        self._gu = (lay["gate_up_qweight"], lay["gate_up_qscale"], lay["gate_up_scale"])
-        self._dn = (lay["down_qweight"], lay["down_qscale"], lay["down_scale"])
+        self.fp8 = store.fp8
+        if self.fp8:
+            self._gu = (lay["gate_up_weight"], lay["gate_up_scale"])
+            self._dn = (lay["down_weight"], lay["down_scale"])
+        else:
+            self._gu = (lay["gate_up_qweight"], lay["gate_up_qscale"], lay["gate_up_scale"])
+            self._dn = (lay["down_qweight"], lay["down_qscale"], lay["down_scale"])
 
     def group(self, row_offsets: Tensor, rows: int, max_rows: int) -> ExpertGroups:
         max_groups = max(1, min(self.num_experts, rows))
@@ -137,12 +161,20 @@ class PagedRoutedExperts(RoutedExperts):
         return ExpertGroups(offsets, expert_of_group, max_rows)
 
     def gate_up(self, x: Tensor, groups: ExpertGroups) -> Tensor:
+        if self.fp8:   # gate rows, then up rows, each with its own block grid (split at inter)
+            return torch.ops.dsfp4.fp8_grouped_gemm_units(
+                x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._gu,
+                2 * self.inter, self.hidden, groups.max_rows, self.inter)
         return torch.ops.dsfp4.fp4_grouped_gemm_units(
             x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._gu,
             2 * self.inter, self.hidden, groups.max_rows, 0, *self.store.ready_args(self.index))
 
     def down(self, x: Tensor, groups: ExpertGroups) -> Tensor:
         # gate_up waited for every expert of the step: nothing to wait for here
+        if self.fp8:
+            return torch.ops.dsfp4.fp8_grouped_gemm_units(
+                x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._dn,
+                self.hidden, self.inter, groups.max_rows)
         return torch.ops.dsfp4.fp4_grouped_gemm_units(
             x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._dn,
             self.hidden, self.inter, groups.max_rows)
@@ -198,12 +230,27 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         self.max_rows = max_rows
         self.expert_threshold = float(settings.expert_threshold)
         self.predict = settings.prefetch_layers > 0
-        # ready words: copies signal each expert to the GEMM (needs the store's own copy stream)
-        self.ready_mode = settings.enable_async_copy and settings.streams.get("transfer", True)
+        self.expert_format, bad = paged_expert_format(source, policy)
+        if bad is not None:
+            raise ValueError(f"{source.where(bad + '.weight')}: paging routed experts reads them from the checkpoint "
+                             f"files as NVFP4 or FP8 blocks, but {bad} is stored as {source.linear_format(bad)} and "
+                             f"runs as {policy.runtime_format(bad, source.linear_format(bad))}; convert the checkpoint "
+                             f"with `deepseek-fp4 convert` or give a budget that holds every expert")
+        self.fp8 = self.expert_format == "fp8_block"
+        # ready words: copies signal each expert to the GEMM (needs the store's own copy stream;
+        # the FP8 GEMM does not wait on them yet, so FP8 experts resolve with compute waiting)
+        self.ready_mode = settings.enable_async_copy and settings.streams.get("transfer", True) and not self.fp8
         pipe = settings.decode_pipeline
+        if self.fp8 and pipe:
+            raise ValueError("decode_pipeline: FP8 experts page without the decode pipeline (their GEMM does not "
+                             "wait on ready words); leave it unset")
+        if self.fp8 and settings.cpu_experts != "off":
+            raise ValueError(f"cpu_experts={settings.cpu_experts!r}: the CPU expert kernels compute NVFP4 experts; "
+                             f"this model's experts are FP8 blocks")
         self.pipeline = self.ready_mode and (self.on_device if pipe is None else pipe)
         self.decoding = False    # set by begin_step: the forward is a decode step
-        self.layout = _C.paging.expert_unit_layout(c.hidden_size, c.moe_intermediate_size)
+        h, i = c.hidden_size, c.moe_intermediate_size
+        self.layout = _C.fp8_expert_unit_layout(h, i) if self.fp8 else _C.paging.expert_unit_layout(h, i)
         if self.layout["bytes"] != plan.expert_unit_bytes:
             raise ValueError("the memory plan was made for another expert unit size")
         self._make_streams()
@@ -211,12 +258,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
 
         self.moe_layers = [layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer)]
         self.moe_index = {layer: i for i, layer in enumerate(self.moe_layers)}
-        bad = non_nvfp4_expert(source)
-        if bad is not None:
-            raise ValueError(f"{source.where(bad + '.weight')}: paging routed experts reads them in NVFP4 from the "
-                             f"checkpoint files, but {bad} is stored as {source.linear_format(bad)}; convert the "
-                             f"checkpoint with `deepseek-fp4 convert` or give a budget that holds every expert")
-        check_expert_global_scales(source, self.moe_layers)   # experts are read from the files, not linear()
+        if not self.fp8:
+            check_expert_global_scales(source, self.moe_layers)   # experts are read from the files, not linear()
         E = c.n_routed_experts
         nm = max(1, len(self.moe_layers))
         unit = self.layout["bytes"]
@@ -381,6 +424,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         o.pipeline_max_ids = self.max_rows * k
         o.pipeline_max_pred = self.max_rows * min(k, s.prefetch_experts or k)
         o.sim_copy_delay_us = int(s.sim_copy_delay_us)
+        o.format = _C.paging.ExpertFormat.fp8_block if self.fp8 else _C.paging.ExpertFormat.nvfp4
         return o
 
     def _enable_cpu_lane(self, plan: MemoryPlan) -> None:
@@ -447,6 +491,16 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                 for proj in _PARTS:
                     m = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
                     n, k = shapes[proj]
+                    if self.fp8:   # e4m3 weight and float32 [ceil(n/128), ceil(k/128)] scales; no third part
+                        grid = (-(-n // 128)) * (-(-k // 128))
+                        for suffix, want in (("weight", n * k), ("weight_scale_inv", 4 * grid)):
+                            info = source.tensor_info(f"{m}.{suffix}")
+                            if info.nbytes != want:
+                                raise ValueError(f"{info.file}: {info.name} holds {info.nbytes} bytes, expected {want}")
+                            fi = files.setdefault(str(info.file), len(files))
+                            parts.append((fi, info.offset, info.nbytes, info.name))
+                        parts.append((0, 0, 0, ""))
+                        continue
                     for suffix, want in (("weight", n * k // 2), ("weight_scale", n * k // 16), ("weight_scale_2", 4)):
                         info = source.tensor_info(f"{m}.{suffix}")
                         if info.nbytes != want:

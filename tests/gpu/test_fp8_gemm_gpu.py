@@ -184,6 +184,14 @@ def test_grouped_gemm_units_gpu_and_host_memory(rows_per_group):
         want = torch.cat([reference(gate, x[lo:hi], "fused"), reference(up, x[lo:hi], "fused")], dim=1)
         assert rel_err(gu[lo:hi], want) < 4e-3, f"gate_up group {g}"
         assert rel_err(dn[lo:hi], reference(down, h[lo:hi], "fused")) < 4e-3, f"down group {g}"
+    # a unit the store could not make readable (address 0): its group's rows are NaN, the rest unchanged
+    lost = int(slot_of_group[2])
+    table[lost] = 0
+    gl = torch.ops.dsfp4.fp8_grouped_gemm_units(x, offs, slot_of_group, table, lay["gate_up_weight"],
+                                                lay["gate_up_scale"], 2 * I, H, max(rows_per_group), I)
+    lo, hi = int(offs[2]), int(offs[3])
+    assert torch.isnan(gl[lo:hi]).all()
+    assert torch.equal(torch.cat([gl[:lo], gl[hi:]]), torch.cat([gu[:lo], gu[hi:]]))
 
 
 def test_cuda_graph_capture_and_replay():

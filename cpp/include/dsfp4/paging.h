@@ -223,6 +223,12 @@ enum class MissMode : int {
   kAuto = 2,      // copy when the policy would keep the expert (it is likely reused), else zero-copy
 };
 
+// How routed experts are stored in the checkpoint and held in units.
+enum class ExpertFormat : int {
+  kNvfp4 = 0,     // ModelOpt NVFP4 (weight, weight_scale, weight_scale_2) → ExpertUnitLayout
+  kFp8Block = 1,  // DeepSeek FP8 (weight e4m3, weight_scale_inv 128×128) → Fp8ExpertUnitLayout
+};
+
 // Where a routed expert of one resolve is computed.
 enum class Lane : uint8_t {
   kGpu = 0,     // already in a GPU slot (a hit)
@@ -291,6 +297,10 @@ struct ExpertStoreOptions {
   // CPU mode only, for tests of ordering: copies run on simulated asynchronous streams, each
   // delayed by this many microseconds, with real events (0: copies are plain memcpy)
   int sim_copy_delay_us = 0;
+  // kFp8Block: each StoredExpert's parts 0, 1 / 3, 4 / 6, 7 are gate / up / down weight and
+  // weight_scale_inv (parts 2, 5, 8 unused); layout().bytes is the FP8 unit's size, and the
+  // kernels read units through fp8_expert_unit_gate_up / _down. No CPU lane (NVFP4 only).
+  ExpertFormat format = ExpertFormat::kNvfp4;
 };
 
 // Where the stored tensors of one expert lie: gate, up, down × (weight, weight_scale,

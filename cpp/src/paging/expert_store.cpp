@@ -36,6 +36,11 @@ Status ExpertStore::create(const ExpertStoreOptions& opt, std::shared_ptr<Checkp
   std::unique_ptr<ExpertStore> s(new ExpertStore());
   s->opt_ = opt;
   DSFP4_RETURN_IF_ERROR(expert_unit_layout(opt.hidden, opt.inter, &s->layout_));
+  Fp8ExpertUnitLayout fp8;
+  if (opt.format == ExpertFormat::kFp8Block) {
+    DSFP4_RETURN_IF_ERROR(fp8_expert_unit_layout(opt.hidden, opt.inter, &fp8));
+    s->layout_.bytes = fp8.bytes;   // the unit size every tier moves; offsets are the FP8 layout's
+  }
   for (const StoredExpert& e : experts)
     for (const TensorRange& r : e.part)
       if (r.file < 0 || r.file >= files->num_files()) return InvalidArgument("ExpertStore: tensor " + r.name + " has no file");
@@ -43,6 +48,7 @@ Status ExpertStore::create(const ExpertStoreOptions& opt, std::shared_ptr<Checkp
   const int64_t keys = static_cast<int64_t>(opt.layers) * opt.experts;
   s->impl_.reset(new Impl(keys, opt));
   Impl& m = *s->impl_;
+  m.fp8 = fp8;
   m.stored = std::move(experts);
   s->files_ = std::move(files);
   const bool pinned = opt.pinned && opt.on_device;
@@ -206,6 +212,8 @@ Status ExpertStore::enable_cpu_lane(const CpuLaneOptions& o) {
   Impl& m = *impl_;
   if (m.cpu) return InvalidArgument("enable_cpu_lane: the CPU lane is already enabled");
   if (!opt_.async_copy) return InvalidArgument("enable_cpu_lane: needs async_copy (ready words order the GPU side)");
+  if (opt_.format != ExpertFormat::kNvfp4)
+    return Unsupported("enable_cpu_lane: the CPU expert kernels compute NVFP4 experts; these are FP8");
   if (o.max_rows <= 0 || o.top_k <= 0 || o.top_k > opt_.experts)
     return InvalidArgument("enable_cpu_lane: max_rows and top_k must be positive (top_k at most the experts)");
   if (!(o.bus_gbs > 0)) return InvalidArgument("enable_cpu_lane: bus_gbs (the measured host → device rate) must be positive");

@@ -10,6 +10,8 @@ namespace paging {
 Status ExpertStoreSource::create(ExpertStore* store, std::unique_ptr<ExpertStoreSource>* out) {
   if (store == nullptr) return InvalidArgument("ExpertStoreSource: store is null");
   if (out == nullptr) return InvalidArgument("ExpertStoreSource: out is null");
+  if (store->options().format != ExpertFormat::kNvfp4)
+    return Unsupported("ExpertStoreSource: the TensorRT expert plugin reads NVFP4 units; this store holds FP8 experts");
   std::unique_ptr<ExpertStoreSource> s(new ExpertStoreSource());
   s->store_ = store;
   *out = std::move(s);

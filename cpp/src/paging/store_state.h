@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "dsfp4/cpu_experts.h"
+#include "dsfp4/fp8_gemm.h"
 #include "dsfp4/paging.h"
 #include "paging/device_ops.h"
 
@@ -146,6 +147,7 @@ struct ExpertStore::Impl {
   void* step_mark = nullptr;                     // compute-stream event for begin/end of a step
   Stream step_compute = nullptr;
   std::unique_ptr<CpuLane> cpu;                  // null until enable_cpu_lane
+  Fp8ExpertUnitLayout fp8;                       // ExpertFormat::kFp8Block: the units' layout
 };
 
 // File-local helpers of expert_store.cpp that the pipeline also calls (mu held).

@@ -105,8 +105,42 @@ Stream copy_stream(const Ctx& c, Stream compute) { return c.opt->async_copy ? c.
 
 // Reads and repacks one expert into host unit `dst`; first waits until nothing reads the unit.
 namespace {
+// FP8 blocks: the stored weights and scales are copied into the unit as they are.
+Status fill_fp8_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst) {
+  const Fp8ExpertUnitLayout& l = c.m->fp8;
+  const int64_t I = l.inter, H = l.hidden;
+  const int64_t gs = 4 * ((I + 127) / 128) * ((H + 127) / 128);  // float32 [ceil(I/128), ceil(H/128)]
+  const int64_t want[6] = {I * H, gs, I * H, gs, H * I, gs};  // down's grid is the transpose: same count
+  thread_local std::unique_ptr<uint8_t[]> staging;
+  thread_local size_t staging_bytes = 0;
+  size_t need = 0;
+  for (int64_t w : want) need += static_cast<size_t>((w + 15) / 16 * 16);
+  if (need > staging_bytes) {
+    staging.reset(new uint8_t[need]);
+    staging_bytes = need;
+  }
+  uint8_t* raw[6];
+  size_t off = 0;
+  for (int i = 0; i < 6; ++i) {
+    const TensorRange& r = e.part[3 * (i / 2) + i % 2];
+    if (r.nbytes != want[i])
+      return InvalidArgument(c.files->path(r.file) + ": " + r.name + " holds " + std::to_string(r.nbytes) +
+                             " bytes, expected " + std::to_string(want[i]));
+    raw[i] = staging.get() + off;
+    off += static_cast<size_t>((want[i] + 15) / 16 * 16);
+    DSFP4_RETURN_IF_ERROR(c.files->read(r, raw[i]));
+  }
+  Status st = fp8_expert_unit_fill(l, raw[0], reinterpret_cast<const float*>(raw[1]), raw[2],
+                                   reinterpret_cast<const float*>(raw[3]), raw[4], reinterpret_cast<const float*>(raw[5]),
+                                   dst);
+  if (!st.ok())  // a scale that is NaN, infinite or negative: name the expert's file
+    return Status(st.code(), c.files->path(e.part[0].file) + ": " + e.part[0].name + ": " + st.message());
+  return st;
+}
+
 Status fill_host_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst, const std::vector<void*>& waits) {
   for (void* ev : waits) DSFP4_RETURN_IF_ERROR(dev::event_sync(ev, c.opt->on_device));
+  if (c.opt->format == ExpertFormat::kFp8Block) return fill_fp8_unit(c, e, dst);
   // per-thread staging for the stored (ModelOpt) bytes, reused across units
   thread_local std::unique_ptr<uint8_t[]> staging;
   thread_local size_t staging_bytes = 0;

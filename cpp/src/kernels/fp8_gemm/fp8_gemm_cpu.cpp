@@ -166,7 +166,11 @@ Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_gr
     Fp8Weight sw;
     if (units) {
       const uint64_t unit = w.unit_addr[slot];
-      if (unit == 0 || unit % 16 != 0) continue;  // skipped, as on the GPU
+      if (unit == 0 || unit % 16 != 0) {  // no weights to read: NaN rows, as on the GPU
+        for (int64_t r = lo; r < hi; ++r)
+          for (int64_t n = 0; n < w.n; ++n) yb[r * ldy + n] = 0x7FC0;
+        continue;
+      }
       sw.weight = reinterpret_cast<const uint8_t*>(unit + w.unit_weight);
       sw.scale = reinterpret_cast<const float*>(unit + w.unit_scale);
     } else {

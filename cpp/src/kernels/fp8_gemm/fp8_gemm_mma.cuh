@@ -124,7 +124,22 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp8_gemm_kernel(const Fuse
   const float* sbase;
   if (a.unit_addr != nullptr) {
     const uint64_t unit = a.unit_addr[slot];
-    if (unit == 0 || unit % 16 != 0) return;  // block-uniform; a misaligned unit would fault
+    if (unit == 0 || unit % 16 != 0) {  // block-uniform; a misaligned unit would fault
+      // no weights to read: this block's rows and columns become NaN (a missing expert must
+      // surface, never pass as a smaller sum); the first K split writes them
+      if (blockIdx.x % a.split_k != 0) return;
+      const int n0 = 16 * blockIdx.y * WN;
+      const int cols = min(a.n, n0 + 16 * WN) - n0;
+      if (cols <= 0) return;
+      const __nv_bfloat16 nan = __float2bfloat16_rn(__int_as_float(0x7fc00000));
+      const int tiles = (rows + kTok - 1) / kTok;
+      for (int tt = blockIdx.x / a.split_k; tt < tiles; tt += a.token_tiles)
+        for (int i = threadIdx.x; i < kTok * cols; i += blockDim.x) {
+          const int tok = tt * kTok + i / cols;
+          if (tok < rows) a.y[static_cast<int64_t>(row0 + tok) * a.ldy + n0 + i % cols] = nan;
+        }
+      return;
+    }
     wbase = reinterpret_cast<const uint8_t*>(unit + a.unit_weight);
     sbase = reinterpret_cast<const float*>(unit + a.unit_scale);
   } else {
