@@ -21,6 +21,8 @@ Measured in one run:
              times the unit bytes over the measured H2D rate; prefill ("distinct"): each expert a
              layer's prompt uses, once; the SSD row: the larger of disk and bus time, the disk part
              the misses of an optimal host cache over the engine reader's rate
+             (--cpu-experts: rows of the CPU lane also give hybrid_floor_ms, the same bytes consumed
+             by the bus and the host's DRAM read rate, measured in the run, together)
   peers      llama.cpp `llama-bench -ngl 99 -ot exps=CPU` on a GGUF of the same shape (--llama-dir),
              and (optional) transformers + accelerate: BF16, the whole expert block copied from
              pageable memory at every forward (a reference point, not a target)
@@ -249,7 +251,7 @@ def delta(a: dict, b: dict) -> dict:
 
 def decode_row(engine, batch: int, steps: int, h2d: float, n_moe: int, variant: str, routing: str, share: str,
                rec: Recorder, slots: int, disk: Optional[float] = None, host_slots: Optional[int] = None,
-               prompt_len: int = 32, full_depth: Optional[dict] = None) -> dict:
+               prompt_len: int = 32, full_depth: Optional[dict] = None, dram: Optional[float] = None) -> dict:
     cfg = engine.config
     unit = engine.store.layout["bytes"]
     g = torch.Generator(device="cuda").manual_seed(100 + batch)
@@ -316,6 +318,14 @@ def decode_row(engine, batch: int, steps: int, h2d: float, n_moe: int, variant: 
            "skipped_per_step": d["skipped"] / steps}
     if ssd_ms is not None:
         row["ssd_floor_ms"] = ssd_ms
+    if d.get("cpu_experts"):
+        # the CPU lane: the bytes no cache can avoid, consumed by the bus and the host's DRAM
+        # read rate (the most the CPU threads can stream) together
+        row.update(cpu_experts_per_step=d["cpu_experts"] / steps, cpu_ms_per_step=d["cpu_ms"] / steps,
+                   cpu_mb_per_step=d["cpu_bytes"] / steps / 1e6)
+        if dram:
+            hybrid_ms = floor_bytes / ((h2d + dram) * 1e9) * 1e3 / steps / n_moe
+            row.update(hybrid_floor_ms=hybrid_ms, ratio_to_hybrid_floor=moe_ms / hybrid_ms if hybrid_ms else None)
     if share == "full_depth" and full_depth is not None:
         # 58 MoE layers at the measured per-layer time (conservative: the short step's lm_head is
         # counted in it), plus the per-layer weights the 16 GiB plan pages every token over the bus
@@ -585,11 +595,19 @@ def main() -> int:
         run(dict(expert_slots=n), lambda rec, b=b, n=n: decode_row(eng, b, args.steps, h2d, n_moe, "full", routing,
                                                                     "full_depth", rec, n, full_depth=share))
     if args.cpu_experts != "off":   # the hybrid lane, same engine and routing
+        from deepseek_fp4_plugin.cpu_experts import CpuExperts
+        lane = eng.store.counters()["cpu_lane"]
+        probe = CpuExperts(cfg.hidden_size, cfg.moe_intermediate_size, threads=lane["threads"],
+                           reserved_cores=eng.memory_plan.cpu_reserved_cores)
+        buf = torch.ones(2 << 30, dtype=torch.uint8)
+        dram = probe.read_bandwidth(buf)   # the lane's threads reading host DRAM, this run
+        del probe, buf
+        result["host_dram_gbs"], result["cpu_lane"] = dram, lane
         for b in (1, 4, 8):
             n = share_slots(b)
             run(dict(expert_slots=n, cpu_experts=args.cpu_experts),
                 lambda rec, b=b, n=n: decode_row(eng, b, args.steps, h2d, n_moe, "cpu_lane", routing, "full_depth",
-                                                 rec, n, full_depth=share))
+                                                 rec, n, full_depth=share, dram=dram))
     n = share_slots(1)
     run(dict(expert_slots=n, decode_pipeline=False),
         lambda rec: decode_row(eng, 1, args.steps, h2d, n_moe, "no_pipeline", routing, "full_depth", rec, n,

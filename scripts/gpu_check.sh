@@ -171,7 +171,8 @@ if has bench-paging; then
   echo "== bench_paging"
   df -h "${BENCH_PAGING_DIR:-/tmp}" | tail -1
   timeout ${BENCH_PAGING_TIMEOUT:-560} python3 benchmarks/bench_paging.py --dir "${BENCH_PAGING_DIR:-/tmp/dsfp4_v3}" \
-    ${BENCH_PAGING_ARGS:-} --out "$OUT/paging.json" > "$OUT/bench_paging.log" 2>&1 || status=1
+    --cpu-experts "${BENCH_PAGING_CPU:-auto}" ${BENCH_PAGING_ARGS:-} --out "$OUT/paging.json" \
+    > "$OUT/bench_paging.log" 2>&1 || status=1
   tail -25 "$OUT/bench_paging.log"
 fi
 if has peer-llama; then  # llama.cpp, experts on the CPU (docs/peers.md): $OUT/llama_cpp.json
