@@ -46,8 +46,9 @@ def paged(d, **paging):
 
 
 @pytest.mark.parametrize("paging", [dict(), dict(sim_copy_delay_us=300, prefetch_min_accuracy=0.0),
+                                    dict(decode_pipeline=True, sim_copy_delay_us=300, prefetch_min_accuracy=0.0),
                                     dict(enable_async_copy=False), dict(miss_mode="zero_copy")],
-                         ids=["copy", "copy_sim", "blocking", "zero_copy"])
+                         ids=["ready", "ready_sim", "pipeline_sim", "blocking", "zero_copy"])
 def test_paged_fp8_equals_resident(fp8_dir, reference, paging):
     ref_tokens, ref_logits = reference
     eng = paged(fp8_dir, **paging)
@@ -57,13 +58,52 @@ def test_paged_fp8_equals_resident(fp8_dir, reference, paging):
     c = eng.store.counters()["experts"]
     assert c["ssd_reads"] > eng.memory_plan.host_expert_slots and c["failed"] == 0
     assert (c["zero_copy"] > 0) == (paging.get("miss_mode") == "zero_copy")
+    assert (c["publishes"] > 0) == bool(paging.get("decode_pipeline"))
 
 
-def test_paged_fp8_refuses_what_it_cannot_do(fp8_dir):
+def test_paged_fp8_refuses_the_cpu_lane(fp8_dir):
     with pytest.raises(ValueError, match="CPU expert kernels compute NVFP4"):
         paged(fp8_dir, cpu_experts=1)
-    with pytest.raises(ValueError, match="FP8 experts page without the decode pipeline"):
-        paged(fp8_dir, decode_pipeline=True)
+
+
+def test_fp8_units_gemm_waits_for_ready_words_and_times_out():
+    """The FP8 units GEMM, like the NVFP4 one, computes each group once its ready word reaches the
+    epoch (written later by another thread, as the store's copy stream does), and a group whose
+    word never comes gives NaN rows and sets the flag."""
+    import threading
+    import time
+
+    from deepseek_fp4_plugin.fp8_ops import Fp8Weight, fp8_expert_unit, fp8_expert_unit_layout
+    g = torch.Generator().manual_seed(3)
+    H, I, E = 128, 64, 3
+    lay = fp8_expert_unit_layout(H, I)
+    ws = [[Fp8Weight.from_float(torch.randn(n, k, generator=g) * 0.1) for n, k in ((I, H), (I, H), (H, I))]
+          for _ in range(E)]
+    units = [fp8_expert_unit(*w) for w in ws]
+    table = torch.zeros(E, dtype=torch.int64)
+    ready = torch.zeros(E, dtype=torch.int32)
+    epoch = torch.tensor([5], dtype=torch.int32)
+    failed = torch.zeros(1, dtype=torch.int32)
+    offs = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
+    x = torch.randn(6, H, generator=g).to(torch.bfloat16)
+    groups = torch.arange(E, dtype=torch.int32)
+    want = torch.ops.dsfp4.fp8_grouped_gemm_units(x, offs, groups, torch.tensor([u.data_ptr() for u in units]),
+                                                  lay["gate_up_weight"], lay["gate_up_scale"], 2 * I, H, 3, I)
+
+    def land():
+        for e in (1, 0):     # expert 2 never lands
+            time.sleep(0.05)
+            table[e] = units[e].data_ptr()
+            ready[e] = 5
+
+    t = threading.Thread(target=land)
+    t.start()
+    y = torch.ops.dsfp4.fp8_grouped_gemm_units(x, offs, groups, table, lay["gate_up_weight"], lay["gate_up_scale"],
+                                               2 * I, H, 3, I, 0, ready.data_ptr(), epoch.data_ptr(),
+                                               failed.data_ptr(), 400_000_000)
+    t.join()
+    assert torch.equal(y[:5], want[:5])
+    assert torch.isnan(y[5:]).all() and int(failed) == 1
 
 
 def test_paged_fp8_corrupt_scale_names_the_file(tmp_path):

@@ -116,8 +116,13 @@ void bind_fp8(py::module_& m) {
          int64_t k, int64_t split, std::uintptr_t unit_table, int64_t unit_weight, int64_t unit_scale, int num_slots,
          int num_groups, std::uintptr_t slot_of_group, std::uintptr_t row_offsets, int64_t rows,
          int64_t max_rows_per_group, std::uintptr_t x, int64_t ldx, std::uintptr_t y, int64_t ldy, int tile_tokens,
-         bool on_cuda, std::uintptr_t s) {
+         bool on_cuda, std::uintptr_t s, std::uintptr_t ready, std::uintptr_t epoch, std::uintptr_t wait_failed,
+         uint64_t wait_timeout_ns) {
         Fp8GroupedWeight w;
+        w.unit_ready = ptr<const uint32_t>(ready);
+        w.ready_epoch = ptr<const uint32_t>(epoch);
+        w.wait_failed = ptr<uint32_t>(wait_failed);
+        w.wait_timeout_ns = wait_timeout_ns;
         w.weight = ptr<const uint8_t>(weight);
         w.scale = ptr<const float>(scale);
         w.weight_slot_stride = weight_slot_stride;
@@ -144,7 +149,8 @@ void bind_fp8(py::module_& m) {
       py::arg("k"), py::arg("split_rows"), py::arg("unit_table"), py::arg("unit_weight"), py::arg("unit_scale"),
       py::arg("num_slots"), py::arg("num_groups"), py::arg("slot_of_group"), py::arg("row_offsets"), py::arg("rows"),
       py::arg("max_rows_per_group"), py::arg("x"), py::arg("ldx"), py::arg("y"), py::arg("ldy"), py::arg("tile_tokens"),
-      py::arg("on_cuda"), py::arg("stream"));
+      py::arg("on_cuda"), py::arg("stream"), py::arg("ready") = 0, py::arg("epoch") = 0, py::arg("wait_failed") = 0,
+      py::arg("wait_timeout_ns") = 0);
 
   m.def(
       "fp8_act_quant",

@@ -173,11 +173,15 @@ def _(x, row_offsets, slot_of_group, weight, scale, max_rows_per_group, split_ro
 @torch.library.custom_op("dsfp4::fp8_grouped_gemm_units", mutates_args=())
 def fp8_grouped_gemm_units(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor, unit_table: Tensor,
                            unit_weight: int, unit_scale: int, n: int, k: int, max_rows_per_group: int,
-                           split_rows: int = 0, tile_tokens: int = 0) -> Tensor:
+                           split_rows: int = 0, tile_tokens: int = 0, ready: int = 0, epoch: int = 0,
+                           wait_failed: int = 0, wait_timeout_ns: int = 0) -> Tensor:
     """The grouped FP8 GEMM over expert units: group g's weight lies at byte address
     ``unit_table[slot_of_group[g]]`` + ``unit_weight``, its scales at + ``unit_scale`` (device
     memory or mapped pinned host memory; 0 or a misaligned address gives the group NaN rows). See
-    ``fp8_expert_unit_layout``. On the CPU the addresses are host addresses."""
+    ``fp8_expert_unit_layout``. On the CPU the addresses are host addresses. ``ready`` / ``epoch``
+    (addresses of uint32 words, 0: none): each group first waits until ``ready[slot] == *epoch``
+    (the paging store's ready words, written after the unit's copy); past ``wait_timeout_ns`` its
+    rows become NaN and the word at ``wait_failed`` is set to 1."""
     g = _check_groups(x, row_offsets, slot_of_group, k)
     dev = x.device
     _check_tensor(unit_table, "unit_table", dtype=torch.int64, dim=1, device=dev)
@@ -194,13 +198,13 @@ def fp8_grouped_gemm_units(x: Tensor, row_offsets: Tensor, slot_of_group: Tensor
     _C.fp8_grouped_gemm(0, 0, 0, 0, n, k, split_rows, unit_table.data_ptr(), unit_weight, unit_scale,
                         unit_table.numel(), g, slot_of_group.data_ptr(), row_offsets.data_ptr(), x.shape[0],
                         max_rows_per_group, x.data_ptr(), k, y.data_ptr(), n, tile_tokens, dev.type == "cuda",
-                        stream_of(x))
+                        stream_of(x), ready, epoch, wait_failed, wait_timeout_ns)
     return y
 
 
 @fp8_grouped_gemm_units.register_fake
 def _(x, row_offsets, slot_of_group, unit_table, unit_weight, unit_scale, n, k, max_rows_per_group,
-      split_rows=0, tile_tokens=0):
+      split_rows=0, tile_tokens=0, ready=0, epoch=0, wait_failed=0, wait_timeout_ns=0):
     return x.new_empty(x.shape[0], n)
 
 

@@ -164,7 +164,7 @@ class PagedRoutedExperts(RoutedExperts):
         if self.fp8:   # gate rows, then up rows, each with its own block grid (split at inter)
             return torch.ops.dsfp4.fp8_grouped_gemm_units(
                 x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._gu,
-                2 * self.inter, self.hidden, groups.max_rows, self.inter)
+                2 * self.inter, self.hidden, groups.max_rows, self.inter, 0, *self.store.ready_args(self.index))
         return torch.ops.dsfp4.fp4_grouped_gemm_units(
             x.to(torch.bfloat16), groups.row_offsets, groups.slot_of_group, self.table, *self._gu,
             2 * self.inter, self.hidden, groups.max_rows, 0, *self.store.ready_args(self.index))
@@ -237,13 +237,9 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                              f"runs as {policy.runtime_format(bad, source.linear_format(bad))}; convert the checkpoint "
                              f"with `deepseek-fp4 convert` or give a budget that holds every expert")
         self.fp8 = self.expert_format == "fp8_block"
-        # ready words: copies signal each expert to the GEMM (needs the store's own copy stream;
-        # the FP8 GEMM does not wait on them yet, so FP8 experts resolve with compute waiting)
-        self.ready_mode = settings.enable_async_copy and settings.streams.get("transfer", True) and not self.fp8
+        # ready words: copies signal each expert to the GEMM (needs the store's own copy stream)
+        self.ready_mode = settings.enable_async_copy and settings.streams.get("transfer", True)
         pipe = settings.decode_pipeline
-        if self.fp8 and pipe:
-            raise ValueError("decode_pipeline: FP8 experts page without the decode pipeline (their GEMM does not "
-                             "wait on ready words); leave it unset")
         if self.fp8 and settings.cpu_experts != "off":
             raise ValueError(f"cpu_experts={settings.cpu_experts!r}: the CPU expert kernels compute NVFP4 experts; "
                              f"this model's experts are FP8 blocks")

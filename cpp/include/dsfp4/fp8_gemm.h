@@ -54,8 +54,11 @@ struct Fp8Weight {
 // The weights of several experts ("slots"). Slot s: weight + s·weight_slot_stride bytes and
 // scale + s·scale_slot_stride floats; with unit_addr set, slot s is the expert unit at byte
 // address unit_addr[s] (device memory or mapped pinned host memory; 0, or an address that is
-// not 16-byte aligned, skips the group) with its weight at unit_weight and its scales at
+// not 16-byte aligned, gives the group NaN rows) with its weight at unit_weight and its scales at
 // unit_scale bytes (16- and 4-byte aligned). See fp8_expert_unit_layout for an expert's unit.
+// Readiness (units only), as Fp4GroupedWeight: with unit_ready set, group g first waits until
+// unit_ready[slot] == *ready_epoch, then reads unit_addr[slot]; past wait_timeout_ns its rows
+// become NaN and *wait_failed (may be null) is set to 1.
 struct Fp8GroupedWeight {
   const uint8_t* weight = nullptr;
   const float* scale = nullptr;
@@ -66,6 +69,10 @@ struct Fp8GroupedWeight {
   int64_t split_rows = 0;
   const uint64_t* unit_addr = nullptr;  // [num_slots]
   int64_t unit_weight = 0, unit_scale = 0;
+  const uint32_t* unit_ready = nullptr;  // [num_slots]
+  const uint32_t* ready_epoch = nullptr;
+  uint32_t* wait_failed = nullptr;
+  uint64_t wait_timeout_ns = 0;
 };
 
 enum class Fp8GemmPath : int { kAuto = 0, kFused = 1, kBlockScaled = 2, kDequant = 3 };

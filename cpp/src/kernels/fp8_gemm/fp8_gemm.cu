@@ -503,6 +503,12 @@ Status fp8_grouped_gemm_cuda(const Fp8GroupedWeight& w, int num_groups, const in
   a.unit_addr = w.unit_addr;
   a.unit_weight = w.unit_weight;
   a.unit_scale = w.unit_scale;
+  a.unit_ready = w.unit_addr != nullptr ? w.unit_ready : nullptr;
+  a.ready_epoch = w.ready_epoch;
+  a.wait_failed = w.wait_failed;
+  a.wait_timeout_ns = w.wait_timeout_ns;
+  if (a.unit_ready != nullptr && a.ready_epoch == nullptr)
+    return InvalidArgument("fp8_grouped_gemm: unit_ready needs ready_epoch");
   a.x = static_cast<const __nv_bfloat16*>(x);
   a.ldx = ldx;
   a.y = static_cast<__nv_bfloat16*>(y);

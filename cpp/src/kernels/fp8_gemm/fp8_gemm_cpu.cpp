@@ -1,9 +1,11 @@
 // CPU references of the FP8 block GEMM, activation quantization, block quantization and the
 // FP8 expert unit: what the CUDA kernels compute.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dsfp4/fp8_gemm.h"
@@ -137,6 +139,25 @@ Status fp8_gemm_blockscaled_cpu(const Fp8Weight& w, const void* x, int64_t ldx, 
   return Status::Ok();
 }
 
+namespace {
+// The CPU twin of the kernel's wait: unit_ready and unit_addr live in host memory that another
+// thread (the paging store's pipeline) writes.
+uint64_t wait_for_unit(const Fp8GroupedWeight& w, int32_t slot) {
+  const uint32_t want = __atomic_load_n(w.ready_epoch, __ATOMIC_ACQUIRE);
+  const auto t0 = std::chrono::steady_clock::now();
+  while (__atomic_load_n(w.unit_ready + slot, __ATOMIC_ACQUIRE) != want) {
+    const auto waited = std::chrono::steady_clock::now() - t0;
+    if (static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count()) >
+        w.wait_timeout_ns) {
+      if (w.wait_failed != nullptr) __atomic_store_n(w.wait_failed, 1u, __ATOMIC_RELEASE);
+      return 0;
+    }
+    std::this_thread::yield();
+  }
+  return __atomic_load_n(w.unit_addr + slot, __ATOMIC_ACQUIRE);
+}
+}  // namespace
+
 Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_groups, const int32_t* slot_of_group,
                             const int32_t* row_offsets, int64_t rows, const void* x, int64_t ldx, void* y,
                             int64_t ldy) {
@@ -144,6 +165,8 @@ Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_gr
   if (w.split_rows < 0 || w.split_rows >= w.n) return InvalidArgument("fp8_grouped_gemm: split_rows must be in [0, N)");
   const bool units = w.unit_addr != nullptr;
   if (!units && (!w.weight || !w.scale)) return InvalidArgument("fp8_grouped_gemm: weight or scale is null");
+  if (units && w.unit_ready != nullptr && w.ready_epoch == nullptr)
+    return InvalidArgument("fp8_grouped_gemm: unit_ready needs ready_epoch");
   if (num_groups <= 0 || !slot_of_group || !row_offsets)
     return InvalidArgument("fp8_grouped_gemm: num_groups must be positive, slot_of_group and row_offsets non-null");
   if (rows < 0 || (rows > 0 && (!x || !y))) return InvalidArgument("fp8_grouped_gemm: x or y is null");
@@ -165,7 +188,7 @@ Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_gr
                              std::to_string(rows) + "]");
     Fp8Weight sw;
     if (units) {
-      const uint64_t unit = w.unit_addr[slot];
+      const uint64_t unit = w.unit_ready != nullptr ? wait_for_unit(w, slot) : w.unit_addr[slot];
       if (unit == 0 || unit % 16 != 0) {  // no weights to read: NaN rows, as on the GPU
         for (int64_t r = lo; r < hi; ++r)
           for (int64_t n = 0; n < w.n; ++n) yb[r * ldy + n] = 0x7FC0;
