@@ -121,5 +121,16 @@ def test_paged_fp8_corrupt_scale_names_the_file(tmp_path):
             tensors[k][0, 0] = float("nan")
     save_file(tensors, str(shard), metadata=meta)
     eng = paged(d)
-    with pytest.raises(Exception, match=rf"{shard.name}.*weight.*(NaN|nan|finite)"):
+    with pytest.raises(ValueError, match=rf"{shard.name}: model\.layers\.\d+\.mlp\.experts\.\d+\.\w+_proj\."
+                                         rf"weight_scale_inv holds a non-finite or negative block scale"):
         eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+
+
+def test_presets_leave_the_cpu_lane_off_for_fp8_experts(fp8_dir):
+    from deepseek_fp4_plugin import DeepseekInference
+    m = DeepseekInference(fp8_dir, device="cpu", dtype="bfloat16", memory_limit=0.03, max_batch_size=2,
+                          max_seq_len=128, paging={"cpu_cache_size": 40.5 * UNIT / 2 ** 30})
+    assert m.engine.store.pages and m.engine.store.fp8
+    cfg = m.optimize_for_single_task()
+    assert "cpu_experts" not in cfg and m.engine.store.cpu_lane is None
+    assert m.engine.max_batch_size == 1

@@ -345,6 +345,7 @@ def test_cpu_lane_equals_resident(model_dir, reference, pipeline):
     assert sum(p["cpu_experts"] for p in c["per_layer"]) == ex["cpu_experts"]
     lane = c["cpu_lane"]
     assert lane["threads"] == 1 and lane["cpu_gbs"] > 0 and lane["bus_gbs"] > 0
+    assert eng.store.cpu_lane["max_rows"] == KW["max_batch_size"]   # decode rows, not a prefill chunk
     # prefill keeps streaming to the GPU: the logits of a prompt are the paged engine's usual ones
     assert (eng.logits(PROMPTS[0]) - ref_logits).abs().max().item() < 1e-3
 
@@ -414,5 +415,21 @@ def test_cpu_lane_turns_off_and_on_between_generations(model_dir):
     with pytest.raises(ValueError, match="another count needs a reload"):
         eng.reconfigure_paging(cpu_experts=3)
     plain = paged(model_dir, sim_copy_delay_us=100)
-    with pytest.raises(ValueError, match="loaded without the CPU lane"):
+    with pytest.raises(ValueError, match="this engine has no CPU lane"):
         plain.reconfigure_paging(cpu_experts="auto")
+
+
+def test_cpu_lane_only_for_a_whole_routing(model_dir):
+    """A prefill or decode wave resolves a subset of a layer's experts (no [rows, top_k] order, no
+    join after it): the CPU lane never takes those, whatever their count; the layer's whole
+    routing may go to it."""
+    eng = paged(model_dir, decode_pipeline=False, **CPU_LANE)
+    st = eng.store.experts
+    st.begin_step(False)                              # a decode step
+    wave = np.arange(12, dtype=np.int32)              # 12 = 2 tokens × top-6: the count alone passes
+    lanes = st.resolve_ready(0, wave.ctypes.data, len(wave), 1, 0)
+    assert lanes and all(str(lane).split(".")[-1] != "cpu" for _, lane in lanes)
+    whole = np.arange(20, 32, dtype=np.int32)
+    lanes = st.resolve_ready(0, whole.ctypes.data, len(whole), 2, 0, whole_routing=True)
+    assert any(str(lane).split(".")[-1] == "cpu" for _, lane in lanes)
+    st.take_error()

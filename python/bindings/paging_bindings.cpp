@@ -228,8 +228,8 @@ void bind_paging(py::module_& m) {
   p.def(
       "cpu_lane_join",
       [](std::uintptr_t y_perm, std::uintptr_t row_offsets, std::uintptr_t table, int experts, int64_t hidden,
-         std::uintptr_t epoch, std::uintptr_t done, std::uintptr_t ok, std::uintptr_t y_cpu, std::uintptr_t wait_failed,
-         uint64_t timeout_ns, bool on_device, std::uintptr_t s) {
+         std::uintptr_t epoch, std::uintptr_t done, std::uintptr_t ok, std::uintptr_t y_cpu, int64_t y_cpu_rows,
+         std::uintptr_t wait_failed, uint64_t timeout_ns, bool on_device, std::uintptr_t s) {
         CpuLaneJoin j;
         j.y_perm = ptr<void>(y_perm);
         j.row_offsets = ptr<const int32_t>(row_offsets);
@@ -240,13 +240,14 @@ void bind_paging(py::module_& m) {
         j.done = ptr<const uint32_t>(done);
         j.ok = ptr<const uint32_t>(ok);
         j.y_cpu = ptr<const void>(y_cpu);
+        j.y_cpu_rows = y_cpu_rows;
         j.wait_failed = ptr<uint32_t>(wait_failed);
         j.timeout_ns = timeout_ns;
         j.on_device = on_device;
         nogil([&] { return cpu_lane_join(j, stream(s)); });
       },
       py::arg("y_perm"), py::arg("row_offsets"), py::arg("table"), py::arg("experts"), py::arg("hidden"),
-      py::arg("epoch"), py::arg("done"), py::arg("ok"), py::arg("y_cpu"), py::arg("wait_failed"),
+      py::arg("epoch"), py::arg("done"), py::arg("ok"), py::arg("y_cpu"), py::arg("y_cpu_rows"), py::arg("wait_failed"),
       py::arg("timeout_ns"), py::arg("on_device"), py::arg("stream"));
 
   py::class_<ExpertStore>(p, "ExpertStore")
@@ -298,13 +299,16 @@ void bind_paging(py::module_& m) {
           py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("compute"))
       .def(
           "resolve_ready",
-          [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, uint32_t epoch, std::uintptr_t compute) {
+          [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, uint32_t epoch, std::uintptr_t compute,
+             bool whole_routing) {
             std::vector<std::pair<int32_t, Lane>> lanes;
             // a failed expert is still placed (address 0: NaN rows), then the error is raised
-            nogil([&] { return s.resolve_ready(layer, ptr<const int32_t>(ids), count, epoch, stream(compute), &lanes); });
+            nogil([&] { return s.resolve_ready(layer, ptr<const int32_t>(ids), count, epoch, stream(compute), &lanes,
+                                               whole_routing); });
             return lanes;
           },
-          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("epoch"), py::arg("compute"))
+          py::arg("layer"), py::arg("ids"), py::arg("count"), py::arg("epoch"), py::arg("compute"),
+          py::arg("whole_routing") = false)
       .def(
           "prefetch",
           [](ExpertStore& s, int layer, std::uintptr_t ids, int64_t count, std::uintptr_t compute) {

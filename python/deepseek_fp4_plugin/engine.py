@@ -139,7 +139,7 @@ class Engine:
         seq = max_seq_len or min(c.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         plan = plan_for(source, dev, cdt, policy, settings, memory_limit, max_batch_size, seq, prefill_chunk)
         store = load_store(source, dev, cdt, policy, settings, plan, max(max_batch_size, prefill_chunk), progress,
-                           verbose)
+                           verbose, max_batch=max_batch_size)
         if owned and not store.reads_source and hasattr(source, "close"):
             source.close()   # every weight is on the device now: release the memory maps
         engine = cls(store, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size,

@@ -64,7 +64,7 @@ _UNSUPPORTED = {
 }
 # what changes the memory plan (a reload); the rest apply to the running engine
 _PLAN_KEYS = {"max_gpu_layers", "gpu_reserved", "cpu_cache_size", "prefetch_size", "min_layers", "max_experts",
-              "gpu_memory_fraction", "pinned_memory", "enable_async_copy", "cpu_experts", "cpu_isa"}
+              "gpu_memory_fraction", "pinned_memory", "enable_async_copy", "cpu_isa"}
 
 # The tuning guide's scenarios. Its expert_threshold values are left out: they make every answer
 # approximate, so a preset applies them only when asked (approximate=True). The presets for one
@@ -232,7 +232,9 @@ class DeepseekInference:
         if not approximate:
             cfg["expert_threshold"] = 0.0
         cfg["use_cuda_graph"] = self.engine.device.type == "cuda" and self.engine.store.graph_safe
-        if name in _CPU_LANE_PRESETS and self.engine.store.pages and self._paging.get("enable_async_copy", True):
+        store = self.engine.store
+        if (name in _CPU_LANE_PRESETS and store.pages and not getattr(store, "fp8", False)
+                and self._paging.get("enable_async_copy", True)):
             cfg["cpu_experts"] = "auto"   # one sequence decoding: misses split between the bus and the CPU
         self.apply_config(cfg)
         return cfg

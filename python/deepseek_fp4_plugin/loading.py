@@ -117,12 +117,13 @@ def open_source(path: Union[str, Path, CheckpointSource]) -> Tuple[CheckpointSou
 
 def load_store(source: CheckpointSource, dev: torch.device, cdt: torch.dtype, policy: PrecisionPolicy,
                settings: PagingSettings, plan: Optional[MemoryPlan], max_rows: int, progress: bool,
-               verbose: bool) -> WeightStore:
+               verbose: bool, max_batch: Optional[int] = None) -> WeightStore:
     """The store for ``plan``: paged when the plan pages, else every weight resident."""
     if plan is not None and plan.policy is not None:
         policy = plan.policy   # the plan may run BF16 attention in FP8 to fit the budget
     if plan is not None and plan.paged:
         if verbose:
             print(plan.table())
-        return PagedWeightStore(source, dev, cdt, policy, plan, settings, max_rows=max_rows, progress=progress)
+        return PagedWeightStore(source, dev, cdt, policy, plan, settings, max_rows=max_rows, progress=progress,
+                                max_batch=max_batch)
     return ResidentWeightStore(source, dev, cdt, policy, progress=progress)

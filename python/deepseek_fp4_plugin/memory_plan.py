@@ -154,8 +154,9 @@ class PagingSettings:
              f"cpu_experts must be 'off', 'auto' or a number of threads in [1, 1024], got {self.cpu_experts!r}")
         need(self.cpu_isa in ("auto", "avx512_bf16", "avx512", "avx2"),
              f"cpu_isa must be 'auto', 'avx512_bf16', 'avx512' or 'avx2', got {self.cpu_isa!r}")
-        need(self.cpu_experts == "off" or self.enable_async_copy,
-             "cpu_experts needs enable_async_copy=True (ready words order the GPU's side of the CPU lane)")
+        need(self.cpu_experts == "off" or (self.enable_async_copy and self.streams.get("transfer", True)),
+             "cpu_experts needs enable_async_copy=True and the transfer stream on (ready words order the GPU's "
+             "side of the CPU lane)")
         for k in ("pinned_memory", "enable_async_copy", "direct_io", "stream_priorities"):
             need(isinstance(getattr(self, k), bool), f"{k} must be True or False, got {getattr(self, k)!r}")
         need(self.miss_mode in _MISS_MODES, f"miss_mode must be one of {_MISS_MODES}, got {self.miss_mode!r}")

@@ -217,7 +217,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
 
     def __init__(self, source: CheckpointSource, device: torch.device, compute_dtype: torch.dtype,
                  policy: PrecisionPolicy, plan: MemoryPlan, settings: PagingSettings, max_rows: int,
-                 progress: bool = False):
+                 progress: bool = False, max_batch: Optional[int] = None):
         if compute_dtype != torch.bfloat16:
             raise ValueError("the paged store runs the FP4 kernels: dtype must be bfloat16")
         if not hasattr(source, "tensor_info"):
@@ -228,6 +228,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         self.plan, self.settings = plan, settings.validate()
         self.on_device = device.type == "cuda"
         self.max_rows = max_rows
+        self.max_batch = min(max_rows, max_batch or max_rows)   # rows of a decode step (the CPU lane's)
         self.expert_threshold = float(settings.expert_threshold)
         self.predict = settings.prefetch_layers > 0
         self.expert_format, bad = paged_expert_format(source, policy)
@@ -357,8 +358,9 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             raise ValueError("prefetch_experts can only shrink without a reload (the prediction buffers are sized)")
         if new.cpu_experts != s.cpu_experts and new.cpu_experts != "off":
             if self.cpu_lane is None:
-                raise ValueError("cpu_experts: this engine was loaded without the CPU lane (load it with cpu_experts "
-                                 "set; at run time the lane can only be turned off and on again)")
+                raise ValueError("cpu_experts: this engine has no CPU lane (loaded with cpu_experts='off', or its plan "
+                                 "gave the lane no threads); load it with cpu_experts set — at run time the lane "
+                                 "can only be turned off and on again")
             if isinstance(new.cpu_experts, int) and new.cpu_experts != self.cpu_lane["threads"]:
                 raise ValueError(f"cpu_experts = {new.cpu_experts}: the lane runs {self.cpu_lane['threads']} threads; "
                                  f"another count needs a reload")
@@ -432,14 +434,14 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         c = self.config
         try:
             self.experts.enable_cpu_lane(threads=plan.cpu_expert_threads, isa=self.settings.cpu_isa,
-                                         reserved_cores=list(plan.cpu_reserved_cores), max_rows=self.max_rows,
+                                         reserved_cores=list(plan.cpu_reserved_cores), max_rows=self.max_batch,
                                          top_k=c.num_experts_per_tok, bus_gbs=self._bus_gbs(),
                                          decoder_layers=list(self.moe_layers))
         except NotImplementedError as e:   # no AVX2 + FMA, or the forced instruction set is missing
             raise ValueError(f"cpu_experts={self.settings.cpu_experts!r}: {e}") from None
         self.cpu_lane = dict(self.experts.cpu_lane_view)
-        x = host_tensor(self.cpu_lane["x"], self.max_rows * c.hidden_size * 2)
-        self.cpu_x = x.view(torch.bfloat16).view(self.max_rows, c.hidden_size)
+        x = host_tensor(self.cpu_lane["x"], self.max_batch * c.hidden_size * 2)
+        self.cpu_x = x.view(torch.bfloat16).view(self.max_batch, c.hidden_size)
 
     def _bus_gbs(self) -> float:
         """Host → device rate of one expert unit's copy, measured now (CPU mode: the simulated
@@ -453,9 +455,9 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             for _ in range(4):
                 dst.copy_(src)
             return 4 * unit / max(time.perf_counter() - t0, 1e-9) / 1e9
-        n = max(unit, 64 << 20)
+        n = min(self.expert_buf.numel(), max(unit, 64 << 20))
         src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty(n, dtype=torch.uint8, device=self.device)
+        dst = self.expert_buf[:n]    # the (still empty) expert slots: nothing beyond the plan
         dst.copy_(src, non_blocking=True)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -472,7 +474,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.on_device else 0
         _C.paging.cpu_lane_join(y.data_ptr(), row_offsets.data_ptr(), experts.table.data_ptr(), experts.num_experts,
                                 experts.hidden, v.epoch(i), lane["done"] + 4 * i, lane["ok"] + 4 * i, lane["y"],
-                                v.wait_failed, v.wait_timeout_ns, self.on_device, stream)
+                                lane["max_rows"] * lane["top_k"], v.wait_failed, v.wait_timeout_ns, self.on_device,
+                                stream)
 
     def _stored_experts(self, source) -> Tuple[object, list]:
         """The byte ranges of every expert's 9 tensors, read from the safetensors headers."""
@@ -579,6 +582,9 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             self._step_pipelined = False
             self.experts.end_pipeline_step()     # raises the step's first error
         else:
+            if self.ready_mode and self.on_device:
+                # the step's kernels ran: a wait that timed out has set its flag by now
+                torch.cuda.current_stream(self.device).synchronize()
             self.experts.take_error()
 
     def ready_args(self, index: int) -> Tuple[int, int, int, int]:
@@ -615,7 +621,9 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         if point.deferred:
             return   # run() brings the experts in waves, then prefetches the next layer
         if self.ready_mode:
-            self.experts.resolve_ready(point.index, ids.data_ptr(), count, int(point.epoch_host[0]), compute)
+            # the layer's whole routing: the CPU lane may take misses (the join follows the down GEMM)
+            self.experts.resolve_ready(point.index, ids.data_ptr(), count, int(point.epoch_host[0]), compute,
+                                       whole_routing=self.cpu_lane is not None)
         else:
             self.experts.resolve(point.index, ids.data_ptr(), count, compute)
         self._prefetch_next(point)
@@ -657,7 +665,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                                                 min(c.topk_group, c.n_group), c.routed_scaling_factor,
                                                 c.norm_topk_prob)                      # [N, k'] int32
             pred = pred.contiguous()
-        if self.cpu_x is not None and self.decoding:
+        if self.cpu_x is not None and self.decoding and n <= self.max_batch:
             # the CPU lane reads the MoE input from host memory (copied before the routing is published)
             self.cpu_x[:n].copy_(h.reshape(-1, h.shape[-1]), non_blocking=True)
         if self.ready_mode:

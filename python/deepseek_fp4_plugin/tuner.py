@@ -153,7 +153,7 @@ class EngineTrials(TrialRunner):
             )
             sp["miss_mode"] = ["copy", "auto", "zero_copy"]
             knob = cpu_thread_knob()
-            if knob is not None:
+            if knob is not None and not getattr(eng.store, "fp8", False):   # the lane computes NVFP4 experts
                 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
                 sp[knob] = ["off", "auto"] + [t for t in (1, 2, 4, 8) if t < cores]
             if allow_approximation:

@@ -298,7 +298,8 @@ struct ExpertStoreOptions {
   // delayed by this many microseconds, with real events (0: copies are plain memcpy)
   int sim_copy_delay_us = 0;
   // kFp8Block: each StoredExpert's parts 0, 1 / 3, 4 / 6, 7 are gate / up / down weight and
-  // weight_scale_inv (parts 2, 5, 8 unused); layout().bytes is the FP8 unit's size, and the
+  // weight_scale_inv (parts 2, 5, 8 unused); layout() holds only hidden, inter and the FP8 unit's
+  // bytes (the NVFP4 offsets are 0), and the
   // kernels read units through fp8_expert_unit_gate_up / _down. No CPU lane (NVFP4 only).
   ExpertFormat format = ExpertFormat::kNvfp4;
 };
@@ -436,6 +437,7 @@ struct CpuLaneJoin {
   const uint32_t* done = nullptr;      // the layer's done / ok words (CpuLaneView)
   const uint32_t* ok = nullptr;
   const void* y_cpu = nullptr;         // CpuLaneView::y_dev
+  int64_t y_cpu_rows = 0;              // rows y_cpu holds (max_rows · top_k): rows past it are never read
   uint32_t* wait_failed = nullptr;
   uint64_t timeout_ns = 0;
   bool on_device = true;
@@ -485,8 +487,10 @@ class ExpertStore {
   // ready words computes each expert as it lands. A failed expert still gets its ready word,
   // with address 0 (NaN rows), so no GEMM waits forever; the error is returned (and, on the
   // pipeline's thread, kept for end_pipeline_step). Used by the pipeline thread and by prefill.
+  // whole_routing: ids are the layer's routing, [rows, top_k] in token order (not a subset such
+  // as a prefill wave), so the CPU lane may take misses and cpu_lane_join will follow.
   Status resolve_ready(int layer, const int32_t* ids, int64_t count, uint32_t epoch, Stream compute,
-                       std::vector<std::pair<int32_t, Lane>>* lanes = nullptr);
+                       std::vector<std::pair<int32_t, Lane>>* lanes = nullptr, bool whole_routing = false);
 
   // Speculative: starts bringing the experts in ids[0..count) of `layer` towards the GPU
   // (disk reads in the background; copies of host-resident units, in chunks, into free or
@@ -507,7 +511,8 @@ class ExpertStore {
   Status end_pipeline_step();
   PipelineView pipeline_view() const;
   bool pipeline_running() const;
-  // The first error recorded by resolve_ready since the last call (then cleared).
+  // The first error recorded by resolve_ready since the last call, or a kernel's wait that timed
+  // out (call it after synchronising with compute), then cleared.
   Status take_error();
 
   // Changes the GPU cache policy, the miss mode, the prefetch cap and the GPU slots in use

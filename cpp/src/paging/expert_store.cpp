@@ -39,7 +39,11 @@ Status ExpertStore::create(const ExpertStoreOptions& opt, std::shared_ptr<Checkp
   Fp8ExpertUnitLayout fp8;
   if (opt.format == ExpertFormat::kFp8Block) {
     DSFP4_RETURN_IF_ERROR(fp8_expert_unit_layout(opt.hidden, opt.inter, &fp8));
-    s->layout_.bytes = fp8.bytes;   // the unit size every tier moves; offsets are the FP8 layout's
+    ExpertUnitLayout l;             // the unit size every tier moves; no NVFP4 offsets to misread
+    l.hidden = opt.hidden;
+    l.inter = opt.inter;
+    l.bytes = fp8.bytes;
+    s->layout_ = l;
   }
   for (const StoredExpert& e : experts)
     for (const TensorRange& r : e.part)
@@ -432,7 +436,7 @@ Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, 
   po.unit_bytes = c.layout->bytes;
   CpuLane* cpu = m.cpu.get();
   // decode only: a prefill's experts have many tokens each, where streaming them to the GPU wins
-  if (cpu != nullptr && cpu->active && mode.ready && m.phase == 0 && cpu->opt.top_k > 0 && count % cpu->opt.top_k == 0 &&
+  if (cpu != nullptr && cpu->active && mode.ready && mode.cpu_ok && m.phase == 0 && count % cpu->opt.top_k == 0 &&
       count / cpu->opt.top_k <= cpu->opt.max_rows) {
     po.cpu_ok = true;
     po.bus_gbs = cpu->bus_gbs;
@@ -478,11 +482,12 @@ Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, 
       }
     }
     if (st.ok() && ln == Lane::kCpu) {
-      const int h = m.host.slot_of(key);
-      cpu_jobs.emplace_back(e, h);
-      ++ct.cpu_experts;
-      ct.cpu_bytes += static_cast<uint64_t>(c.layout->bytes);
       st = write_ready(c, key, kCpuLaneAddress, mode.epoch, s);  // the GEMM skips it (NaN rows, replaced)
+      if (st.ok()) {
+        cpu_jobs.emplace_back(e, m.host.slot_of(key));
+        ++ct.cpu_experts;
+        ct.cpu_bytes += static_cast<uint64_t>(c.layout->bytes);
+      }
     }
     if (st.ok() && ln == Lane::kMapped) {
       const int h = m.host.slot_of(key);
@@ -500,7 +505,11 @@ Status resolve_core(const Ctx& c, int layer, const int32_t* ids, int64_t count, 
       if (!mode.ready) break;
       c.tables[key] = 0;
       Status w = write_ready(c, key, 0, mode.epoch, s);  // the GEMM writes NaN rows for it
-      if (!w.ok()) return w;
+      if (!w.ok()) {
+        if (!cpu_jobs.empty())  // the join must not wait for a call that never comes: its rows stay NaN
+          __atomic_store_n(reinterpret_cast<uint32_t*>(m.cpu->words->data()) + layer, mode.epoch, __ATOMIC_RELEASE);
+        return w;
+      }
     }
     placed.emplace_back(e, ln);
   }
@@ -541,7 +550,7 @@ Status ExpertStore::resolve(int layer, const int32_t* ids, int64_t count, Stream
 }
 
 Status ExpertStore::resolve_ready(int layer, const int32_t* ids, int64_t count, uint32_t epoch, Stream compute,
-                                  std::vector<std::pair<int32_t, Lane>>* lanes) {
+                                  std::vector<std::pair<int32_t, Lane>>* lanes, bool whole_routing) {
   std::lock_guard<std::mutex> lk(impl_->mu);
   if (!opt_.async_copy) return InvalidArgument("resolve_ready: needs async_copy (the store's own copy stream)");
   if (sync_ == nullptr) return InvalidArgument("resolve_ready: set_device_tables was given no ready words");
@@ -550,6 +559,7 @@ Status ExpertStore::resolve_ready(int layer, const int32_t* ids, int64_t count, 
   mode.ready = true;
   mode.epoch = epoch;
   mode.compute = compute;
+  mode.cpu_ok = whole_routing;
   return resolve_core(c, layer, ids, count, mode, lanes);
 }
 

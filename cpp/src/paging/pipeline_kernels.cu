@@ -50,7 +50,7 @@ __device__ __forceinline__ uint64_t now_ns() {
 __global__ void cpu_join_kernel(CpuLaneJoin j) {
   const int e = blockIdx.x;
   const int lo = j.row_offsets[e], hi = j.row_offsets[e + 1];
-  if (hi <= lo) return;
+  if (hi <= lo || hi > j.y_cpu_rows) return;  // no rows, or more than the CPU lane ever computes
   __shared__ int go;
   if (threadIdx.x == 0) {
     go = 0;

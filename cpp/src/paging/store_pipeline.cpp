@@ -133,6 +133,15 @@ Status ExpertStore::take_error() {
   const Ctx c{impl_.get(), &opt_, &layout_, files_.get(), tables_, device_tables_, sync_, copy_};
   Status cst = finish_cpu_call(c);
   if (!cst.ok() && impl_->error.ok()) impl_->error = cst;
+  if (impl_->wait_flag) {  // a GEMM or join that gave up waiting (the caller synchronised with compute)
+    auto* flag = reinterpret_cast<uint32_t*>(impl_->wait_flag->data());
+    if (__atomic_load_n(flag, __ATOMIC_ACQUIRE) != 0) {
+      __atomic_store_n(flag, 0u, __ATOMIC_RELEASE);
+      if (impl_->error.ok())
+        impl_->error = Status(StatusCode::kInternal, "an expert GEMM waited " + std::to_string(opt_.wait_timeout_ms) +
+                                                         " ms for an expert that never arrived (its rows are NaN)");
+    }
+  }
   Status st = impl_->error;
   impl_->error = Status::Ok();
   return st;
@@ -170,6 +179,7 @@ void ExpertStore::pipeline_loop() {
         mode.ready = true;
         mode.epoch = epoch;
         mode.pipelined = true;
+        mode.cpu_ok = true;
         st = resolve_core(c, layer, ids.data(), static_cast<int64_t>(ids.size()), mode, nullptr);
         ExpertCounters& ct = m.counters[static_cast<size_t>(layer)];
         ct.publish_to_ready_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -256,7 +266,7 @@ Status cpu_lane_join(const CpuLaneJoin& j, Stream stream) {
   const auto* src = static_cast<const uint16_t*>(j.y_cpu);
   for (int e = 0; e < j.experts; ++e) {
     const int64_t lo = j.row_offsets[e], hi = j.row_offsets[e + 1];
-    if (hi <= lo || __atomic_load_n(j.table + e, __ATOMIC_ACQUIRE) != kCpuLaneAddress) continue;
+    if (hi <= lo || hi > j.y_cpu_rows || __atomic_load_n(j.table + e, __ATOMIC_ACQUIRE) != kCpuLaneAddress) continue;
     const auto t0 = std::chrono::steady_clock::now();
     bool timed_out = false;
     while (__atomic_load_n(j.done, __ATOMIC_ACQUIRE) != want) {

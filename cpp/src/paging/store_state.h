@@ -167,6 +167,7 @@ struct ResolveMode {
   bool ready = false;        // write ready words instead of making compute wait
   uint32_t epoch = 0;
   bool pipelined = false;    // called by the pipeline thread: earlier readers are done
+  bool cpu_ok = false;       // ids are a whole layer's routing [rows, top_k]: the CPU lane may take misses
   Stream compute = nullptr;  // blocking, or ready from Python: the compute stream
 };
 

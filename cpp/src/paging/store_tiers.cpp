@@ -129,13 +129,16 @@ Status fill_fp8_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst) {
     raw[i] = staging.get() + off;
     off += static_cast<size_t>((want[i] + 15) / 16 * 16);
     DSFP4_RETURN_IF_ERROR(c.files->read(r, raw[i]));
+    if (i % 2 == 1) {  // scales are read here for the first time: a bad one would decode silently
+      const float* sc = reinterpret_cast<const float*>(raw[i]);
+      for (int64_t j = 0; j < want[i] / 4; ++j)
+        if (!(sc[j] >= 0.0f) || !std::isfinite(sc[j]))
+          return InvalidArgument(c.files->path(r.file) + ": " + r.name + " holds a non-finite or negative block "
+                                 "scale (" + std::to_string(sc[j]) + " at " + std::to_string(j) + "): the file is corrupt");
+    }
   }
-  Status st = fp8_expert_unit_fill(l, raw[0], reinterpret_cast<const float*>(raw[1]), raw[2],
-                                   reinterpret_cast<const float*>(raw[3]), raw[4], reinterpret_cast<const float*>(raw[5]),
-                                   dst);
-  if (!st.ok())  // a scale that is NaN, infinite or negative: name the expert's file
-    return Status(st.code(), c.files->path(e.part[0].file) + ": " + e.part[0].name + ": " + st.message());
-  return st;
+  return fp8_expert_unit_fill(l, raw[0], reinterpret_cast<const float*>(raw[1]), raw[2],
+                              reinterpret_cast<const float*>(raw[3]), raw[4], reinterpret_cast<const float*>(raw[5]), dst);
 }
 
 Status fill_host_unit(const Ctx& c, const StoredExpert& e, uint8_t* dst, const std::vector<void*>& waits) {
