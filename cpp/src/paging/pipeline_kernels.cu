@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "kernels/unit_wait.h"
 #include "paging/pipeline.h"
 
 namespace dsfp4 {
@@ -39,12 +40,6 @@ __global__ void publish_kernel(PipelineView v, int layer, int next_layer, const 
     *reinterpret_cast<volatile uint32_t*>(&e->seq) = seq;
   }
 }
-__device__ __forceinline__ uint64_t now_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // One block per expert: rows of an expert on the CPU lane come from the lane's mapped y once
 // its call is done (and succeeded); every other expert's rows are left as the GEMM wrote them.
 __global__ void cpu_join_kernel(CpuLaneJoin j) {
@@ -56,21 +51,8 @@ __global__ void cpu_join_kernel(CpuLaneJoin j) {
     go = 0;
     if (*reinterpret_cast<const volatile uint64_t*>(j.table + e) == kCpuLaneAddress) {
       const uint32_t want = *reinterpret_cast<const volatile uint32_t*>(j.epoch);
-      const volatile uint32_t* done = j.done;
-      const uint64_t t0 = now_ns();
-      unsigned sleep = 32;
-      bool waited = true;
-      while (*done != want) {
-        if (now_ns() - t0 > j.timeout_ns) {
-          if (j.wait_failed != nullptr) *reinterpret_cast<volatile uint32_t*>(j.wait_failed) = 1u;
-          waited = false;
-          break;
-        }
-        __nanosleep(sleep);
-        sleep = sleep < 1024 ? 2 * sleep : 1024;
-      }
-      __threadfence_system();
-      go = waited && *reinterpret_cast<const volatile uint32_t*>(j.ok) == want;
+      go = kernels::wait_word(j.done, want, j.timeout_ns, j.wait_failed) &&
+           *reinterpret_cast<const volatile uint32_t*>(j.ok) == want;
     }
   }
   __syncthreads();

@@ -13,6 +13,7 @@
 #include <string>
 #include <thread>
 
+#include "kernels/unit_wait.h"
 #include "paging/pipeline.h"
 #include "paging/store_state.h"
 
@@ -267,18 +268,7 @@ Status cpu_lane_join(const CpuLaneJoin& j, Stream stream) {
   for (int e = 0; e < j.experts; ++e) {
     const int64_t lo = j.row_offsets[e], hi = j.row_offsets[e + 1];
     if (hi <= lo || hi > j.y_cpu_rows || __atomic_load_n(j.table + e, __ATOMIC_ACQUIRE) != kCpuLaneAddress) continue;
-    const auto t0 = std::chrono::steady_clock::now();
-    bool timed_out = false;
-    while (__atomic_load_n(j.done, __ATOMIC_ACQUIRE) != want) {
-      if (static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-              std::chrono::steady_clock::now() - t0).count()) > j.timeout_ns) {
-        if (j.wait_failed != nullptr) __atomic_store_n(j.wait_failed, 1u, __ATOMIC_RELEASE);
-        timed_out = true;
-        break;
-      }
-      std::this_thread::yield();
-    }
-    if (timed_out) return Status::Ok();
+    if (!kernels::wait_word(j.done, want, j.timeout_ns, j.wait_failed)) return Status::Ok();
     if (__atomic_load_n(j.ok, __ATOMIC_ACQUIRE) != want) continue;  // failed: the GEMM's NaN rows stay
     std::memcpy(y + lo * j.hidden, src + lo * j.hidden, static_cast<size_t>((hi - lo) * j.hidden) * 2);
   }

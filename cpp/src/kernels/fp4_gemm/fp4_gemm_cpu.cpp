@@ -9,6 +9,7 @@
 #include "dsfp4/nvfp4.h"
 #include "kernels/cpu_parallel.h"
 #include "kernels/nvfp4/nvfp4_format.h"
+#include "kernels/unit_wait.h"
 
 namespace dsfp4 {
 
@@ -64,21 +65,10 @@ Status fp4_gemm_cpu(const Fp4Weight& w, const void* x, int64_t ldx, void* y, int
 }
 
 namespace {
-// The CPU twin of the kernel's wait: unit_ready and unit_addr live in host memory that another
-// thread (the paging store's pipeline) writes.
+// The CPU twin of the kernel's wait (unit_wait.h): unit_ready and unit_addr live in host memory
+// that another thread (the paging store's pipeline) writes.
 uint64_t wait_for_unit(const Fp4GroupedWeight& w, int32_t slot) {
-  const uint32_t want = __atomic_load_n(w.ready_epoch, __ATOMIC_ACQUIRE);
-  const auto t0 = std::chrono::steady_clock::now();
-  while (__atomic_load_n(w.unit_ready + slot, __ATOMIC_ACQUIRE) != want) {
-    const auto waited = std::chrono::steady_clock::now() - t0;
-    if (static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count()) >
-        w.wait_timeout_ns) {
-      if (w.wait_failed != nullptr) __atomic_store_n(w.wait_failed, 1u, __ATOMIC_RELEASE);
-      return 0;
-    }
-    std::this_thread::yield();
-  }
-  return __atomic_load_n(w.unit_addr + slot, __ATOMIC_ACQUIRE);
+  return kernels::wait_for_unit(w.unit_ready, w.ready_epoch, w.unit_addr, slot, w.wait_timeout_ns, w.wait_failed);
 }
 }  // namespace
 

@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "kernels/unit_wait.h"
+
 namespace dsfp4 {
 namespace kernels {
 
@@ -110,31 +112,10 @@ __device__ __forceinline__ uint32_t u4_get(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // Thread 0 of a block: the unit address of `slot` once its copy has landed (see
 // Fp4GroupedWeight::unit_ready), or 0 after the timeout.
-__device__ __noinline__ uint64_t wait_for_unit(const FusedGemmArgs& a, int slot) {
-  const uint32_t want = *reinterpret_cast<const volatile uint32_t*>(a.ready_epoch);
-  const volatile uint32_t* ready = a.unit_ready + slot;
-  if (*ready != want) {
-    const uint64_t t0 = global_ns();
-    unsigned sleep = 32;
-    while (*ready != want) {
-      if (global_ns() - t0 > a.wait_timeout_ns) {
-        if (a.wait_failed != nullptr) *reinterpret_cast<volatile uint32_t*>(a.wait_failed) = 1u;
-        return 0;
-      }
-      __nanosleep(sleep);
-      sleep = sleep < 1024 ? 2 * sleep : 1024;
-    }
-  }
-  __threadfence();
-  return *reinterpret_cast<const volatile uint64_t*>(a.unit_addr + slot);
+__device__ __forceinline__ uint64_t wait_for_unit(const FusedGemmArgs& a, int slot) {
+  return kernels::wait_for_unit(a.unit_ready, a.ready_epoch, a.unit_addr, slot, a.wait_timeout_ns, a.wait_failed);
 }
 
 // A group with no weights to read: its rows of this block's output columns become NaN.

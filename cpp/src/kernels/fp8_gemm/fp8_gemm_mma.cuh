@@ -21,6 +21,8 @@
 
 #include <cstdint>
 
+#include "kernels/unit_wait.h"
+
 namespace dsfp4 {
 namespace kernels {
 namespace fp8 {
@@ -102,32 +104,6 @@ __device__ __forceinline__ int scale_row(int r, int split) {
   return ((split + 127) >> 7) + ((r - split) >> 7);
 }
 
-__device__ __forceinline__ uint64_t fp8_global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// Thread 0 of a block: the unit address of `slot` once its copy has landed, or 0 after the timeout.
-__device__ __noinline__ uint64_t fp8_wait_for_unit(const FusedArgs& a, int slot) {
-  const uint32_t want = *reinterpret_cast<const volatile uint32_t*>(a.ready_epoch);
-  const volatile uint32_t* ready = a.unit_ready + slot;
-  if (*ready != want) {
-    const uint64_t t0 = fp8_global_ns();
-    unsigned sleep = 32;
-    while (*ready != want) {
-      if (fp8_global_ns() - t0 > a.wait_timeout_ns) {
-        if (a.wait_failed != nullptr) *reinterpret_cast<volatile uint32_t*>(a.wait_failed) = 1u;
-        return 0;
-      }
-      __nanosleep(sleep);
-      sleep = sleep < 1024 ? 2 * sleep : 1024;
-    }
-  }
-  __threadfence();
-  return *reinterpret_cast<const volatile uint64_t*>(a.unit_addr + slot);
-}
-
 // NT8: 8-token tiles per warp; WN × KW warps per block (KW of them split K and are reduced
 // through shared memory); UC: 64-column chunks loaded ahead. One 16-row tile per warp.
 // Grid: x = token tiles × split_k (fastest, so blocks that share weight rows run together and
@@ -156,7 +132,9 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp8_gemm_kernel(const Fuse
     uint64_t unit;
     if (a.unit_ready != nullptr) {
       __shared__ uint64_t ready_unit;
-      if (threadIdx.x == 0) ready_unit = fp8_wait_for_unit(a, slot);
+      if (threadIdx.x == 0)
+        ready_unit = kernels::wait_for_unit(a.unit_ready, a.ready_epoch, a.unit_addr, slot, a.wait_timeout_ns,
+                                            a.wait_failed);
       __syncthreads();
       unit = ready_unit;
     } else {
