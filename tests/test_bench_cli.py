@@ -118,3 +118,21 @@ def test_tune_writes_a_config_apply_config_takes(tiny, tmp_path, capsys):
         == 2
     )
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_bench_pages_on_the_cpu_with_the_cpu_lane(tiny, tmp_path, capsys, small_ceilings):
+    """--dtype bfloat16 lets a CPU run page (the budget holds a third of the experts), with the CPU
+    expert lane on."""
+    from deepseek_fp4_plugin import Engine
+
+    out = tmp_path / "bench"
+    plan = Engine.plan(str(tiny), device="cpu", dtype="bfloat16", memory_limit=1.0, max_batch_size=1, max_seq_len=21)
+    fixed = sum(b for name, b, _ in plan.rows() if not name.startswith("expert cache"))
+    limit = (fixed + plan.total_experts * plan.expert_unit_bytes // 3) / 2 ** 30   # a third of the experts
+    args = ["bench", "--model", str(tiny), "--out", str(out), "--device", "cpu", "--dtype", "bfloat16",
+            "--memory-limit", str(limit), "--cpu-experts", "1", "--requests", "2", "--prompt-tokens", "16",
+            "--decode-tokens", "4"]
+    assert main(args) == 0
+    r = json.loads((out / "bench.json").read_text())
+    assert r["plan"]["paged"] and r["plan"]["cpu_expert_threads"] == 1
+    assert r["results"]["decode_tokens_per_s"] > 0

@@ -157,8 +157,10 @@ def run_bench(
     progress: bool = True,
     ceilings: Optional[Dict[str, Any]] = None,
     paging: Optional[Dict[str, Any]] = None,
+    dtype: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Runs the standard workload (see the module docstring); returns the JSON it writes."""
+    """Runs the standard workload (see the module docstring); returns the JSON it writes.
+    ``dtype``: the engine's compute dtype (None: its default; paging on the CPU needs "bfloat16")."""
     from .ceilings import measure_ceilings
     from .report import PerfVisualizer
 
@@ -171,6 +173,8 @@ def run_bench(
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     kw = {"paging": paging} if paging else {}
+    if dtype is not None:
+        kw["dtype"] = dtype
     inf = open_model(
         model, device, memory_limit, prompt_tokens + decode_tokens + 1, batch, preset, progress, **kw
     )
@@ -346,6 +350,7 @@ def run_tune(
     batch: int = 1,
     preset: str = "default",
     progress: bool = True,
+    dtype: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Runs the AutoTuner on a model and writes its result (the config and every trial)."""
     from .tuner import DEFAULT_PROMPTS, AutoTuner
@@ -356,7 +361,8 @@ def run_tune(
         free, _ = torch.cuda.mem_get_info()
         memory_limit = round(0.9 * free / GiB, 2)
     prompts = list(prompts or DEFAULT_PROMPTS)
-    inf = open_model(model, dev, memory_limit, None, batch, preset, False)  # the bar is the trials
+    kw = {"dtype": dtype} if dtype is not None else {}
+    inf = open_model(model, dev, memory_limit, None, batch, preset, False, **kw)  # the bar is the trials
     if inf.engine.tokenizer is None and any(isinstance(p, str) for p in prompts):
         prompts = bench_prompts(None, len(prompts), 64, inf.engine.config.vocab_size)
     tuner = AutoTuner(inf, prompts=prompts, max_tokens=max_tokens, allow_approximation=approximate)

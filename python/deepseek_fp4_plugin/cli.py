@@ -218,6 +218,10 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    help="host expert cache in GiB (paged models)")
     p.add_argument("--use-cuda-graph", choices=["on", "off"], default=None,
                    help="CUDA-graph decode (default: the preset's choice, else off)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA; paging needs bfloat16)")
+    p.add_argument("--cpu-experts", default=None,
+                   help="off, auto or a number of threads: the CPU expert lane of a paged model")
     p.set_defaults(func=_run_bench)
     return p
 
@@ -226,11 +230,12 @@ def _run_bench(args) -> int:
     from .bench import print_table, run_bench
 
     graphs = None if args.use_cuda_graph is None else args.use_cuda_graph == "on"
-    paging = {"cpu_cache_size": args.cpu_cache_size} if args.cpu_cache_size is not None else None
+    paging = {k: v for k, v in (("cpu_cache_size", args.cpu_cache_size), ("cpu_experts", args.cpu_experts))
+              if v is not None} or None
     r = run_bench(args.model, args.out, preset=args.preset, device=args.device,
                   memory_limit=args.memory_limit, prompt_tokens=args.prompt_tokens,
                   decode_tokens=args.decode_tokens, requests=args.requests, batch=args.batch,
-                  use_cuda_graph=graphs, paging=paging)
+                  use_cuda_graph=graphs, paging=paging, dtype=args.dtype)
     print_table(r)
     return 0
 
@@ -254,6 +259,8 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--memory-limit", type=float, default=None, help="device memory budget in GiB")
     p.add_argument("--batch", type=int, default=1, help="starting batch size (default 1)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA; paging needs bfloat16)")
     p.set_defaults(func=_run_tune)
     return p
 
@@ -271,7 +278,7 @@ def _run_tune(args) -> int:
             raise ValueError(f"{args.prompts}: no prompts (one per line)")
     r = run_tune(args.model, args.out, device=args.device, memory_limit=args.memory_limit, target=args.target,
                  time_budget_s=args.time_budget, prompts=prompts, max_tokens=args.max_tokens,
-                 approximate=args.approximate, batch=args.batch)
+                 approximate=args.approximate, batch=args.batch, dtype=args.dtype)
     base = r["baseline"]["value"]
     print(f"tuned {r['target_metric']} ({r['metric_key']}): {base if base is None else round(base, 3)} → "
           f"{r['value'] if r['value'] is None else round(r['value'], 3)} in {len(r['trials'])} trials, "
