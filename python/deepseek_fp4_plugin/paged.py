@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Generator, List, Optional, Tuple
 
 import numpy as np
@@ -79,17 +79,6 @@ def paged_expert_format(source: CheckpointSource, policy: PrecisionPolicy) -> Tu
             return None, m
         found = fmt
     return found or "nvfp4", None
-
-
-def non_nvfp4_expert(source: CheckpointSource) -> Optional[str]:
-    """The first routed-expert module not stored in NVFP4 (paging reads experts as NVFP4 from
-    the files), or None."""
-    c = source.config
-    for layer in range(c.num_hidden_layers):
-        m = f"model.layers.{layer}.mlp.experts.0.gate_proj"
-        if c.is_moe_layer(layer) and source.linear_format(m) != NVFP4:
-            return m
-    return None
 
 
 def host_tensor(address: int, nbytes_: int) -> Tensor:
@@ -187,7 +176,7 @@ class PagedRoutedExperts(RoutedExperts):
         if point.deferred:
             return self.store._run_waves(self, x, row_offsets, tokens)
         y = super().run(x, row_offsets, tokens)
-        if self.store.cpu_lane is not None:
+        if self.store.cpu_lane is not None and self.store.decoding:   # prefill never uses the lane
             self.store._cpu_join(self, y, row_offsets)
         return y
 

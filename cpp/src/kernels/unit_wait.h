@@ -74,6 +74,12 @@ inline uint64_t wait_for_unit(const uint32_t* ready, const uint32_t* epoch, cons
   return __atomic_load_n(addr + slot, __ATOMIC_ACQUIRE);
 }
 
+// Rows [lo, hi) × n of a bf16 output become NaN: a group whose unit could not be read.
+inline void nan_rows(uint16_t* y, int64_t lo, int64_t hi, int64_t n, int64_t ldy) {
+  for (int64_t r = lo; r < hi; ++r)
+    for (int64_t c = 0; c < n; ++c) y[r * ldy + c] = 0x7FC0;
+}
+
 }  // namespace kernels
 }  // namespace dsfp4
 #endif

@@ -190,7 +190,7 @@ Status submit_cpu_call(const Ctx& c, int layer, const int32_t* ids, int64_t coun
   for (const auto& je : experts) m.hslot[static_cast<size_t>(je.second)].cpu_reader = handle;
   L.call = handle;
   L.call_layer = layer;
-  L.tok_weight.assign(1, equiv);
+  L.call_equiv_bytes = equiv;
   return Status::Ok();
 }
 
@@ -203,9 +203,9 @@ Status finish_cpu_call(const Ctx& c) {
   L.call.reset();
   ExpertCounters& ct = m.counters[static_cast<size_t>(L.call_layer)];
   ct.cpu_ms += stats.run_ms;
-  if (st.ok() && stats.run_ms > 0 && !L.tok_weight.empty()) {
+  if (st.ok() && stats.run_ms > 0 && L.call_equiv_bytes > 0) {
     // the rate at one token that this call showed (its experts' bytes, weighted as choose_lanes does)
-    const double gbs = L.tok_weight[0] / (stats.run_ms * 1e6);
+    const double gbs = L.call_equiv_bytes / (stats.run_ms * 1e6);
     L.cpu_gbs = L.cpu_gbs > 0 ? 0.8 * L.cpu_gbs + 0.2 * gbs : gbs;
   }
   return st;

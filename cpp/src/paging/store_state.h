@@ -99,7 +99,7 @@ struct CpuLane {
   int call_layer = -1;
   std::vector<CpuExpertJob> jobs;
   std::vector<int32_t> rows;
-  std::vector<double> tok_weight;           // Σ √tokens of the last call's experts ÷ their count
+  double call_equiv_bytes = 0;              // the last call's unit bytes, weighted as choose_lanes does
 };
 
 struct SpecCopy {          // a speculative copy being issued chunk by chunk

@@ -1,8 +1,6 @@
 // CPU reference of the FP4 GEMM on the tiled layout: what the CUDA kernels compute.
 #include <algorithm>
-#include <chrono>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "dsfp4/fp4_gemm.h"
@@ -104,8 +102,7 @@ Status fp4_grouped_gemm_cpu(const Fp4GroupedWeight& w, int num_slots, int num_gr
     if (units) {
       const uint64_t unit = w.unit_ready != nullptr ? wait_for_unit(w, slot) : w.unit_addr[slot];
       if (unit == 0 || unit % 16 != 0) {  // no weights to read: NaN rows, as on the GPU
-        for (int64_t r = lo; r < hi; ++r)
-          for (int64_t n = 0; n < w.n; ++n) yb[r * ldy + n] = 0x7FC0;
+        kernels::nan_rows(yb, lo, hi, w.n, ldy);
         continue;
       }
       sw.qweight = reinterpret_cast<const uint32_t*>(unit + w.unit_qweight);

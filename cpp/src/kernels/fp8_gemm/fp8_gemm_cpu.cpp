@@ -1,11 +1,9 @@
 // CPU references of the FP8 block GEMM, activation quantization, block quantization and the
 // FP8 expert unit: what the CUDA kernels compute.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "dsfp4/fp8_gemm.h"
@@ -179,8 +177,7 @@ Status fp8_grouped_gemm_cpu(const Fp8GroupedWeight& w, int num_slots, int num_gr
     if (units) {
       const uint64_t unit = w.unit_ready != nullptr ? wait_for_unit(w, slot) : w.unit_addr[slot];
       if (unit == 0 || unit % 16 != 0) {  // no weights to read: NaN rows, as on the GPU
-        for (int64_t r = lo; r < hi; ++r)
-          for (int64_t n = 0; n < w.n; ++n) yb[r * ldy + n] = 0x7FC0;
+        kernels::nan_rows(yb, lo, hi, w.n, ldy);
         continue;
       }
       sw.weight = reinterpret_cast<const uint8_t*>(unit + w.unit_weight);
