@@ -3,12 +3,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <mutex>
 #include <string>
 
 #include "dsfp4/fp4_gemm.h"
 #include "dsfp4/nvfp4.h"
 #include "kernels/cuda_check.h"
+#include "kernels/device_info.h"
 #include "kernels/fp4_gemm/bf16_gemm_sm90.h"
 #include "kernels/fp4_gemm/fp4_gemm_mma.cuh"
 #include "kernels/nvfp4/nvfp4_format.h"
@@ -22,29 +22,8 @@ using kernels::FusedGemmArgs;
 // Rows of the dequantized weight per chunk on the kDequant path (bounded workspace).
 constexpr int64_t kDequantChunkBytes = 64ll << 20;
 
-struct DeviceInfo {
-  int sm_count = 132;
-  int cc_major = 9;
-  int cc_minor = 0;
-};
-
-DeviceInfo device_info() {
-  static std::mutex mu;
-  static DeviceInfo cache[64];
-  static bool filled[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return DeviceInfo{};
-  std::lock_guard<std::mutex> lock(mu);
-  if (!filled[dev]) {
-    DeviceInfo d;
-    cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev);
-    cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cache[dev] = d;
-    filled[dev] = true;
-  }
-  return cache[dev];
-}
+using kernels::DeviceInfo;
+using kernels::device_info;
 
 // Rows per warp for a token tile: more rows amortize x loads once tiles are wide.
 int rows_tiles_per_warp(int tile_tokens) { return tile_tokens >= 32 ? 2 : 1; }

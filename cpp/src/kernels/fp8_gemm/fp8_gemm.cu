@@ -4,11 +4,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <mutex>
 #include <string>
 
 #include "dsfp4/fp8_gemm.h"
 #include "kernels/cuda_check.h"
+#include "kernels/device_info.h"
 #include "kernels/fp4_gemm/bf16_gemm_sm90.h"
 #include "kernels/fp8_gemm/fp8_format.h"
 #include "kernels/fp8_gemm/fp8_gemm_mma.cuh"
@@ -121,27 +121,8 @@ using kernels::fp8::FusedArgs;
 
 constexpr int64_t kDequantChunkBytes = 64ll << 20;  // bf16 rows per chunk on the kDequant path
 
-struct DeviceInfo {
-  int sm_count = 132;
-  int cc_major = 9;
-};
-
-DeviceInfo device_info() {
-  static std::mutex mu;
-  static DeviceInfo cache[64];
-  static bool filled[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return DeviceInfo{};
-  std::lock_guard<std::mutex> lock(mu);
-  if (!filled[dev]) {
-    DeviceInfo d;
-    cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev);
-    cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev);
-    cache[dev] = d;
-    filled[dev] = true;
-  }
-  return cache[dev];
-}
+using kernels::DeviceInfo;
+using kernels::device_info;
 
 int64_t block_rows(const Fp8GemmTactic& t) {
   return 16ll * t.warps_n;
