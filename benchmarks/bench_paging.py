@@ -408,6 +408,26 @@ def llama_cpp_peer(args) -> dict:
                     gen=32, reps=3)
 
 
+def cpu_kernel_rows(cpu, batches: Sequence[int], gb: float = 2.2) -> Tuple[float, List[dict]]:
+    """The CPU expert kernel alone with the lane's threads: GB/s of expert units (8 experts a call,
+    each with the whole batch) over ~2 GB of pinned units, against those threads' DRAM read rate
+    over the same units (bench_cpu_experts.py, the same measurement)."""
+    from bench_cpu_experts import make_units, time_calls
+
+    layout = dict(_C.paging.expert_unit_layout(cpu.hidden, cpu.inter))
+    count = max(16, -(-int(gb * 1e9) // layout["bytes"]))
+    units = make_units(layout, count, torch.cuda.is_available())
+    dram = cpu.read_bandwidth(units.view(-1), 3)
+    rows = []
+    for b in batches:
+        r = time_calls(cpu, units, b, 8, max(8, -(-2 * count // 8)), warmup=3, seed=b)
+        rows.append({"batch": b, "gbs": r["gbs"], "dram_gbs": dram, "ratio": r["gbs"] / dram, "ms": r["ms"],
+                     "isa": cpu.isa, "threads": cpu.threads})
+        print(f"CPU kernel batch {b}: {r['gbs']:.1f} GB/s of {dram:.1f} GB/s DRAM ({cpu.isa}, {cpu.threads} threads)",
+              flush=True)
+    return dram, rows
+
+
 def accelerate_moe_layer_ms(cfg: DeepseekV3Config, layers: int, steps: int = 3) -> dict:
     """transformers DeepseekV3ForCausalLM in BF16 with the routed experts offloaded by accelerate to
     pageable host memory (copied to the GPU at every forward): ms per MoE layer per token."""
@@ -599,14 +619,13 @@ def main() -> int:
         lane = eng.store.counters()["cpu_lane"]
         probe = CpuExperts(cfg.hidden_size, cfg.moe_intermediate_size, threads=lane["threads"],
                            reserved_cores=eng.memory_plan.cpu_reserved_cores)
-        buf = torch.ones(2 << 30, dtype=torch.uint8)
-        dram = probe.read_bandwidth(buf)   # the lane's threads reading host DRAM, this run
-        del probe, buf
+        dram, result["cpu_kernel"] = cpu_kernel_rows(probe, (1, 4, 16))
+        del probe
         result["host_dram_gbs"], result["cpu_lane"] = dram, lane
         for b in (1, 4, 8):
             n = share_slots(b)
             run(dict(expert_slots=n, cpu_experts=args.cpu_experts),
-                lambda rec, b=b, n=n: decode_row(eng, b, args.steps, h2d, n_moe, "cpu_lane", routing, "full_depth",
+                lambda rec, b=b, n=n: decode_row(eng, b, args.steps, h2d, n_moe, "hybrid", routing, "full_depth",
                                                  rec, n, full_depth=share, dram=dram))
     n = share_slots(1)
     run(dict(expert_slots=n, decode_pipeline=False),
