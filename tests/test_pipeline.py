@@ -433,3 +433,27 @@ def test_cpu_lane_only_for_a_whole_routing(model_dir):
     lanes = st.resolve_ready(0, whole.ctypes.data, len(whole), 2, 0, whole_routing=True)
     assert any(str(lane).split(".")[-1] == "cpu" for _, lane in lanes)
     st.take_error()
+
+
+def test_store_source_never_places_on_the_cpu(model_dir):
+    """The TensorRT expert plugin's source (ExpertStoreSource) over a store whose CPU lane is on:
+    its acquire resolves a whole routing, yet no expert goes to the CPU lane (the plugin has no
+    join after its down GEMM), so its table row holds only real unit addresses."""
+    eng = paged(model_dir, decode_pipeline=False, **CPU_LANE)
+    st = eng.store.experts
+    source = _C.paging.ExpertStoreSource(st)
+    e = eng.config.n_routed_experts
+    before = st.counters()["cpu_experts"]
+    st.begin_step(False)
+    ids = np.arange(e, dtype=np.int32)[: 2 * eng.config.num_experts_per_tok]
+    source.acquire(0, ids.ctypes.data, len(ids), 0)
+    row = eng.store.tables[0, ids].tolist()
+    assert all(a > 1 for a in row), row         # 0: missing, 1: the CPU lane's marker
+    assert st.counters()["cpu_experts"] == before
+    source.release(0, 0)
+    # the same ids through the engine's own whole-routing resolve do use the lane
+    st.begin_step(False)
+    fresh = np.arange(e - len(ids), e, dtype=np.int32)
+    lanes = st.resolve_ready(0, fresh.ctypes.data, len(fresh), 2, 0, whole_routing=True)
+    assert any(str(lane).split(".")[-1] == "cpu" for _, lane in lanes)
+    st.take_error()
