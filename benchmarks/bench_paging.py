@@ -403,9 +403,10 @@ def llama_cpp_peer(args) -> dict:
 
     args.llama_work.mkdir(parents=True, exist_ok=True)
     n = os.cpu_count() or 16
+    threads = tuple(int(t) for t in args.llama_threads.split(",") if t) or (n, n // 2)
     return run_peer(args.llama_dir, args.llama_work, layers=args.llama_layers,
-                    expert_types=tuple(args.llama_types.split(",")), threads=(n, n // 2), prompts=(512, 2048),
-                    gen=32, reps=3)
+                    expert_types=tuple(args.llama_types.split(",")), threads=threads, prompts=(512, 2048),
+                    gen=32, reps=args.llama_reps)
 
 
 def cpu_kernel_rows(cpu, batches: Sequence[int], gb: float = 2.2) -> Tuple[float, List[dict]]:
@@ -496,6 +497,8 @@ def main() -> int:
     ap.add_argument("--llama-layers", type=int, default=3)
     ap.add_argument("--llama-work", type=Path, default=Path("/dev/shm/dsfp4_gguf"))
     ap.add_argument("--llama-types", default="q4_0,nvfp4", help="llama.cpp expert types to bench")
+    ap.add_argument("--llama-threads", default="", help="llama.cpp thread counts (default: all cores, half)")
+    ap.add_argument("--llama-reps", type=int, default=3)
     ap.add_argument("--baseline", action="store_true", help="also run transformers + accelerate")
     ap.add_argument("--skip-ssd", action="store_true")
     ap.add_argument("--skip-ablations", action="store_true")
@@ -584,6 +587,8 @@ def main() -> int:
     default = {k: getattr(eng.paging, k) for k in keys}
     default["cpu_experts"] = "off"   # the lane's rows turn it on
 
+    out = args.out or Path(__file__).parent / "results" / f"paging_{gpu_slug()}.json"
+
     def run(change, fn):
         eng.reconfigure_paging(**{**default, **change})
         rec = Recorder(eng)
@@ -593,6 +598,7 @@ def main() -> int:
             rec.stop()
         print(r, flush=True)
         rows.append(r)
+        write_result({**result, "partial": True}, out)   # a run cut short keeps its rows
         return r
 
     if args.profile is not None:
@@ -670,7 +676,6 @@ def main() -> int:
     if args.baseline:
         result["peers"]["accelerate"] = accelerate_moe_layer_ms(cfg, 1)
 
-    out = args.out or Path(__file__).parent / "results" / f"paging_{gpu_slug()}.json"
     write_result(result, out)
     print(f"\nPaging, {n_moe} MoE layers ({gb:.0f} GB), memory_limit {args.memory_limit} GiB, h2d {h2d:.1f} GB/s, "
           f"disk {disk:.2f} GB/s (engine reader); commit {result['commit'][:10]}{' (dirty)' if result['dirty'] else ''}")
