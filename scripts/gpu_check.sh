@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the extension for the local GPU, runs tests/gpu, a compute-sanitizer pass and the
 # benchmarks, keeping logs and JSON under $OUT (default ./gpu_out).
-#   scripts/gpu_check.sh [prebuilt] [build] [tests] [sanitizer] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
+#   scripts/gpu_check.sh [prebuilt] [build] [tests] [sanitizer|sanitizer-paged] [bench-gemm] [bench-model] [bench-paging] [tune] [trt] [fp8]
 #                        [peer-llama] [cpu-experts] [bench-report] [serve]
 # With no arguments: build tests sanitizer bench-gemm.
 # prebuilt (instead of build, when device time is short): takes the extension built elsewhere for
@@ -107,8 +107,10 @@ if has sanitizer; then
     "tests/gpu/test_paging_gpu.py::test_read_error_mid_generation" -k "not 4096 and not 1024" \
     > "$OUT/sanitizer.log" 2>&1
   rc=$?; tail -6 "$OUT/sanitizer.log"; echo "sanitizer exit $rc"; [ $rc -eq 0 ] || status=1
+fi
+if has sanitizer || has sanitizer-paged; then
   echo "== compute-sanitizer: the paged engine (decode pipeline, ready words) and the waiting GEMM"
-  DSFP4_QUICK=1 timeout 900 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
+  DSFP4_QUICK=1 timeout ${SANITIZER_TIMEOUT:-900} compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x \
     "tests/gpu/test_pipeline_gpu.py::test_units_gemm_computes_each_expert_as_its_copy_lands" \
     "tests/gpu/test_pipeline_gpu.py::test_units_gemm_wait_times_out_as_nan_and_flag" \
     "tests/gpu/test_paging_gpu.py::test_paged_equals_resident[ssd_paged-graph]" \
@@ -117,7 +119,7 @@ if has sanitizer; then
     > "$OUT/sanitizer_paged.log" 2>&1
   rc=$?; tail -4 "$OUT/sanitizer_paged.log"; echo "sanitizer (paged engine) exit $rc"; [ $rc -eq 0 ] || status=1
   for tool in racecheck synccheck; do
-    timeout 600 compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -x \
+    timeout ${SANITIZER_TIMEOUT:-600} compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -x \
       "tests/gpu/test_pipeline_gpu.py::test_units_gemm_computes_each_expert_as_its_copy_lands" \
       "tests/gpu/test_paging_gpu.py::test_grouped_gemm_units_gpu_and_host_memory" > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?; tail -2 "$OUT/sanitizer_$tool.log"; echo "$tool exit $rc"; [ $rc -eq 0 ] || status=1
