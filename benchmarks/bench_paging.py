@@ -396,8 +396,8 @@ def profile_prefill(engine, prompt_len: int, out: Path) -> dict:
 
 
 def llama_cpp_peer(args) -> dict:
-    """llama.cpp with its experts on the CPU (benchmarks/peers/llama_cpp.py, docs/peers.md), before
-    the engine takes its pinned host cache: the GGUF and llama.cpp's copy of the experts sit in RAM."""
+    """llama.cpp with its experts on the CPU (benchmarks/peers/llama_cpp.py, docs/peers.md), once the
+    engine has freed its pinned host cache: the GGUF and llama.cpp's copy of the experts sit in RAM."""
     sys.path.insert(0, str(Path(__file__).parent / "peers"))
     from llama_cpp import run_peer
 
@@ -406,7 +406,7 @@ def llama_cpp_peer(args) -> dict:
     threads = tuple(int(t) for t in args.llama_threads.split(",") if t) or (n, n // 2)
     return run_peer(args.llama_dir, args.llama_work, layers=args.llama_layers,
                     expert_types=tuple(args.llama_types.split(",")), threads=threads, prompts=(512, 2048),
-                    gen=32, reps=args.llama_reps)
+                    gen=32, reps=args.llama_reps, repack=tuple(int(r) for r in args.llama_repack.split(",")))
 
 
 def cpu_kernel_rows(cpu, batches: Sequence[int], gb: float = 2.2) -> Tuple[float, List[dict]]:
@@ -499,6 +499,7 @@ def main() -> int:
     ap.add_argument("--llama-types", default="q4_0,nvfp4", help="llama.cpp expert types to bench")
     ap.add_argument("--llama-threads", default="", help="llama.cpp thread counts (default: all cores, half)")
     ap.add_argument("--llama-reps", type=int, default=3)
+    ap.add_argument("--llama-repack", default="1,0", help="llama.cpp --repack values")
     ap.add_argument("--baseline", action="store_true", help="also run transformers + accelerate")
     ap.add_argument("--skip-ssd", action="store_true")
     ap.add_argument("--skip-ablations", action="store_true")
@@ -522,15 +523,6 @@ def main() -> int:
               "page_cache_dropped": dropped, "memory_limit_gb": args.memory_limit, "model_gb_on_disk": gb,
               "moe_layers": n_moe, "rows": [], "peers": {}}
     print(f"ceilings: h2d {h2d:.1f} GB/s, copy {copy:.0f} GB/s", flush=True)
-
-    if args.llama_dir is not None:
-        t0 = time.perf_counter()
-        try:
-            result["peers"]["llama_cpp"] = llama_cpp_peer(args)
-        except Exception as e:   # the peer's failure must not lose our rows; it is reported
-            result["peers"]["llama_cpp"] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"llama.cpp: {json.dumps(result['peers']['llama_cpp'])[:600]} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
 
     share = full_depth_share(args.memory_limit, 8)
     result["full_depth"] = share
@@ -660,6 +652,16 @@ def main() -> int:
     del eng
     gc.collect()
     torch.cuda.empty_cache()
+
+    if args.llama_dir is not None:   # after the engine has freed its pinned host cache
+        t0 = time.perf_counter()
+        try:
+            result["peers"]["llama_cpp"] = llama_cpp_peer(args)
+        except Exception as e:   # the peer's failure must not lose our rows; it is reported
+            result["peers"]["llama_cpp"] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"llama.cpp: {json.dumps(result['peers']['llama_cpp'])[:600]} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        write_result({**result, "partial": True}, out)
 
     if not args.skip_ssd:
         drop_page_cache()
