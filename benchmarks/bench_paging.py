@@ -507,6 +507,7 @@ def main() -> int:
                     help="off, auto or threads: adds full-depth decode rows with the CPU expert lane")
     ap.add_argument("--profile", type=Path, default=None, help="write a prefill profile summary here")
     ap.add_argument("--no-replay", action="store_true", help="random routing only (no trace)")
+    ap.add_argument("--write-only", action="store_true", help="write the model to --dir and stop")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -515,6 +516,8 @@ def main() -> int:
     t0 = time.perf_counter()
     gb = write_model(args.dir, cfg)
     print(f"model: {gb:.1f} GB on disk in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.write_only:
+        return 0
     dropped = drop_page_cache()
     copy = copy_bandwidth_gbs()
     h2d = h2d_gbs()

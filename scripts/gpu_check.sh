@@ -172,6 +172,17 @@ fi
 if has bench-paging; then
   echo "== bench_paging"
   df -h "${BENCH_PAGING_DIR:-/tmp}" | tail -1
+  if [ -n "${TESTS_DURING_WRITE:-}" ]; then
+    # GPU tests while the model is written (disk-bound), before anything is timed
+    ( timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest $TESTS_DURING_WRITE -q -rs --durations=8 > "$OUT/gpu_tests.log" 2>&1
+      echo "pytest exit $?" >> "$OUT/gpu_tests.log" ) &
+    tests_pid=$!
+    start=$(date +%s)
+    python3 benchmarks/bench_paging.py --dir "${BENCH_PAGING_DIR:-/tmp/dsfp4_v3}" --write-only 2>&1 | tail -2
+    echo "model written in $(( $(date +%s) - start )) s"
+    wait $tests_pid
+    tail -15 "$OUT/gpu_tests.log"; grep -q "pytest exit 0" "$OUT/gpu_tests.log" || status=1
+  fi
   timeout ${BENCH_PAGING_TIMEOUT:-560} python3 benchmarks/bench_paging.py --dir "${BENCH_PAGING_DIR:-/tmp/dsfp4_v3}" \
     --cpu-experts "${BENCH_PAGING_CPU:-auto}" ${BENCH_PAGING_ARGS:-} --out "$OUT/paging.json" \
     > "$OUT/bench_paging.log" 2>&1 || status=1
