@@ -345,7 +345,7 @@ def test_cpu_lane_equals_resident(model_dir, reference, pipeline):
     assert sum(p["cpu_experts"] for p in c["per_layer"]) == ex["cpu_experts"]
     lane = c["cpu_lane"]
     assert lane["threads"] == 1 and lane["cpu_gbs"] > 0 and lane["bus_gbs"] > 0
-    assert eng.store.cpu_lane["max_rows"] == KW["max_batch_size"]   # decode rows, not a prefill chunk
+    assert eng.store.cpu_lane.max_rows == KW["max_batch_size"]   # decode rows, not a prefill chunk
     # prefill keeps streaming to the GPU: the logits of a prompt are the paged engine's usual ones
     assert (eng.logits(PROMPTS[0]) - ref_logits).abs().max().item() < 1e-3
 

@@ -187,6 +187,28 @@ void bind_paging(py::module_& m) {
       .def_readwrite("sim_copy_delay_us", &ExpertStoreOptions::sim_copy_delay_us)
       .def_readwrite("format", &ExpertStoreOptions::format);
 
+  py::class_<CpuLaneOptions>(p, "CpuLaneOptions")
+      .def(py::init<>())
+      .def_readwrite("threads", &CpuLaneOptions::threads)
+      .def_readwrite("isa", &CpuLaneOptions::isa)
+      .def_readwrite("reserved_cores", &CpuLaneOptions::reserved_cores)
+      .def_readwrite("max_rows", &CpuLaneOptions::max_rows)
+      .def_readwrite("top_k", &CpuLaneOptions::top_k)
+      .def_readwrite("bus_gbs", &CpuLaneOptions::bus_gbs)
+      .def_readwrite("cpu_gbs", &CpuLaneOptions::cpu_gbs)
+      .def_readwrite("decoder_layers", &CpuLaneOptions::decoder_layers);
+  py::class_<CpuLaneView>(p, "CpuLaneView")
+      .def_readonly("x", &CpuLaneView::x)
+      .def_readonly("y_dev", &CpuLaneView::y_dev)
+      .def_readonly("done_dev", &CpuLaneView::done_dev)
+      .def_readonly("ok_dev", &CpuLaneView::ok_dev)
+      .def_readonly("max_rows", &CpuLaneView::max_rows)
+      .def_readonly("top_k", &CpuLaneView::top_k)
+      .def_readonly("threads", &CpuLaneView::threads)
+      .def_readonly("isa", &CpuLaneView::isa)
+      .def_readonly("bus_gbs", &CpuLaneView::bus_gbs)
+      .def_readonly("cpu_gbs", &CpuLaneView::cpu_gbs);
+
   py::class_<MissInfo>(p, "MissInfo")
       .def(py::init([](bool keep, int tokens) { return MissInfo{keep, tokens}; }), py::arg("keep") = false,
            py::arg("tokens") = 1)
@@ -351,39 +373,10 @@ void bind_paging(py::module_& m) {
           },
           py::arg("layer"), py::arg("expert"), py::arg("pinned"), py::arg("compute"))
       .def(
-          "enable_cpu_lane",
-          [](ExpertStore& s, int threads, const std::string& isa, const std::vector<int>& reserved_cores, int max_rows,
-             int top_k, double bus_gbs, double cpu_gbs, const std::vector<int>& decoder_layers) {
-            CpuLaneOptions o;
-            o.decoder_layers = decoder_layers;
-            o.threads = threads;
-            o.isa = isa;
-            o.reserved_cores = reserved_cores;
-            o.max_rows = max_rows;
-            o.top_k = top_k;
-            o.bus_gbs = bus_gbs;
-            o.cpu_gbs = cpu_gbs;
-            nogil([&] { return s.enable_cpu_lane(o); });
-          },
-          py::arg("threads"), py::arg("isa"), py::arg("reserved_cores"), py::arg("max_rows"), py::arg("top_k"),
-          py::arg("bus_gbs"), py::arg("cpu_gbs") = 0.0, py::arg("decoder_layers") = std::vector<int>{})
+          "enable_cpu_lane", [](ExpertStore& s, const CpuLaneOptions& o) { nogil([&] { return s.enable_cpu_lane(o); }); },
+          py::arg("options"))
       .def_property_readonly("cpu_lane", [](const ExpertStore& s) { return s.cpu_lane(); })
-      .def_property_readonly("cpu_lane_view",
-                             [](const ExpertStore& s) {
-                               const CpuLaneView v = s.cpu_lane_view();
-                               py::dict d;
-                               d["x"] = v.x;
-                               d["y"] = v.y_dev;
-                               d["done"] = v.done_dev;
-                               d["ok"] = v.ok_dev;
-                               d["max_rows"] = v.max_rows;
-                               d["top_k"] = v.top_k;
-                               d["threads"] = v.threads;
-                               d["isa"] = v.isa;
-                               d["bus_gbs"] = v.bus_gbs;
-                               d["cpu_gbs"] = v.cpu_gbs;
-                               return d;
-                             })
+      .def_property_readonly("cpu_lane_view", &ExpertStore::cpu_lane_view)
       .def("set_cpu_lane_active", &ExpertStore::set_cpu_lane_active, py::arg("active"))
       .def("inject_cpu_fault", &ExpertStore::inject_cpu_fault, py::arg("layer"), py::arg("expert"))
       .def("demote_layers_before", &ExpertStore::demote_layers_before)

@@ -266,7 +266,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         if self.ready_mode:
             self.experts.start_pipeline()     # the mailbox; its thread only works inside decode steps
             self.view = self.experts.pipeline_view
-        self.cpu_lane: Optional[dict] = None
+        self.cpu_lane = None   # the CPU lane's CpuLaneView, once enabled
         self.cpu_x: Optional[Tensor] = None
         if plan.cpu_expert_threads:
             self._enable_cpu_lane(plan)
@@ -350,8 +350,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                 raise ValueError("cpu_experts: this engine has no CPU lane (loaded with cpu_experts='off', or its plan "
                                  "gave the lane no threads); load it with cpu_experts set — at run time the lane "
                                  "can only be turned off and on again")
-            if isinstance(new.cpu_experts, int) and new.cpu_experts != self.cpu_lane["threads"]:
-                raise ValueError(f"cpu_experts = {new.cpu_experts}: the lane runs {self.cpu_lane['threads']} threads; "
+            if isinstance(new.cpu_experts, int) and new.cpu_experts != self.cpu_lane.threads:
+                raise ValueError(f"cpu_experts = {new.cpu_experts}: the lane runs {self.cpu_lane.threads} threads; "
                                  f"another count needs a reload")
         if self.ring is not None and new.prefetch_layers != s.prefetch_layers:
             self.ring.set_prefetch(min(new.prefetch_layers, self.plan.layer_slots - 1))
@@ -421,15 +421,16 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             raise ValueError("cpu_experts needs enable_async_copy=True and the transfer stream on "
                              "(ready words order the GPU's side of the CPU lane)")
         c = self.config
+        o = _C.paging.CpuLaneOptions()
+        o.threads, o.isa, o.reserved_cores = plan.cpu_expert_threads, self.settings.cpu_isa, list(plan.cpu_reserved_cores)
+        o.max_rows, o.top_k, o.bus_gbs = self.max_batch, c.num_experts_per_tok, self._bus_gbs()
+        o.decoder_layers = list(self.moe_layers)
         try:
-            self.experts.enable_cpu_lane(threads=plan.cpu_expert_threads, isa=self.settings.cpu_isa,
-                                         reserved_cores=list(plan.cpu_reserved_cores), max_rows=self.max_batch,
-                                         top_k=c.num_experts_per_tok, bus_gbs=self._bus_gbs(),
-                                         decoder_layers=list(self.moe_layers))
+            self.experts.enable_cpu_lane(o)
         except NotImplementedError as e:   # no AVX2 + FMA, or the forced instruction set is missing
             raise ValueError(f"cpu_experts={self.settings.cpu_experts!r}: {e}") from None
-        self.cpu_lane = dict(self.experts.cpu_lane_view)
-        x = host_tensor(self.cpu_lane["x"], self.max_batch * c.hidden_size * 2)
+        self.cpu_lane = self.experts.cpu_lane_view   # addresses and sizes (its rates: read the store's view anew)
+        x = host_tensor(self.cpu_lane.x, self.max_batch * c.hidden_size * 2)
         self.cpu_x = x.view(torch.bfloat16).view(self.max_batch, c.hidden_size)
 
     def _bus_gbs(self) -> float:
@@ -462,8 +463,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         lane, v, i = self.cpu_lane, self.view, experts.index
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.on_device else 0
         _C.paging.cpu_lane_join(y.data_ptr(), row_offsets.data_ptr(), experts.table.data_ptr(), experts.num_experts,
-                                experts.hidden, v.epoch(i), lane["done"] + 4 * i, lane["ok"] + 4 * i, lane["y"],
-                                lane["max_rows"] * lane["top_k"], v.wait_failed, v.wait_timeout_ns, self.on_device,
+                                experts.hidden, v.epoch(i), lane.done_dev + 4 * i, lane.ok_dev + 4 * i, lane.y_dev,
+                                lane.max_rows * lane.top_k, v.wait_failed, v.wait_timeout_ns, self.on_device,
                                 stream)
 
     def _stored_experts(self, source) -> Tuple[object, list]:
@@ -735,6 +736,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         tot = self.experts.counters(-1)
         per_layer = [self.experts.counters(i) for i in range(len(self.moe_layers))]
         ring = self.ring.counters() if self.ring is not None else {}
+        lane = self.experts.cpu_lane_view if self.cpu_lane is not None else None
         unit = self.layout["bytes"]
         req = max(1, tot["requests"])
         out = {
@@ -752,8 +754,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             "ssd_bytes": tot["ssd_bytes"],
             "layer_hit_rate": (ring["hits"] / ring["requests"]) if ring.get("requests") else None,
             # threads, instruction set and the rates the miss policy balances (the CPU's updated as it runs)
-            "cpu_lane": None if self.cpu_lane is None else {
-                k: v for k, v in self.experts.cpu_lane_view.items() if k in ("threads", "isa", "bus_gbs", "cpu_gbs")},
+            "cpu_lane": None if lane is None else {
+                k: getattr(lane, k) for k in ("threads", "isa", "bus_gbs", "cpu_gbs")},
         }
         return out
 
