@@ -80,6 +80,16 @@ def test_blockscaled_reference_quantizes_activations():
     assert 1e-4 < rel < 0.05   # it is the lossy path, and not wildly so
 
 
+def test_default_tactic_keeps_cutlass_paths_to_storable_outputs():
+    """The heuristic assumes ldy = N and the CUTLASS paths store 16-byte rows of y: N % 8 != 0
+    stays fused. (A CUDA build without a GPU plans for an sm_90 device; CPU-only builds: no-op.)"""
+    cutlass = (_C.Fp8GemmPath.blockscaled, _C.Fp8GemmPath.dequant)
+    for m in (128, 600, 4096):
+        for n in (130, 1001):
+            assert _C.fp8_gemm_default_tactic(m, n, 256).path not in cutlass
+            assert all(t.path not in cutlass for t in _C.fp8_gemm_candidate_tactics(m, n, 256))
+
+
 def _np_e4m3_round(v: np.ndarray) -> np.ndarray:
     """float32 → nearest e4m3 value (ties to even), saturating at ±448: an independent NumPy model."""
     v = v.astype(np.float32)

@@ -13,7 +13,8 @@ from deepseek_fp4_plugin.fp8_ops import fp8_expert_unit, fp8_expert_unit_layout,
 
 BLOCK = 128
 M_VALUES = [1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 128, 257, 512, 1000, 4096]
-SHAPES = [(40, 48, 0), (1000, 1040, 0), (576, 7168, 0), (272, 320, 136)]   # (N, K, split_rows)
+# (N, K, split_rows); N = 130: a row tile with 2 of 16 rows, and N % 8 != 0 (no CUTLASS path)
+SHAPES = [(40, 48, 0), (1000, 1040, 0), (576, 7168, 0), (272, 320, 136), (130, 272, 0)]
 PATH = {int(_C.Fp8GemmPath.fused): "fused", int(_C.Fp8GemmPath.blockscaled): "blockscaled",
         int(_C.Fp8GemmPath.dequant): "dequant"}
 
@@ -107,6 +108,34 @@ def test_blockscaled_on_hopper():
     split = make_weight(272, 320, 3, split=136)
     with pytest.raises(ValueError, match="split_rows"):
         split(torch.randn(256, 320, device="cuda").to(torch.bfloat16), [2, 0, 0, 0, 0])
+
+
+def test_auto_tactic_with_unaligned_output_rows():
+    """The heuristic assumes ldy = N; y rows the CUTLASS paths cannot store (ldy % 8 != 0) take
+    the fused path instead of failing (on Hopper the heuristic picks blockscaled, then dequant)."""
+    for n, k, split, m in ((1000, 1040, 0, 300), (272, 320, 136, 600)):
+        w = make_weight(n, k, 9, split=split)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        check(run_raw(w, x, ldy=n + 3), w, x, "fused")
+
+
+def test_nan_weight_codes_give_nan_columns():
+    """e4m3fn's NaN codes (0x7F, 0xFF) make their output columns NaN on every path, as in the CPU
+    reference (the fused path's shift-and-multiply alone reads them as ±480); other columns are
+    bit for bit those of the weight without them."""
+    n, k = 272, 320
+    w = make_weight(n, k, 11)
+    q = w.weight.view(torch.uint8).clone()
+    nan_rows = [3, 130, 271]
+    q[3, 5], q[130, 200], q[271, 319] = 0x7F, 0xFF, 0x7F
+    bad = Fp8Weight(q.view(torch.float8_e4m3fn), w.scale)
+    ok = [r for r in range(n) if r not in nan_rows]
+    for m in (1, 16, 300):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        for t in _C.fp8_gemm_candidate_tactics(m, n, k):
+            y = run_raw(bad, x, tactic=t)
+            assert torch.isnan(y[:, nan_rows]).all(), (m, str(t))
+            assert torch.equal(y[:, ok], run_raw(w, x, tactic=t)[:, ok]), (m, str(t))
 
 
 def test_quantization_bit_exact_with_cpu():

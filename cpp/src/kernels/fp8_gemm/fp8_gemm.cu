@@ -248,18 +248,27 @@ BlockScaledWorkspace blockscaled_workspace(int64_t m, int64_t n, int64_t k) {
 
 namespace {
 
+Fp8GemmTactic fused_default_tactic(int64_t m, int64_t n, int64_t k);
+
 // Shape heuristic for a weight with the given split; bench_fp8_gemm.py --tune sweeps the rest.
+// Like blockscaled_available, it assumes ldy = N: the CUTLASS paths need N % 8 == 0 then.
 Fp8GemmTactic default_tactic(int64_t m, int64_t n, int64_t k, int64_t split_rows) {
   Fp8GemmTactic t;
-  const DeviceInfo d = device_info();
   if (m >= 128 && blockscaled_available(m, n, k, split_rows)) {
     t.path = Fp8GemmPath::kBlockScaled;
     return t;
   }
-  if (m >= 512 && dequant_available(n, k)) {  // a split weight whose grid the FP8 path cannot take
+  // a split weight whose grid the FP8 path cannot take
+  if (m >= 512 && n % 8 == 0 && dequant_available(n, k)) {
     t.path = Fp8GemmPath::kDequant;
     return t;
   }
+  return fused_default_tactic(m, n, k);
+}
+
+Fp8GemmTactic fused_default_tactic(int64_t m, int64_t n, int64_t k) {
+  Fp8GemmTactic t;
+  const DeviceInfo d = device_info();
   t.path = Fp8GemmPath::kFused;
   t.split_k = 1;
   const int64_t kb = kblocks(k);
@@ -315,7 +324,7 @@ std::vector<Fp8GemmTactic> fp8_gemm_candidate_tactics(int64_t m, int64_t n, int6
     t.path = Fp8GemmPath::kBlockScaled;
     out.push_back(t);
   }
-  if (m >= 64 && dequant_available(n, k)) {
+  if (m >= 64 && n % 8 == 0 && dequant_available(n, k)) {  // ldy = N, as above
     Fp8GemmTactic t;
     t.path = Fp8GemmPath::kDequant;
     out.push_back(t);
@@ -358,7 +367,15 @@ Status fp8_gemm_cuda(const Fp8Weight& w, const void* x, int64_t ldx, void* y, in
     return InvalidArgument("fp8_gemm: rows of x must be 16-byte aligned (ldx multiple of 8)");
 
   Fp8GemmTactic t = tactic_in;
-  if (t.path == Fp8GemmPath::kAuto) t = default_tactic(m, w.n, w.k, w.split_rows);
+  if (t.path == Fp8GemmPath::kAuto) {
+    t = default_tactic(m, w.n, w.k, w.split_rows);
+    // The heuristic assumed ldy = N and an aligned y; an output the CUTLASS paths cannot store
+    // takes the fused path without split-K (no workspace: the caller sized it for the heuristic).
+    if (t.path != Fp8GemmPath::kFused && (ldy % 8 != 0 || reinterpret_cast<uintptr_t>(y) % 16 != 0)) {
+      t = fused_default_tactic(m, w.n, w.k);
+      t.split_k = 1;
+    }
+  }
   DSFP4_RETURN_IF_ERROR(check_tactic(t));
   const size_t need = fp8_gemm_workspace_bytes(m, w.n, w.k, t, w.split_rows);
   if (need > 0 && (workspace == nullptr || workspace_bytes < need))

@@ -11,7 +11,8 @@
 //
 // Conversion in registers (exact): prmt spreads two e4m3 bytes into the high bytes of a
 // bf16x2, a mask and a shift move sign, exponent and mantissa into bf16 position — the value
-// × 2⁻¹²⁰ (a bf16 subnormal for e4m3 subnormals) — and one bf16x2 FMA by 2¹²⁰ restores it.
+// × 2⁻¹²⁰ (a bf16 subnormal for e4m3 subnormals) — and one bf16x2 FMA by 2¹²⁰ restores it
+// (its addend is a NaN for the NaN codes 0x7F / 0xFF).
 // Each 128-column block accumulates on its own; its float32 sum is added to the result times
 // the block's scale (rows g and g+8 may have different scales across a split).
 #pragma once
@@ -78,16 +79,25 @@ __device__ __forceinline__ uint32_t u4_get(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// Bit 7 of each byte set iff the byte is 0x7F or 0xFF (e4m3fn's NaN; no carry between bytes).
+__device__ __forceinline__ uint32_t e4m3_nan_flags(uint32_t word) {
+  return (word & 0x7F7F7F7Fu) + 0x01010101u;
+}
+
 // Bytes sel-selected from word (0x1404: bytes 0, 1; 0x3424: bytes 2, 3) → their e4m3 values as
-// a bf16x2 (low half the first byte), exactly.
-template <uint32_t kSel>
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t word) {
-  uint32_t t;
+// a bf16x2 (low half the first byte), exactly; NaN codes give NaN as in the reference (the
+// shift alone would make them ±480). kNanSel (0x9988 / 0xBBAA) spreads those bytes' flags
+// (nan = e4m3_nan_flags(word)) into 0xFFFF halves, the FMA's addend: a NaN there, else +0.
+template <uint32_t kSel, uint32_t kNanSel>
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t word, uint32_t nan) {
+  uint32_t t, c;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(t) : "r"(word), "r"(0u), "n"(kSel));
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(c) : "r"(nan), "r"(0u), "n"(kNanSel));
   const uint32_t v = (t & 0x80008000u) | ((t & 0x7F007F00u) >> 4);  // value × 2^-120
   uint32_t d;
-  // × 2^120 (bf16 0x7B80), + (-0): exact; fma.rn.bf16x2 honours subnormal inputs
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(0x7B807B80u), "r"(0x80008000u));
+  // × 2^120 (bf16 0x7B80) + c: exact; fma.rn.bf16x2 honours subnormal inputs. (+0 turns a -0
+  // weight into +0, which no product or sum can tell apart.)
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v), "r"(0x7B807B80u), "r"(c));
   return d;
 }
 
@@ -235,11 +245,12 @@ __global__ void __launch_bounds__(32 * WN * KW) fused_fp8_gemm_kernel(const Fuse
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint32_t w0 = u4_get(wv[u][0], j), w1 = u4_get(wv[u][1], j);
+          const uint32_t n0 = e4m3_nan_flags(w0), n1 = e4m3_nan_flags(w1);
           uint32_t af[4];
-          af[0] = e4m3x2_to_bf16x2<0x1404u>(w0);  // row g, columns 4j, 4j+1
-          af[1] = e4m3x2_to_bf16x2<0x1404u>(w1);  // row g+8
-          af[2] = e4m3x2_to_bf16x2<0x3424u>(w0);  // row g, columns 4j+2, 4j+3
-          af[3] = e4m3x2_to_bf16x2<0x3424u>(w1);  // row g+8
+          af[0] = e4m3x2_to_bf16x2<0x1404u, 0x9988u>(w0, n0);  // row g, columns 4j, 4j+1
+          af[1] = e4m3x2_to_bf16x2<0x1404u, 0x9988u>(w1, n1);  // row g+8
+          af[2] = e4m3x2_to_bf16x2<0x3424u, 0xBBAAu>(w0, n0);  // row g, columns 4j+2, 4j+3
+          af[3] = e4m3x2_to_bf16x2<0x3424u, 0xBBAAu>(w1, n1);  // row g+8
 #pragma unroll
           for (int q = 0; q < NT8; ++q) {
             const uint4& lo = xv[u][q][j >> 1];
