@@ -166,6 +166,32 @@ def test_units_gemm_wait_times_out_with_nan_rows_and_a_flag():
     assert torch.isnan(y[2:]).all()
 
 
+def test_units_gemm_wait_gives_up_once_another_wait_failed():
+    """A wait that finds the failure word set gives up at once: a pipeline that stopped answering
+    costs one timeout per step, not one per layer (58 × 30 s on DeepSeek-V3)."""
+    g = torch.Generator().manual_seed(13)
+    hidden, inter, E = 64, 32, 1
+    lay, units, _ = _units(hidden, inter, E, g)
+    table = torch.tensor([units[0].data_ptr()], dtype=torch.int64)
+    ready = torch.zeros(E, dtype=torch.int32)            # never becomes ready for epoch 4
+    epoch = torch.tensor([4], dtype=torch.int32)
+    failed = torch.zeros(1, dtype=torch.int32)
+    offsets = torch.tensor([0, 2], dtype=torch.int32)
+    x = torch.randn(2, hidden, generator=g).to(torch.bfloat16)
+
+    def gemm(timeout_ns):
+        return torch.ops.dsfp4.fp4_grouped_gemm_units(
+            x, offsets, torch.arange(E, dtype=torch.int32), table, lay["gate_up_qweight"],
+            lay["gate_up_qscale"], lay["gate_up_scale"], 2 * inter, hidden, 2, 0, ready.data_ptr(),
+            epoch.data_ptr(), failed.data_ptr(), timeout_ns)
+
+    assert torch.isnan(gemm(20_000_000)).all() and int(failed) == 1
+    t0 = time.perf_counter()
+    y = gemm(5 * 10 ** 9)                                  # a later layer of the same failed step
+    assert time.perf_counter() - t0 < 2.0
+    assert torch.isnan(y).all()
+
+
 # ---------------------------------------------------------------------------------------
 # the paged engine: ready words, the pipeline thread, simulated asynchronous copies
 
@@ -218,6 +244,125 @@ def test_pipeline_read_error_fails_the_step_naming_the_file_and_recovers(model_d
     files.inject_fault(size, -1)
     out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
     assert [o.token_ids for o in out] == ref_tokens
+
+
+def test_pipeline_step_left_open_by_an_exception_does_not_break_the_engine(model_dir, reference):
+    """A decode step that raises between begin_step and end_step (here inside its second MoE layer)
+    must not leave the store's thread in a step: it would take the next prefill's publishes and
+    refuse every later decode step ("a step is already running") and reconfigure."""
+    ref_tokens, _ = reference
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100, prefetch_min_accuracy=0.0)
+    store = eng.store
+    orig, seen = store._route_point, []
+
+    def failing(experts, h, weights, ids):
+        if store.decoding:
+            seen.append(experts.index)
+            if len(seen) == 2:
+                raise RuntimeError("injected")
+        return orig(experts, h, weights, ids)
+
+    store._route_point = failing
+    try:
+        try:
+            out = eng.generate(PROMPTS, max_tokens=4, ignore_eos=True)
+            assert any(o.finish_reason == "error" for o in out)
+        except RuntimeError as e:
+            assert "injected" in str(e)
+    finally:
+        del store._route_point
+    assert len(seen) >= 2
+    eng.reconfigure_paging(cache_policy="lru")           # refused while the store thought a step ran
+    out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == ref_tokens
+    assert eng.store.counters()["experts"]["failed"] == 0
+
+
+def test_graph_replay_of_route_points_after_a_prefill_in_waves(model_dir):
+    """Decode without the pipeline, as a graph replay runs it (graphs.DecodeGraph.replay: each
+    point restored, then resolved; no Python forward, so no waves). A prefill that resolved layers
+    in waves left their points deferred: the replay used to raise on that stale state ("needs more
+    experts than the GPU cache holds") for every generation after it, and a replay step that
+    itself needed waves left its table unwritten for waves that never come."""
+    eng = paged(model_dir, decode_pipeline=False, prefetch_min_accuracy=0.0)
+    st = eng.store
+    eng.generate(PROMPTS, max_tokens=1, ignore_eos=True)      # a prefill only: 2 × 16 tokens × top-6 per layer
+    assert any(p.deferred for p in st.route_points)
+    cap = st._wave_capacity()
+    rows = -(-2 * cap // 6) + 1                                  # more distinct ids than waves allow
+    st.begin_step(2, decode=True)
+    for p in st.route_points:
+        ids = p.ids_host[:rows * 6].numpy()
+        assert len(np.unique(ids)) > cap
+        p.restore(rows)
+        st.resolve(p)
+        assert not p.deferred
+        table = st.experts.host_tables
+        for e in np.unique(ids):                                 # every expert of the step is readable
+            assert np.ctypeslib.ctypes.c_uint64.from_address(table + 8 * (p.index * 64 + int(e))).value > 1
+    st.end_step()
+
+
+def _mailbox_near_wrap(view, count):
+    """Mailbox entries as 64 publishes ending at sequence `count` (uint32) leave them."""
+    import ctypes
+    entry_bytes = (32 + 4 * (view.max_ids + view.max_pred) + 127) // 128 * 128
+    for d in range(view.ring):
+        s = (count - d) % 2 ** 32
+        ctypes.c_uint32.from_address(view.mailbox + ((s - 1) % 2 ** 32 % view.ring) * entry_bytes).value = s
+
+
+def _i32(u):
+    return u - 2 ** 32 if u >= 2 ** 31 else u
+
+
+def test_pipeline_mailbox_sequence_and_epochs_wrap(tmp_path):
+    """The publish count and the epochs are uint32 words that wrap. The thread must follow the
+    mailbox across the wrap (it used to expect sequence 2^32 for the publish after 2^32 - 1 and
+    stop answering), and an epoch never becomes 0, which every ready word holds before its first
+    write."""
+    store, gpu, tables, lay, ref, keep = _two_layer_store(tmp_path, gpu_slots=4, host_slots=6, delay_us=0)
+    sync = keep[2]
+    e = 6
+    store.start_pipeline()
+    view = store.pipeline_view
+    count = 2 ** 32 - 3
+    sync[2 * e + 2] = _i32(count)                      # publish count
+    sync[2 * e:2 * e + 2] = -1                         # both layers' epochs: 2^32 - 1
+    _mailbox_near_wrap(view, count)
+    store.begin_step()
+    store.begin_pipeline_step(0)
+    ids = np.array([0, 1, 2], dtype=np.int32)
+    for i in range(6):                                 # sequences 2^32 - 2, 2^32 - 1, 0, 1, 2, 3
+        P.publish_route(view, i % 2, -1, ids.ctypes.data, len(ids), 0, 0, 0)
+    deadline = time.time() + 10
+    while store.counters(-1)["publishes"] < 6 and time.time() < deadline:
+        time.sleep(0.01)
+    assert store.counters(-1)["publishes"] == 6
+    store.end_pipeline_step()
+    store.sync_copies()
+    for layer in (0, 1):
+        ep = int(sync[2 * e + layer]) % 2 ** 32
+        assert ep == 3                                 # 2^32 - 1 → 1 (0 skipped) → 2 → 3
+        assert [int(sync[layer * e + x]) for x in ids] == [ep] * len(ids)
+
+
+def test_paged_engine_across_epoch_and_sequence_wrap(model_dir, reference):
+    """The same generation with every epoch and the publish count a few steps from 2^32: prefill
+    resolves with epochs ≥ 2^31 (an int32 on the host), decode steps cross the wrap of both."""
+    ref_tokens, _ = reference
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100, prefetch_min_accuracy=0.0)
+    st = eng.store
+    nm, off = len(st.moe_layers), st.view_epoch_offset
+    count = 2 ** 32 - 20
+    st.sync[off:off + nm] = -3                         # epochs 2^32 - 3
+    st.sync[off + nm] = _i32(count)
+    _mailbox_near_wrap(st.view, count)
+    out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == ref_tokens
+    assert all(0 < int(st.sync[off + i]) < 2 ** 31 for i in range(nm))      # wrapped
+    assert 0 < int(st.sync[off + nm]) < 2 ** 31
+    assert st.counters()["experts"]["failed"] == 0
 
 
 def test_replay_routing_paged_equals_resident(model_dir):

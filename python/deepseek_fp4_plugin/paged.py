@@ -111,14 +111,19 @@ class RoutePoint(HostPoint):
     rows: int = 0                    # tokens in the current forward (set when the GPU work is issued)
     deferred: bool = False           # too many experts at once: resolved in waves by run()
     event: Optional[torch.cuda.Event] = None
+    replayed: bool = False           # set by restore(): a graph replay, whose captured run() has no waves
+
+    def epoch(self) -> int:
+        """The layer's epoch word after this routing (uint32; the pinned copy is int32)."""
+        return int(self.epoch_host[0]) & 0xFFFFFFFF
 
     def snapshot(self) -> int:
         return self.rows
 
     def restore(self, rows: int) -> None:
+        # (deferred here is the last resolve's, e.g. a prefill's waves: it says nothing about this step)
         self.rows = rows
-        if self.deferred:
-            raise RuntimeError("a captured decode step needs more experts than the GPU cache holds")
+        self.replayed = True
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,7 +259,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         self.tables = torch.zeros(nm, E, dtype=torch.int64, device=device)
         self.sync = torch.zeros(_C.paging.pipeline_sync_words(nm, E), dtype=torch.int32, device=device)
         self.view_epoch_offset = nm * E     # sync: ready words [nm, E], epochs [nm], publish count
-        self._step_pipelined, self._last_prefill_index = False, -1
+        self._step_pipelined, self._step_open, self._last_prefill_index = False, False, -1
         self.ring_buf = None
         if plan.paged_layers:
             self.ring_buf = torch.empty(plan.layer_slots * plan.layer_slot_bytes, dtype=torch.uint8, device=device)
@@ -337,6 +342,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         if bad:
             raise ValueError(f"reconfigure: {bad} need a new memory plan (reload the engine); runtime knobs: "
                              f"{', '.join(self._RUNTIME)}")
+        self._end_abandoned_step()
         s = self.settings
         new = PagingSettings(**{**s.__dict__, **changes}).validate()
         if (self.ring is not None and new.prefetch_layers != s.prefetch_layers
@@ -560,14 +566,28 @@ class PagedWeightStore(BuiltWeights, WeightStore):
     def begin_step(self, tokens: int, decode: bool = False) -> None:
         if tokens > self.max_rows:
             raise ValueError(f"a forward of {tokens} tokens exceeds the {self.max_rows} the paged store was sized for")
+        self._end_abandoned_step()
         self.decoding = decode
         self.experts.begin_step(not decode)
         if decode and self.pipeline:
             self.experts.begin_pipeline_step(self._stream_handles()[0])
         self._step_pipelined = decode and self.pipeline
+        self._step_open = True
         self._last_prefill_index = -1
 
+    def _end_abandoned_step(self) -> None:
+        """A step that raised before end_step is still open in the store: end it now. Else a
+        decode step's thread would go on taking publishes (a prefill's too) and every later step
+        or reconfigure would be refused, and its leftover error or timed-out wait would fail the
+        next request. Its error is moot: that step was already lost."""
+        if self._step_open:
+            try:
+                self.end_step()
+            except Exception:
+                pass
+
     def end_step(self) -> None:
+        self._step_open = False
         if getattr(self, "_step_pipelined", False):
             self._step_pipelined = False
             self.experts.end_pipeline_step()     # raises the step's first error
@@ -607,12 +627,15 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             self.experts.demote_layers_before(point.index)
             self._last_prefill_index = point.index
         capacity = self._wave_capacity()
-        point.deferred = count > capacity and len(np.unique(ids[:count].numpy())) > capacity
+        replayed, point.replayed = point.replayed, False
+        # a replayed graph runs no waves: it takes every expert at once (the ones past the GPU slots
+        # read in place, or a clear error), never a table left for waves that do not come
+        point.deferred = not replayed and count > capacity and len(np.unique(ids[:count].numpy())) > capacity
         if point.deferred:
             return   # run() brings the experts in waves, then prefetches the next layer
         if self.ready_mode:
             # the layer's whole routing: the CPU lane may take misses (the join follows the down GEMM)
-            self.experts.resolve_ready(point.index, ids.data_ptr(), count, int(point.epoch_host[0]), compute,
+            self.experts.resolve_ready(point.index, ids.data_ptr(), count, point.epoch(), compute,
                                        whole_routing=self.cpu_lane is not None)
         else:
             self.experts.resolve(point.index, ids.data_ptr(), count, compute)
@@ -699,7 +722,7 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         y = torch.zeros(x.shape[0], self.config.hidden_size, dtype=torch.bfloat16, device=x.device)
         compute, _, _ = self._stream_handles()
         point = self.route_points[experts.index]
-        epoch = int(point.epoch_host[0])
+        epoch = point.epoch()
         waves = [np.ascontiguousarray(used[w0:w0 + cap]) for w0 in range(0, len(used), cap)]
         meta = []
         for wave in waves:   # the group layout of every wave, with one host → device copy

@@ -206,3 +206,31 @@ def test_cpu_lane_auto_equals_off_under_replay(model_dir):
     assert torch.isfinite(got["auto"]).all()
     err = (got["auto"] - got["off"]).abs().amax(dim=(1, 2))
     assert err.max().item() < 1e-3, f"step {int(err.argmax())} differs by {err.max().item()}"
+
+
+def test_pipeline_across_epoch_and_sequence_wrap(model_dir):
+    """The publish kernel's count and the layers' epochs are uint32 words that wrap: the same
+    generation, with both set a few publishes short of 2^32, gives the same tokens (the store's
+    thread follows the mailbox across the wrap; an epoch skips 0, which ready words hold before
+    their first write)."""
+    import ctypes
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.04), **KW)
+    eng.set_use_cuda_graph(True)
+    prompts = [list(range(3, 40))] * 2
+    want = [o.token_ids for o in eng.generate(prompts, max_tokens=24, ignore_eos=True)]
+    st = eng.store
+    nm, off, v = len(st.moe_layers), st.view_epoch_offset, st.view
+    count = 2 ** 32 - 40
+    torch.cuda.synchronize()
+    st.sync[off:off + nm] = -3                                  # epochs 2^32 - 3
+    st.sync[off + nm] = count - 2 ** 32                         # publish count
+    entry_bytes = (32 + 4 * (v.max_ids + v.max_pred) + 127) // 128 * 128
+    for d in range(v.ring):   # the mailbox as those publishes leave it (mapped: one address under UVA)
+        s = (count - d) % 2 ** 32
+        ctypes.c_uint32.from_address(v.mailbox + ((s - 1) % v.ring) * entry_bytes).value = s
+    torch.cuda.synchronize()
+    got = [o.token_ids for o in eng.generate(prompts, max_tokens=24, ignore_eos=True)]
+    assert got == want
+    assert all(0 < int(st.sync[off + i]) < 2 ** 31 for i in range(nm))     # both wrapped
+    assert 0 < int(st.sync[off + nm]) < 2 ** 31
+    assert st.counters()["experts"]["failed"] == 0

@@ -16,7 +16,9 @@ __global__ void publish_kernel(PipelineView v, int layer, int next_layer, const 
                                int n_ids, const int32_t* __restrict__ pred, int n_pred) {
   __shared__ uint32_t seq, epoch;
   if (threadIdx.x == 0) {
+    // ready words start at 0: after the wrap, epoch 0 would match the words never written
     epoch = *v.epoch(layer) + 1;
+    if (epoch == 0) epoch = 1;
     *v.epoch(layer) = epoch;  // the layer's GEMMs, later on this stream, wait for this epoch
     seq = *v.publish_count() + 1;
     *v.publish_count() = seq;

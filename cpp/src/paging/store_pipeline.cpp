@@ -23,9 +23,22 @@ namespace paging {
 namespace {
 constexpr int kRing = 64;
 
-MailboxEntry* entry(ExpertStore::Impl& m, uint64_t seq) {
-  return reinterpret_cast<MailboxEntry*>(m.mailbox->data() + ((seq - 1) % static_cast<uint64_t>(m.ring)) *
-                                                                  static_cast<uint64_t>(m.entry_bytes));
+// Sequence numbers are uint32 and wrap as the kernel's publish count does; kRing divides 2^32, so
+// seq s is always in entry (s - 1) % kRing, across the wrap too.
+MailboxEntry* entry(ExpertStore::Impl& m, uint32_t seq) {
+  const uint32_t i = (seq - 1u) % static_cast<uint32_t>(m.ring);
+  return reinterpret_cast<MailboxEntry*>(m.mailbox->data() + static_cast<int64_t>(i) * m.entry_bytes);
+}
+
+// The latest publish in the ring: the entry whose successor does not hold its sequence + 1 (the
+// largest sequence is wrong across the wrap). 0 when nothing was published.
+uint32_t last_publish(ExpertStore::Impl& m) {
+  for (uint32_t i = 0; i < static_cast<uint32_t>(m.ring); ++i) {
+    const uint32_t s = __atomic_load_n(&entry(m, i + 1u)->seq, __ATOMIC_ACQUIRE);
+    if ((s - 1u) % static_cast<uint32_t>(m.ring) != i) continue;  // never written (a 0 not in the last entry)
+    if (__atomic_load_n(&entry(m, s + 1u)->seq, __ATOMIC_ACQUIRE) != s + 1u) return s;
+  }
+  return 0;
 }
 }  // namespace
 
@@ -81,12 +94,7 @@ Status ExpertStore::begin_pipeline_step(Stream compute) {
   std::lock_guard<std::mutex> lk(m.mu);
   if (m.step_active) return InvalidArgument("begin_pipeline_step: a step is already running");
   m.synced_seq = m.seq;
-  uint64_t last = 0;  // publishes outside steps (prefill) also used the ring
-  for (int i = 0; i < m.ring; ++i) {
-    const auto* e = reinterpret_cast<const MailboxEntry*>(m.mailbox->data() + static_cast<int64_t>(i) * m.entry_bytes);
-    last = std::max<uint64_t>(last, __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE));
-  }
-  m.next_publish = last + 1;
+  m.next_publish = last_publish(m) + 1u;  // publishes outside steps (prefill) also used the ring
   m.step_compute = compute;
   m.step_active = true;
   m.cv.notify_all();
@@ -234,7 +242,8 @@ Status publish_route(const PipelineView& v, int layer, int next_layer, const int
     return InvalidArgument("publish_route: ids is null");
   if (v.on_device) return publish_route_cuda(v, layer, next_layer, ids, n_ids, pred, n_pred, stream);
   uint32_t* epoch = v.epoch(layer);
-  const uint32_t ep = __atomic_load_n(epoch, __ATOMIC_RELAXED) + 1;
+  uint32_t ep = __atomic_load_n(epoch, __ATOMIC_RELAXED) + 1;
+  if (ep == 0) ep = 1;  // as the kernel: 0 is what a ready word never written holds
   __atomic_store_n(epoch, ep, __ATOMIC_RELEASE);
   uint32_t* count = v.publish_count();
   const uint32_t seq = __atomic_load_n(count, __ATOMIC_RELAXED) + 1;

@@ -140,7 +140,7 @@ struct ExpertStore::Impl {
   std::unique_ptr<HostBuffer> wait_flag;         // a timed-out kernel wait sets word 0
   int ring = 0;
   int64_t entry_bytes = 0;
-  uint64_t next_publish = 1;                     // publish sequence the thread expects next
+  uint32_t next_publish = 1;                     // publish sequence the thread expects next (uint32, wraps)
   std::thread thread;
   std::condition_variable cv;
   bool stop = false, step_active = false, in_step_work = false;
