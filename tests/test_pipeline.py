@@ -7,6 +7,7 @@ here, not only on a GPU."""
 
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -276,6 +277,73 @@ def test_pipeline_step_left_open_by_an_exception_does_not_break_the_engine(model
     out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
     assert [o.token_ids for o in out] == ref_tokens
     assert eng.store.counters()["experts"]["failed"] == 0
+
+
+class _FakeProbe:
+    """Stands in for ExpertStore.check_copy_stream (the probe itself needs a GPU)."""
+
+    def __init__(self, results):
+        self.results, self.calls = list(results), []
+
+    def check_copy_stream(self, computes, max_tries):
+        self.calls.append((list(computes), max_tries))
+        return self.results.pop(0)
+
+
+def _as_if_on_a_gpu(monkeypatch, store, fake, handle):
+    stream = types.SimpleNamespace(cuda_stream=handle)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    real = store.experts
+    store.on_device, store.experts = True, fake
+    return stream, real
+
+
+def test_copy_stream_probe_keeps_or_turns_off_the_pipeline(model_dir, reference, monkeypatch):
+    """Each stream a decode step runs on is probed once against the copy stream, with the streams
+    probed before; when no copy stream passes, the pipeline turns off with the reason (graphs
+    captured with it are captured again: decode_mode), cannot be forced back on, and decoding
+    goes on without it."""
+    ref_tokens, _ = reference
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100)
+    st = eng.store
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    fake = _FakeProbe([(True, 1), (False, 9)])
+    stream, real = _as_if_on_a_gpu(monkeypatch, st, fake, 111)
+    try:
+        st.prepare_decode()
+        st.prepare_decode()
+        assert fake.calls == [([111], 9)] and st.pipeline and st.decode_mode
+        stream.cuda_stream = 222
+        with pytest.warns(RuntimeWarning, match=r"CUDA_DEVICE_MAX_CONNECTIONS=8, 9 probes"):
+            st.prepare_decode()
+        assert fake.calls[-1] == ([111, 222], 9)
+        assert not st.pipeline and not st.decode_mode and "hardware queue" in st.pipeline_off_reason
+        st.prepare_decode()
+        assert len(fake.calls) == 2
+    finally:
+        st.on_device, st.experts = False, real
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"decode_pipeline: .*hardware queue"):
+        eng.reconfigure_paging(decode_pipeline=True)
+    eng.reconfigure_paging(cache_policy="lru")
+    assert not st.pipeline
+    out = eng.generate(PROMPTS, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == ref_tokens
+
+
+def test_one_hardware_queue_turns_the_pipeline_off_without_probing(model_dir, monkeypatch):
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100)
+    st = eng.store
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    fake = _FakeProbe([])
+    _, real = _as_if_on_a_gpu(monkeypatch, st, fake, 111)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"CUDA_DEVICE_MAX_CONNECTIONS=1, 0 probes"):
+            st.prepare_decode()
+    finally:
+        st.on_device, st.experts = False, real
+    assert fake.calls == [] and not st.pipeline
 
 
 def test_graph_replay_of_route_points_after_a_prefill_in_waves(model_dir):

@@ -343,6 +343,18 @@ void bind_paging(py::module_& m) {
           [](ExpertStore& s, std::uintptr_t compute) { nogil([&] { return s.begin_pipeline_step(stream(compute)); }); },
           py::arg("compute"))
       .def("end_pipeline_step", [](ExpertStore& s) { nogil([&] { return s.end_pipeline_step(); }); })
+      .def(
+          "check_copy_stream",
+          [](ExpertStore& s, const std::vector<std::uintptr_t>& computes, int max_tries) {
+            std::vector<Stream> streams;
+            for (std::uintptr_t c : computes) streams.push_back(stream(c));
+            bool ok = true;
+            int tries = 0;
+            nogil([&] { return s.check_copy_stream(streams, max_tries, &ok, &tries); });
+            return py::make_tuple(ok, tries);
+          },
+          py::arg("computes"), py::arg("max_tries"),
+          "Probes each compute stream against the copy stream (replacing it as needed) → (ok, probes)")
       .def_property_readonly("pipeline_running", &ExpertStore::pipeline_running)
       .def_property_readonly("pipeline_view", &ExpertStore::pipeline_view)
       .def("take_error", [](ExpertStore& s) { throw_if_error(s.take_error()); })

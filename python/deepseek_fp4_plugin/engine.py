@@ -363,8 +363,11 @@ class Engine:
         with self._compute():
             if self.model.routing_replay is not None:
                 self.model.routing_replay.begin_decode(B)
+            self.store.prepare_decode()
             if self.use_cuda_graph:
                 graph = self._graphs.get((B, kv_bucket))
+                if graph is not None and graph.mode != self.store.decode_mode:
+                    graph = None   # captured under a way of decoding the store has since left
                 if graph is None:
                     graph = self._graphs[(B, kv_bucket)] = self._capture(B, kv_bucket, tokens, positions)
                 logits = graph.replay(tokens, positions)

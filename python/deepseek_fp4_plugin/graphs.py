@@ -67,6 +67,7 @@ class DecodeGraph:
             self.segments.append((graph, point, None if point is None else point.snapshot()))
             if done:
                 break
+        self.mode = self.store.decode_mode   # what the store decoded with while capturing
 
     def replay(self, tokens: Tensor, positions: Tensor) -> Tensor:
         self.tokens.copy_(tokens)

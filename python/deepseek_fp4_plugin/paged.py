@@ -36,7 +36,9 @@ the layer ring uses ``transfer`` (copies the current layer waits for) and ``pref
 from __future__ import annotations
 
 import ctypes
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Generator, List, Optional, Tuple
 
@@ -239,6 +241,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             raise ValueError(f"cpu_experts={settings.cpu_experts!r}: the CPU expert kernels compute NVFP4 experts; "
                              f"this model's experts are FP8 blocks")
         self.pipeline = self.ready_mode and (self.on_device if pipe is None else pipe)
+        self.pipeline_off_reason: Optional[str] = None   # set when the copy stream probe fails
+        self._probed: set = set()                        # compute streams probed against the copy stream
         self.decoding = False    # set by begin_step: the forward is a decode step
         h, i = c.hidden_size, c.moe_intermediate_size
         self.layout = _C.fp8_expert_unit_layout(h, i) if self.fp8 else _C.paging.expert_unit_layout(h, i)
@@ -375,7 +379,10 @@ class PagedWeightStore(BuiltWeights, WeightStore):
                              f"expert slots (give a larger memory_limit)")
         if new.decode_pipeline and not self.ready_mode:
             raise ValueError("decode_pipeline needs enable_async_copy=True (the store's own copy stream)")
-        self.pipeline = self.ready_mode and (self.on_device if new.decode_pipeline is None else new.decode_pipeline)
+        if changes.get("decode_pipeline") and self.pipeline_off_reason is not None:
+            raise ValueError(f"decode_pipeline: {self.pipeline_off_reason}")
+        self.pipeline = (self.ready_mode and self.pipeline_off_reason is None
+                         and (self.on_device if new.decode_pipeline is None else new.decode_pipeline))
         if (new.miss_mode, new.cache_policy, new.lrfu_lambda, new.prefetch_size, new.prefetch_min_accuracy,
                 new.expert_slots) != (s.miss_mode, s.cache_policy, s.lrfu_lambda, s.prefetch_size,
                                       s.prefetch_min_accuracy, s.expert_slots):
@@ -567,6 +574,8 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         if tokens > self.max_rows:
             raise ValueError(f"a forward of {tokens} tokens exceeds the {self.max_rows} the paged store was sized for")
         self._end_abandoned_step()
+        if decode:
+            self.prepare_decode()
         self.decoding = decode
         self.experts.begin_step(not decode)
         if decode and self.pipeline:
@@ -574,6 +583,39 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         self._step_pipelined = decode and self.pipeline
         self._step_open = True
         self._last_prefill_index = -1
+
+    def prepare_decode(self) -> None:
+        """The pipeline's GEMMs wait on the current stream for copies issued later on the store's
+        copy stream: if the two share a hardware queue (CUDA_DEVICE_MAX_CONNECTIONS, 8 by
+        default; streams take queues in turn), those copies queue behind the waiting work and
+        every wait times out. Each stream a decode step runs on is probed once; a failing probe
+        replaces the copy stream, and when none passes the pipeline is turned off, with the reason
+        in ``pipeline_off_reason`` (decode then resolves each layer from the host)."""
+        if not (self.pipeline and self.on_device) or torch.cuda.is_current_stream_capturing():
+            return
+        cur = torch.cuda.current_stream(self.device).cuda_stream
+        if cur in self._probed:
+            return
+        conns = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+        try:
+            n = int(conns)
+        except ValueError:
+            n = 8
+        ok, tries = (False, 0) if n <= 1 else self.experts.check_copy_stream(sorted(self._probed | {cur}), n + 1)
+        if ok:
+            self._probed.add(cur)
+            return
+        self._probed.clear()
+        self.pipeline = False
+        self.pipeline_off_reason = (f"the store's copy stream could not get a hardware queue apart from the compute "
+                                    f"stream (CUDA_DEVICE_MAX_CONNECTIONS={conns}, {tries} probes), so its copies would wait "
+                                    f"behind the GEMMs that wait for them: the decode pipeline is off (more "
+                                    f"connections, up to 32, give streams more queues)")
+        warnings.warn(self.pipeline_off_reason, RuntimeWarning, stacklevel=2)
+
+    @property
+    def decode_mode(self) -> bool:
+        return self.pipeline
 
     def _end_abandoned_step(self) -> None:
         """A step that raised before end_step is still open in the store: end it now. Else a

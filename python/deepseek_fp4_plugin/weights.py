@@ -546,6 +546,16 @@ class WeightStore:
         """The forward's results were read. Raises what went wrong in the store's background
         work for this forward (a disk read, a changed file), naming the file and tensor."""
 
+    def prepare_decode(self) -> None:
+        """Called on the stream a decode step will run on, before the engine picks a captured
+        graph (outside capture): a store may change how it decodes here (see decode_mode)."""
+
+    @property
+    def decode_mode(self) -> Any:
+        """What a captured decode graph depends on besides its batch and length; a graph captured
+        under another mode is captured again."""
+        return None
+
     # ---- properties the engine checks ----
     @property
     def graph_safe(self) -> bool:

@@ -49,6 +49,53 @@ def _teacher_forced_logits(eng, prompt, feed, batch):
     return torch.stack(out)
 
 
+def test_copy_stream_gets_a_queue_apart_from_the_compute_stream(model_dir):
+    """The pipeline's GEMMs wait on the compute stream for copies issued later on the store's copy
+    stream: the engine's probe keeps a copy stream that overtakes the compute stream's queued
+    work (else every wait would time out), and the pipeline stays on."""
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.03), **KW)
+    eng.set_use_cuda_graph(True)
+    eng.generate([list(range(3, 30))], max_tokens=4, ignore_eos=True)
+    st = eng.store
+    assert st.pipeline and st.pipeline_off_reason is None
+    ok, tries = st.experts.check_copy_stream([st.compute_stream.cuda_stream], 1)
+    assert ok and tries == 1
+
+
+def test_one_hardware_queue_decodes_without_the_pipeline(model_dir):
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 (set by some training stacks) puts every stream on one
+    queue: the engine turns the pipeline off, says why, and decodes the same tokens. The probe
+    itself is run too (past the engine's shortcut) and reported: on one queue it should fail."""
+    import json
+    import os
+    import subprocess
+    import sys
+    prompt = list(range(3, 30))
+    res = Engine.from_pretrained(model_dir, **KW)
+    want = [o.token_ids for o in res.generate([prompt], max_tokens=8, ignore_eos=True)]
+    del res
+    script = f"""
+import json, warnings
+from deepseek_fp4_plugin import Engine
+eng = Engine.from_pretrained({str(model_dir)!r}, memory_limit=0.1, paging=dict(cpu_cache_size=0.03), **{KW!r})
+st = eng.store
+probe = st.experts.check_copy_stream([st.compute_stream.cuda_stream], 2)
+eng.set_use_cuda_graph(True)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    out = eng.generate([{prompt!r}], max_tokens=8, ignore_eos=True)
+print(json.dumps(dict(probe=list(probe), pipeline=st.pipeline, reason=st.pipeline_off_reason,
+                      tokens=[o.token_ids for o in out], failed=st.counters()["experts"]["failed"])))
+"""
+    r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    print("copy stream probe on one hardware queue (ok, probes):", got["probe"])
+    assert got["pipeline"] is False and "hardware queue" in got["reason"]
+    assert got["tokens"] == want and got["failed"] == 0
+
+
 def test_race_stress_small_host_cache_prefetch_always_changing_routing(model_dir):
     """The races of the old store (a host unit refilled while its copy was in flight, events reused
     across streams, a table copied from a mirror that changed) would show here as logits that

@@ -509,6 +509,12 @@ class ExpertStore {
   Status start_pipeline();
   Status begin_pipeline_step(Stream compute);
   Status end_pipeline_step();
+  // The pipeline's GEMMs wait on the compute stream for copies the thread issues later on the
+  // copy stream; if both streams share a hardware queue, those copies sit behind the waiting
+  // work. Probes each stream in `computes` against the copy stream, replacing the copy stream
+  // (up to max_tries probes) until all pass; *ok false: none did (e.g. CUDA_DEVICE_MAX_CONNECTIONS=1).
+  // Not during a step; a no-op in CPU mode.
+  Status check_copy_stream(const std::vector<Stream>& computes, int max_tries, bool* ok, int* tries);
   PipelineView pipeline_view() const;
   bool pipeline_running() const;
   // The first error recorded by resolve_ready since the last call, or a kernel's wait that timed

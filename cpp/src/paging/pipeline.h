@@ -29,6 +29,10 @@ inline int64_t mailbox_entry_bytes(int max_ids, int max_pred) {
 }
 
 Status cpu_lane_join_cuda(const CpuLaneJoin& j, Stream stream);
+// Whether a copy issued on `copy` after a kernel on `compute` that waits for it, with dependent
+// work queued behind that kernel, still runs (*ok): false when the two streams share a hardware
+// queue (CUDA_DEVICE_MAX_CONNECTIONS), where the decode pipeline's waits could only time out.
+Status probe_copy_overtakes_cuda(Stream compute, Stream copy, uint64_t timeout_ns, bool* ok);
 Status publish_route_cuda(const PipelineView& v, int layer, int next_layer, const int32_t* ids, int64_t n_ids,
                           const int32_t* pred, int64_t n_pred, Stream stream);
 

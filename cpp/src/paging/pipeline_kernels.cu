@@ -67,7 +67,49 @@ __global__ void cpu_join_kernel(CpuLaneJoin j) {
     dst[i] = __ldcv(src + i);  // host memory the CPU just wrote: not through a cache
   }
 }
+// The probe: a wait on `word` (as the expert GEMMs wait on ready words), then a kernel that is
+// stream-ordered after it, so the compute stream has dependent work queued behind the waiter.
+__global__ void probe_wait_kernel(const uint32_t* word, uint64_t timeout_ns, uint32_t* result) {
+  *reinterpret_cast<volatile uint32_t*>(result) = kernels::wait_word(word, 1u, timeout_ns, nullptr) ? 1u : 2u;
+}
+__global__ void probe_after_kernel(const uint32_t* result, uint32_t* out) { *out = *result; }
 }  // namespace
+
+Status probe_copy_overtakes_cuda(Stream compute, Stream copy, uint64_t timeout_ns, bool* ok) {
+  *ok = false;
+  const auto cs = static_cast<cudaStream_t>(compute), xs = static_cast<cudaStream_t>(copy);
+  uint32_t* d = nullptr;  // [0] the word, [1] the waiter's result, [2] the dependent kernel's copy
+  uint32_t* h = nullptr;  // pinned: [0] the value the copy writes, [1] the result read back
+  auto fail = [&](cudaError_t e, const char* what) {
+    cudaFree(d);
+    cudaFreeHost(h);
+    return Status(StatusCode::kCudaError, std::string("copy stream probe: ") + what + ": " + cudaGetErrorString(e));
+  };
+  cudaError_t e = cudaMalloc(&d, 16);
+  if (e != cudaSuccess) return fail(e, "cudaMalloc");
+  e = cudaMallocHost(&h, 16);
+  if (e != cudaSuccess) return fail(e, "cudaMallocHost");
+  h[0] = 1u;
+  h[1] = 0u;
+  e = cudaMemsetAsync(d, 0, 16, cs);
+  if (e != cudaSuccess) return fail(e, "cudaMemsetAsync");
+  probe_wait_kernel<<<1, 1, 0, cs>>>(d, timeout_ns, d + 1);
+  probe_after_kernel<<<1, 1, 0, cs>>>(d + 1, d + 2);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return fail(e, "launch");
+  // issued after the compute stream's queued work, as the store's thread issues expert copies
+  e = cudaMemcpyAsync(d, h, 4, cudaMemcpyHostToDevice, xs);
+  if (e != cudaSuccess) return fail(e, "cudaMemcpyAsync");
+  e = cudaMemcpyAsync(h + 1, d + 2, 4, cudaMemcpyDeviceToHost, cs);
+  if (e != cudaSuccess) return fail(e, "cudaMemcpyAsync");
+  e = cudaStreamSynchronize(cs);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(xs);
+  if (e != cudaSuccess) return fail(e, "cudaStreamSynchronize");
+  *ok = h[1] == 1u;
+  cudaFree(d);
+  cudaFreeHost(h);
+  return Status::Ok();
+}
 
 Status cpu_lane_join_cuda(const CpuLaneJoin& j, Stream stream) {
   if (reinterpret_cast<uintptr_t>(j.y_perm) % 16 != 0 || reinterpret_cast<uintptr_t>(j.y_cpu) % 16 != 0)

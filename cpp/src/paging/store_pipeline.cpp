@@ -101,6 +101,39 @@ Status ExpertStore::begin_pipeline_step(Stream compute) {
   return Status::Ok();
 }
 
+Status ExpertStore::check_copy_stream(const std::vector<Stream>& computes, int max_tries, bool* ok, int* tries) {
+  Impl& m = *impl_;
+  *ok = true;
+  *tries = 0;
+  if (!opt_.on_device || copy_ == nullptr) return Status::Ok();  // CPU mode: copies run on threads
+  {
+    std::lock_guard<std::mutex> lk(m.mu);
+    if (m.step_active) return InvalidArgument("check_copy_stream: a pipeline step is running");
+  }
+  constexpr uint64_t kProbeTimeoutNs = 50000000;  // the probe's copy lands in microseconds when it can
+  for (int t = 0; t < max_tries; ++t) {
+    *tries = t + 1;
+    bool all = true;
+    for (Stream compute : computes) {
+      DSFP4_RETURN_IF_ERROR(probe_copy_overtakes_cuda(compute, copy_, kProbeTimeoutNs, &all));
+      if (!all) break;
+    }
+    if (all) return Status::Ok();
+    // streams take hardware queues in turn as they are created: a new one lands on the next
+    Stream fresh = nullptr;
+    DSFP4_RETURN_IF_ERROR(dev::stream_create(&fresh, true));
+    DSFP4_RETURN_IF_ERROR(dev::stream_sync(copy_, true));
+    Stream old = copy_;
+    {
+      std::lock_guard<std::mutex> lk(m.mu);
+      copy_ = fresh;
+    }
+    dev::stream_destroy(old, true);
+  }
+  *ok = false;
+  return Status::Ok();
+}
+
 Status ExpertStore::end_pipeline_step() {
   Impl& m = *impl_;
   if (!m.thread.joinable()) return InvalidArgument("end_pipeline_step: start_pipeline() was not called");
@@ -290,6 +323,9 @@ Status cpu_lane_join_cuda(const CpuLaneJoin&, Stream) {
 }
 Status publish_route_cuda(const PipelineView&, int, int, const int32_t*, int64_t, const int32_t*, int64_t, Stream) {
   return Unsupported("publish_route: this build has no CUDA kernels");
+}
+Status probe_copy_overtakes_cuda(Stream, Stream, uint64_t, bool*) {
+  return Unsupported("copy stream probe: this build has no CUDA kernels");
 }
 #endif
 
