@@ -607,10 +607,11 @@ class PagedWeightStore(BuiltWeights, WeightStore):
             return
         self._probed.clear()
         self.pipeline = False
-        self.pipeline_off_reason = (f"the store's copy stream could not get a hardware queue apart from the compute "
-                                    f"stream (CUDA_DEVICE_MAX_CONNECTIONS={conns}, {tries} probes), so its copies would wait "
-                                    f"behind the GEMMs that wait for them: the decode pipeline is off (more "
-                                    f"connections, up to 32, give streams more queues)")
+        self.pipeline_off_reason = (
+            f"the store's copy stream could not get a hardware queue apart from the compute stream "
+            f"(CUDA_DEVICE_MAX_CONNECTIONS={conns}, {tries} probes), so its copies would wait behind the "
+            f"GEMMs that wait for them: the decode pipeline is off (more connections, up to 32, give "
+            f"streams more queues)")
         warnings.warn(self.pipeline_off_reason, RuntimeWarning, stacklevel=2)
 
     @property

@@ -88,10 +88,10 @@ struct SimEvent {
   std::condition_variable cv;
   uint64_t recorded = 0, completed = 0;
   void complete(uint64_t gen) {
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      if (gen > completed) completed = gen;
-    }
+    // notified under the lock: a waiter that sees `completed` may destroy the event at once
+    // (stream_sync's lives on its stack)
+    std::lock_guard<std::mutex> lk(mu);
+    if (gen > completed) completed = gen;
     cv.notify_all();
   }
   uint64_t record() {
@@ -152,6 +152,21 @@ struct SimStream {
 
 SimStream* sim(Stream s) { return static_cast<SimStream*>(s); }
 SimEvent* sev(void* e) { return static_cast<SimEvent*>(e); }
+
+// A copy in CPU mode. Ready words and table rows (small, word-aligned) are stored word by word
+// with release, as their waiters acquire-load them: what was copied before them is then visible.
+void host_copy(void* dst, const void* src, size_t bytes) {
+  const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  if (bytes <= (64u << 10) && bytes % 8 == 0 && d % 8 == 0 && s % 8 == 0) {
+    for (size_t i = 0; i < bytes / 8; ++i)
+      __atomic_store_n(static_cast<uint64_t*>(dst) + i, static_cast<const uint64_t*>(src)[i], __ATOMIC_RELEASE);
+  } else if (bytes <= (64u << 10) && bytes % 4 == 0 && d % 4 == 0 && s % 4 == 0) {
+    for (size_t i = 0; i < bytes / 4; ++i)
+      __atomic_store_n(static_cast<uint32_t*>(dst) + i, static_cast<const uint32_t*>(src)[i], __ATOMIC_RELEASE);
+  } else {
+    std::memcpy(dst, src, bytes);
+  }
+}
 }  // namespace
 
 Status copy_async(void* dst, const void* src, size_t bytes, Stream stream, bool on_device) {
@@ -160,11 +175,11 @@ Status copy_async(void* dst, const void* src, size_t bytes, Stream stream, bool 
       const int delay = sim(stream)->delay_us;
       sim(stream)->push([dst, src, bytes, delay] {
         std::this_thread::sleep_for(std::chrono::microseconds(delay));
-        std::memcpy(dst, src, bytes);
+        host_copy(dst, src, bytes);
       });
       return Status::Ok();
     }
-    std::memcpy(dst, src, bytes);
+    host_copy(dst, src, bytes);
     return Status::Ok();
   }
 #if defined(DSFP4_WITH_CUDA)
