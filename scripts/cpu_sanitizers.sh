@@ -12,7 +12,8 @@ steps="${*:-cpp python}"
 has() { [[ " $steps " == *" $1 "* ]]; }
 mkdir -p "$WORK"
 status=0
-common=(-G Ninja -DDSFP4_WITH_CUDA=OFF -DDSFP4_WITH_TRT_PLUGINS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo)
+# gcc: the TSan runtime preloaded into Python below is gcc's
+common=(-G Ninja -DCMAKE_CXX_COMPILER=g++ -DDSFP4_WITH_CUDA=OFF -DDSFP4_WITH_TRT_PLUGINS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo)
 
 if has cpp; then
   for san in thread address,undefined; do
@@ -57,11 +58,12 @@ if has python; then
     -k "units_gemm or host_unit_not_refilled or table_row or mailbox or cpu_lane_equals or cpu_lane_fault or asynchronous_copies" \
     > "$WORK/tsan_pytest.log" 2>&1) || { echo "python: tests failed (see $WORK/tsan_pytest.log)"; status=1; }  # reports are judged below
   tail -1 "$WORK/tsan_pytest.log"
-  python3 - "$WORK/tsan_logs" <<'EOF' || status=1
+  python3 - "$WORK/tsan_logs" "$src" <<'EOF' || status=1
 import pathlib, sys
 reports = [r for f in pathlib.Path(sys.argv[1]).glob("r.*") for r in f.read_text().split("==================")
            if "WARNING: ThreadSanitizer" in r]
-ours = [r for r in reports if "dsfp4" in r]
+# a frame of this library: its namespace, or one of its source files
+ours = [r for r in reports if "dsfp4::" in r or f"{sys.argv[2]}/cpp/" in r or f"{sys.argv[2]}/python/bindings/" in r]
 print(f"ThreadSanitizer: {len(ours)} reports in this library, {len(reports) - len(ours)} in uninstrumented third-party code")
 for r in ours[:3]:
     print("\n".join(r.strip().splitlines()[:12]))

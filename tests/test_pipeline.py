@@ -315,7 +315,7 @@ def test_copy_stream_probe_keeps_or_turns_off_the_pipeline(model_dir, reference,
         st.prepare_decode()
         assert fake.calls == [([111], 9)] and st.pipeline and st.decode_mode
         stream.cuda_stream = 222
-        with pytest.warns(RuntimeWarning, match=r"CUDA_DEVICE_MAX_CONNECTIONS=8, 9 probes"):
+        with pytest.warns(RuntimeWarning, match=r"no hardware queue .*CUDA_DEVICE_MAX_CONNECTIONS=8, 9 probes"):
             st.prepare_decode()
         assert fake.calls[-1] == ([111, 222], 9)
         assert not st.pipeline and not st.decode_mode and "hardware queue" in st.pipeline_off_reason
@@ -332,6 +332,27 @@ def test_copy_stream_probe_keeps_or_turns_off_the_pipeline(model_dir, reference,
     assert [o.token_ids for o in out] == ref_tokens
 
 
+class _FailingProbe:
+    def check_copy_stream(self, computes, max_tries):
+        raise RuntimeError("copy stream probe: cudaMalloc: out of memory")
+
+
+def test_copy_stream_probe_error_turns_the_pipeline_off(model_dir, monkeypatch):
+    """A probe that cannot run (no memory for its buffers) turns the pipeline off with the error
+    as the reason, once, instead of failing every decode step."""
+    eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100)
+    st = eng.store
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    _, real = _as_if_on_a_gpu(monkeypatch, st, _FailingProbe(), 111)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"probe failed \(copy stream probe: cudaMalloc: out of memory\)"):
+            st.prepare_decode()
+        st.prepare_decode()   # off: not probed again, nothing raised
+    finally:
+        st.on_device, st.experts = False, real
+    assert not st.pipeline and "out of memory" in st.pipeline_off_reason
+
+
 def test_one_hardware_queue_turns_the_pipeline_off_without_probing(model_dir, monkeypatch):
     eng = paged(model_dir, decode_pipeline=True, sim_copy_delay_us=100)
     st = eng.store
@@ -339,7 +360,7 @@ def test_one_hardware_queue_turns_the_pipeline_off_without_probing(model_dir, mo
     fake = _FakeProbe([])
     _, real = _as_if_on_a_gpu(monkeypatch, st, fake, 111)
     try:
-        with pytest.warns(RuntimeWarning, match=r"CUDA_DEVICE_MAX_CONNECTIONS=1, 0 probes"):
+        with pytest.warns(RuntimeWarning, match=r"CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream on one"):
             st.prepare_decode()
     finally:
         st.on_device, st.experts = False, real

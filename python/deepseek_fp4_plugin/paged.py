@@ -596,22 +596,29 @@ class PagedWeightStore(BuiltWeights, WeightStore):
         cur = torch.cuda.current_stream(self.device).cuda_stream
         if cur in self._probed:
             return
-        conns = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+        self._end_abandoned_step()   # the probe is refused while a step is open
+        conns = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")   # as CUDA read it at start-up
         try:
             n = int(conns)
         except ValueError:
             n = 8
-        ok, tries = (False, 0) if n <= 1 else self.experts.check_copy_stream(sorted(self._probed | {cur}), n + 1)
-        if ok:
-            self._probed.add(cur)
-            return
+        why = None
+        if n <= 1:
+            why = f"CUDA_DEVICE_MAX_CONNECTIONS={conns} puts every stream on one hardware queue"
+        else:
+            try:
+                ok, tries = self.experts.check_copy_stream(sorted(self._probed | {cur}), n + 1)
+            except RuntimeError as e:   # e.g. no memory left for the probe's buffers
+                ok, tries, why = False, 0, f"the copy stream probe failed ({e})"
+            if ok:
+                self._probed.add(cur)
+                return
+            why = why or (f"the store's copy stream found no hardware queue apart from the compute stream "
+                          f"(CUDA_DEVICE_MAX_CONNECTIONS={conns}, {tries} probes)")
         self._probed.clear()
         self.pipeline = False
-        self.pipeline_off_reason = (
-            f"the store's copy stream could not get a hardware queue apart from the compute stream "
-            f"(CUDA_DEVICE_MAX_CONNECTIONS={conns}, {tries} probes), so its copies would wait behind the "
-            f"GEMMs that wait for them: the decode pipeline is off (more connections, up to 32, give "
-            f"streams more queues)")
+        self.pipeline_off_reason = (f"{why}, so the copies would wait behind the GEMMs that wait for them: the "
+                                    f"decode pipeline is off (more connections, up to 32, give streams more queues)")
         warnings.warn(self.pipeline_off_reason, RuntimeWarning, stacklevel=2)
 
     @property

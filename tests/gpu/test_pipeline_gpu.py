@@ -52,20 +52,33 @@ def _teacher_forced_logits(eng, prompt, feed, batch):
 def test_copy_stream_gets_a_queue_apart_from_the_compute_stream(model_dir):
     """The pipeline's GEMMs wait on the compute stream for copies issued later on the store's copy
     stream: the engine's probe keeps a copy stream that overtakes the compute stream's queued
-    work (else every wait would time out), and the pipeline stays on."""
+    work (else every wait would time out), and the pipeline stays on. Probing against more
+    streams than there are hardware queues must fail and replace the copy stream each round; the
+    pipeline thread then issues its copies on the copy stream finally kept (same tokens, no
+    failed expert)."""
+    prompt = list(range(3, 30))
     eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.03), **KW)
     eng.set_use_cuda_graph(True)
-    eng.generate([list(range(3, 30))], max_tokens=4, ignore_eos=True)
+    want = [o.token_ids for o in eng.generate([prompt], max_tokens=12, ignore_eos=True)]
     st = eng.store
     assert st.pipeline and st.pipeline_off_reason is None
-    ok, tries = st.experts.check_copy_stream([st.compute_stream.cuda_stream], 1)
+    compute = st.compute_stream.cuda_stream
+    ok, tries = st.experts.check_copy_stream([compute], 1)
     assert ok and tries == 1
+    crowd = [torch.cuda.Stream() for _ in range(40)]   # more than CUDA_DEVICE_MAX_CONNECTIONS (≤ 32)
+    ok, tries = st.experts.check_copy_stream([s.cuda_stream for s in crowd], 3)
+    assert not ok and tries == 3
+    ok, tries = st.experts.check_copy_stream([compute], 33)
+    print("copy stream probes until one passed again:", tries)
+    assert ok
+    got = [o.token_ids for o in eng.generate([prompt], max_tokens=12, ignore_eos=True)]
+    assert got == want and st.counters()["experts"]["failed"] == 0
 
 
 def test_one_hardware_queue_decodes_without_the_pipeline(model_dir):
     """CUDA_DEVICE_MAX_CONNECTIONS=1 (set by some training stacks) puts every stream on one
     queue: the engine turns the pipeline off, says why, and decodes the same tokens. The probe
-    itself is run too (past the engine's shortcut) and reported: on one queue it should fail."""
+    itself, run past the engine's shortcut, must see the copy stuck behind the compute stream."""
     import json
     import os
     import subprocess
@@ -91,7 +104,7 @@ print(json.dumps(dict(probe=list(probe), pipeline=st.pipeline, reason=st.pipelin
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    print("copy stream probe on one hardware queue (ok, probes):", got["probe"])
+    assert got["probe"][0] is False, "the probe did not see the copy queue behind the compute stream's work"
     assert got["pipeline"] is False and "hardware queue" in got["reason"]
     assert got["tokens"] == want and got["failed"] == 0
 

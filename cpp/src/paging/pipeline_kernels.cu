@@ -93,6 +93,14 @@ Status probe_copy_overtakes_cuda(Stream compute, Stream copy, uint64_t timeout_n
   h[1] = 0u;
   e = cudaMemsetAsync(d, 0, 16, cs);
   if (e != cudaSuccess) return fail(e, "cudaMemsetAsync");
+  // the copy must land after the memset: the copy stream waits for it (not for the kernels)
+  cudaEvent_t zeroed = nullptr;
+  e = cudaEventCreateWithFlags(&zeroed, cudaEventDisableTiming);
+  if (e != cudaSuccess) return fail(e, "cudaEventCreate");
+  e = cudaEventRecord(zeroed, cs);
+  if (e == cudaSuccess) e = cudaStreamWaitEvent(xs, zeroed, 0);
+  cudaEventDestroy(zeroed);  // released once the wait is done
+  if (e != cudaSuccess) return fail(e, "cudaStreamWaitEvent");
   probe_wait_kernel<<<1, 1, 0, cs>>>(d, timeout_ns, d + 1);
   probe_after_kernel<<<1, 1, 0, cs>>>(d + 1, d + 2);
   e = cudaGetLastError();

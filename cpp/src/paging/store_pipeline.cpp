@@ -111,6 +111,7 @@ Status ExpertStore::check_copy_stream(const std::vector<Stream>& computes, int m
     if (m.step_active) return InvalidArgument("check_copy_stream: a pipeline step is running");
   }
   constexpr uint64_t kProbeTimeoutNs = 50000000;  // the probe's copy lands in microseconds when it can
+  DSFP4_RETURN_IF_ERROR(dev::stream_sync(copy_, true));  // no earlier copy delays the probe's
   for (int t = 0; t < max_tries; ++t) {
     *tries = t + 1;
     bool all = true;
@@ -119,16 +120,16 @@ Status ExpertStore::check_copy_stream(const std::vector<Stream>& computes, int m
       if (!all) break;
     }
     if (all) return Status::Ok();
+    if (t + 1 == max_tries) break;
     // streams take hardware queues in turn as they are created: a new one lands on the next
     Stream fresh = nullptr;
     DSFP4_RETURN_IF_ERROR(dev::stream_create(&fresh, true));
-    DSFP4_RETURN_IF_ERROR(dev::stream_sync(copy_, true));
     Stream old = copy_;
     {
       std::lock_guard<std::mutex> lk(m.mu);
-      copy_ = fresh;
+      copy_ = fresh;  // the pipeline thread reads it under the lock, between steps only
     }
-    dev::stream_destroy(old, true);
+    dev::stream_destroy(old, true);  // idle: synced above, and the probe's copy was synced
   }
   *ok = false;
   return Status::Ok();
@@ -191,7 +192,6 @@ Status ExpertStore::take_error() {
 
 void ExpertStore::pipeline_loop() {
   Impl& m = *impl_;
-  const Ctx c{&m, &opt_, &layout_, files_.get(), tables_, device_tables_, sync_, copy_};
   std::vector<int32_t> ids, pred;
   void* spec_ev = nullptr;
   dev::event_create(&spec_ev, opt_.on_device);
@@ -203,6 +203,8 @@ void ExpertStore::pipeline_loop() {
       idle_since = std::chrono::steady_clock::now();
       continue;
     }
+    // copy_ read under the lock: check_copy_stream may replace it between steps
+    const Ctx c{&m, &opt_, &layout_, files_.get(), tables_, device_tables_, sync_, copy_};
     const MailboxEntry* e = entry(m, m.next_publish);
     if (__atomic_load_n(&e->seq, __ATOMIC_ACQUIRE) == m.next_publish) {
       m.in_step_work = true;
@@ -240,7 +242,7 @@ void ExpertStore::pipeline_loop() {
     if (!m.spec.empty() && dev::event_done(spec_ev, opt_.on_device)) {
       m.in_step_work = true;
       issue_spec_chunk(c, nullptr);
-      dev::event_record(spec_ev, copy_, opt_.on_device);
+      dev::event_record(spec_ev, c.copy, opt_.on_device);
       m.in_step_work = false;
       m.cv.notify_all();
       continue;
