@@ -30,7 +30,7 @@ def test_paged_fp8_equals_resident_gpu(fp8_dir, graph, miss_mode):
     want_logits = res.logits(PROMPTS[0])
     del res
     unit = _C.fp8_expert_unit_layout(512, 256)["bytes"]
-    eng = Engine.from_pretrained(fp8_dir, memory_limit=0.08,
+    eng = Engine.from_pretrained(fp8_dir, memory_limit=0.125,
                                  paging=dict(cpu_cache_size=100.5 * unit / 2 ** 30, miss_mode=miss_mode), **KW)
     assert isinstance(eng.store, PagedWeightStore) and eng.store.expert_format == "fp8_block"
     assert eng.memory_plan.expert_slots < eng.memory_plan.total_experts

@@ -57,7 +57,7 @@ def test_copy_stream_gets_a_queue_apart_from_the_compute_stream(model_dir):
     pipeline thread then issues its copies on the copy stream finally kept (same tokens, no
     failed expert)."""
     prompt = list(range(3, 30))
-    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.03), **KW)
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.125, paging=dict(cpu_cache_size=0.03), **KW)
     eng.set_use_cuda_graph(True)
     want = [o.token_ids for o in eng.generate([prompt], max_tokens=12, ignore_eos=True)]
     st = eng.store
@@ -90,7 +90,7 @@ def test_one_hardware_queue_decodes_without_the_pipeline(model_dir):
     script = f"""
 import json, warnings
 from deepseek_fp4_plugin import Engine
-eng = Engine.from_pretrained({str(model_dir)!r}, memory_limit=0.1, paging=dict(cpu_cache_size=0.03), **{KW!r})
+eng = Engine.from_pretrained({str(model_dir)!r}, memory_limit=0.125, paging=dict(cpu_cache_size=0.03), **{KW!r})
 st = eng.store
 probe = st.experts.check_copy_stream([st.compute_stream.cuda_stream], 2)
 eng.set_use_cuda_graph(True)
@@ -123,7 +123,7 @@ def test_race_stress_small_host_cache_prefetch_always_changing_routing(model_dir
     res.set_use_cuda_graph(True)
     want = _teacher_forced_logits(res, prompt, feed, 4)
     del res
-    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.03, prefetch_min_accuracy=0.0),
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.125, paging=dict(cpu_cache_size=0.03, prefetch_min_accuracy=0.0),
                                  **KW)
     assert isinstance(eng.store, PagedWeightStore) and eng.store.pipeline
     assert eng.memory_plan.host_expert_slots < eng.memory_plan.total_experts
@@ -142,7 +142,7 @@ def test_race_stress_small_host_cache_prefetch_always_changing_routing(model_dir
 def test_pipeline_1000_steps_replay_no_memory_growth(model_dir):
     n_moe = LAYERS - 1
     dec, pre = _trace(n_moe, seed=1)
-    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.04), **KW)
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.125, paging=dict(cpu_cache_size=0.04), **KW)
     eng.set_routing_replay(RoutingReplay(dec, pre))
     eng.set_use_cuda_graph(True)
     torch.cuda.synchronize()
@@ -252,7 +252,7 @@ def test_cpu_lane_auto_equals_off_under_replay(model_dir):
     feed = [(11 * i) % 500 + 3 for i in range(200)]
     got = {}
     for lane in ("off", "auto"):
-        eng = Engine.from_pretrained(model_dir, memory_limit=0.1,
+        eng = Engine.from_pretrained(model_dir, memory_limit=0.125,
                                      paging=dict(cpu_cache_size=0.04, cpu_experts=lane, prefetch_min_accuracy=0.0), **KW)
         eng.set_routing_replay(RoutingReplay(dec, pre))
         eng.set_use_cuda_graph(True)
@@ -274,7 +274,7 @@ def test_pipeline_across_epoch_and_sequence_wrap(model_dir):
     thread follows the mailbox across the wrap; an epoch skips 0, which ready words hold before
     their first write)."""
     import ctypes
-    eng = Engine.from_pretrained(model_dir, memory_limit=0.1, paging=dict(cpu_cache_size=0.04), **KW)
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.125, paging=dict(cpu_cache_size=0.04), **KW)
     eng.set_use_cuda_graph(True)
     prompts = [list(range(3, 40))] * 2
     want = [o.token_ids for o in eng.generate(prompts, max_tokens=24, ignore_eos=True)]
