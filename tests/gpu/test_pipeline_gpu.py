@@ -192,6 +192,10 @@ def test_units_gemm_computes_each_expert_as_its_copy_lands(graph):
     slots = torch.arange(n, dtype=torch.int32, device="cuda")
     x = torch.randn(int(offsets[-1]), hidden, device="cuda").to(torch.bfloat16)
     copy = torch.cuda.Stream()
+    # the sleep kernel is loaded before the GEMM spins: under lazy module loading, loading a
+    # kernel waits for the running ones, and the copies behind it would never start
+    torch.cuda._sleep(1)
+    torch.cuda.synchronize()
 
     def gemm():
         return torch.ops.dsfp4.fp4_grouped_gemm_units(
