@@ -42,6 +42,31 @@ def run(model_dir, pipeline: bool, graph: bool, steps: int, batch: int) -> dict:
     return row
 
 
+def profile_copies(model_dir, steps: int = 6) -> dict:
+    """Host→device copies of a pipelined, graph-captured decode at batch 1 under the torch
+    profiler: are they slow on the bus, or late to start?"""
+    from torch.profiler import ProfilerActivity, profile
+    kw = dict(device="cuda", max_batch_size=1, max_seq_len=512, prefill_chunk=64, verbose=False)
+    eng = Engine.from_pretrained(model_dir, memory_limit=0.125, paging=dict(cpu_cache_size=0.04), **kw)
+    eng.set_use_cuda_graph(True)
+    eng.generate([list(range(3, 40))], max_tokens=4, ignore_eos=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        eng.generate([list(range(5, 42))], max_tokens=steps, ignore_eos=True)
+        torch.cuda.synchronize()
+    copies = [e for e in prof.events() if "Memcpy HtoD" in e.name]
+    big = [e for e in copies if getattr(e, "device_time", 0) > 20]
+    kernels = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and "Memcpy" not in e.name:
+            kernels[e.name[:60]] = kernels.get(e.name[:60], 0) + e.device_time
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:6]
+    return dict(copies=len(copies), big_copies=len(big),
+                big_copy_us_mean=sum(e.device_time for e in big) / max(1, len(big)),
+                copy_us_total=sum(e.device_time for e in copies),
+                top_kernels_us=[(k, round(v)) for k, v in top], steps=steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
@@ -60,9 +85,14 @@ def main() -> None:
                         r = dict(pipeline=pipeline, graph=graph, batch=batch, error=f"{type(e).__name__}: {e}")
                     print(json.dumps(r), flush=True)
                     rows.append(r)
+        try:
+            prof = profile_copies(d)
+        except Exception as e:
+            prof = dict(error=f"{type(e).__name__}: {e}")
+        print(json.dumps(dict(profile=prof)), flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows, profile=prof), f, indent=1)
 
 
 if __name__ == "__main__":
