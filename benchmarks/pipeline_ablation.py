@@ -14,6 +14,8 @@ import torch
 from deepseek_fp4_plugin import Engine
 from deepseek_fp4_plugin.tiny import make_tiny
 
+from bench_common import commit, dirty
+
 
 def run(model_dir, pipeline: bool, graph: bool, steps: int, batch: int) -> dict:
     kw = dict(device="cuda", max_batch_size=batch, max_seq_len=512, prefill_chunk=64, verbose=False)
@@ -92,7 +94,8 @@ def main() -> None:
         print(json.dumps(dict(profile=prof)), flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows, profile=prof), f, indent=1)
+            json.dump(dict(gpu=torch.cuda.get_device_name(), commit=commit(), dirty=dirty(), rows=rows, profile=prof), f,
+                      indent=1)
 
 
 if __name__ == "__main__":
